@@ -1,0 +1,1 @@
+"""dsnet_jax: DS-Net / DS-Net++ dynamic weight slicing in JAX/Flax."""

@@ -1,0 +1,90 @@
+"""Sliceable Dense and Conv: full-size parameters, prefix-sliced with Python ints at call time."""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def conv_kernel_init(fan_out: int) -> nn.initializers.Initializer:
+  """N(0, sqrt(2 / fan_out)), fan_out = k * k * c_out / groups (the authors' init)."""
+  return nn.initializers.normal(stddev=math.sqrt(2.0 / fan_out))
+
+
+def linear_kernel_init(features: int) -> nn.initializers.Initializer:
+  """U(-1/sqrt(out), 1/sqrt(out)) (the authors' classifier init)."""
+  bound = 1.0 / math.sqrt(features)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Dense(nn.Module):
+  """y = x @ kernel[:d_in, :d_out] + bias[:d_out]; d_in is read off x, d_out is an argument."""
+  in_features: int
+  features: int
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer | None = None
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, out_features: int | None = None) -> jax.Array:
+    out = self.features if out_features is None else out_features
+    d_in = x.shape[-1]
+    _check_slice(self, d_in, self.in_features, out, self.features)
+    init = self.kernel_init or linear_kernel_init(self.features)
+    kernel = self.param('kernel', init, (self.in_features, self.features))[:d_in, :out]
+    dtype = self.dtype or x.dtype
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,))[:out].astype(dtype)
+    return y
+
+
+class Conv(nn.Module):
+  """2-D conv on NHWC with explicit symmetric padding (k-1)//2, as PyTorch pads.
+
+  Regular: kernel (k, k, in_features, features) sliced to [:, :, :c_in, :c_out].
+  Depthwise: kernel (k, k, 1, features) sliced to [..., :c_in]; output width = input width.
+  """
+  in_features: int
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  depthwise: bool = False
+  use_bias: bool = False
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, out_features: int | None = None) -> jax.Array:
+    c_in = x.shape[-1]
+    k = self.kernel_size
+    if self.depthwise:
+      out = c_in
+      fan_out = k * k
+      shape = (k, k, 1, self.features)
+    else:
+      out = self.features if out_features is None else out_features
+      fan_out = k * k * self.features
+      shape = (k, k, self.in_features, self.features)
+    _check_slice(self, c_in, self.in_features, out, self.features)
+    kernel = self.param('kernel', conv_kernel_init(fan_out), shape)
+    kernel = kernel[..., :out] if self.depthwise else kernel[:, :, :c_in, :out]
+    dtype = self.dtype or x.dtype
+    pad = (k - 1) // 2
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype),
+        window_strides=(self.stride, self.stride),
+        padding=((pad, pad), (pad, pad)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=c_in if self.depthwise else 1)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,))[:out].astype(dtype)
+    return y
+
+
+def _check_slice(module: nn.Module, d_in: int, in_max: int, d_out: int, out_max: int):
+  if not (0 < d_in <= in_max and 0 < d_out <= out_max):
+    raise ValueError(
+        f'{module.name or type(module).__name__}: slice {d_in}->{d_out} does not fit the full '
+        f'size {in_max}->{out_max}')

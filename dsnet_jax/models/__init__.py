@@ -1,0 +1,18 @@
+"""Model registry: each module under models/ exports a `Model` factory (a Flax module class)."""
+import importlib
+
+
+def get_model(name: str, **kwargs):
+  """Builds `dsnet_jax.models.<name>.Model(**kwargs)`."""
+  try:
+    module = importlib.import_module(f'dsnet_jax.models.{name}')
+  except ModuleNotFoundError as e:
+    if e.name != f'dsnet_jax.models.{name}':
+      raise
+    raise ValueError(f'unknown model {name!r}; available: {", ".join(available_models())}') from None
+  return module.Model(**kwargs)
+
+
+def available_models() -> list[str]:
+  import pkgutil
+  return sorted(m.name for m in pkgutil.iter_modules(__path__))

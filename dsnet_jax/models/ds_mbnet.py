@@ -1,0 +1,198 @@
+"""DS-MBNet: the authors' dynamic MobileNetV1 supernet (reference section 2).
+
+stem 3x3 conv -> 5 stages of depthwise-separable blocks (dw3x3 -> BN -> SiLU -> SE -> pw1x1 ->
+BN -> SiLU), no residuals -> global average pool -> dropout (largest route only) -> linear.
+The double-headed gate replaces the SE of the gate stage's first block. Everything before it
+runs at the routing space's (shared) prefix widths; the route fixes every later width.
+
+    model = Model()
+    variables = model.init(key, images, route='largest')
+    logits = model.apply(variables, images, route=3)               # sliced, dense
+    logits, gate_logits = model.apply(variables, images, onehot,   # masked, per example
+                                      method=Model.masked)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsnet_jax import routes as routes_lib
+from dsnet_jax.layers import (Conv, Dense, DoubleHeadedGate, MaskedWidth, SlicedBatchNorm,
+                              SqueezeExcite, Width, channels, global_avg_pool)
+
+STAGE3_WIDTHS = tuple(range(224, 641, 32))
+STAGE4_WIDTHS = tuple(range(736, 1153, 32))
+
+
+@functools.lru_cache(maxsize=None)
+def build_route_table(stem_widths: tuple[int, ...], stage_widths: tuple[tuple[int, ...], ...],
+                      gate_stage: int, routing_space: tuple[int | str, ...]
+                      ) -> routes_lib.RouteTable:
+  """Routes 0..n-1 and 'largest'.
+
+  Stages before the gate stage list (route width, largest width); the gate stage and later
+  list one width per numbered route (n of them), the last being the largest's.
+  """
+  dynamic = stage_widths[gate_stage:]
+  n = len(dynamic[0])
+  for s, widths in enumerate((stem_widths, *stage_widths[:gate_stage])):
+    if len(widths) != 2:
+      raise ValueError(f'stage {s - 1} before the gate needs (route width, largest width), '
+                       f'got {widths}')
+  if any(len(w) != n for w in dynamic):
+    raise ValueError(f'stages from the gate on need {n} widths each, got {dynamic}')
+  prefix = (stem_widths[0], *(w[0] for w in stage_widths[:gate_stage]))
+  numbered = [routes_lib.Route(str(i), prefix + tuple(w[i] for w in dynamic)) for i in range(n)]
+  largest = routes_lib.Route(routes_lib.LARGEST, (stem_widths[-1], *(w[-1] for w in stage_widths)))
+  return routes_lib.RouteTable([*numbered, largest], routing_space)
+
+
+class Block(nn.Module):
+  """Depthwise-separable block; `front` runs up to the SE (or gate), `back` the pointwise conv."""
+  in_features: int
+  features: int
+  in_widths: tuple[int, ...]
+  widths: tuple[int, ...]
+  stride: int
+  se_reduced: int
+  num_routes: int = 0  # > 0: this block holds the gate.
+  dtype: Any = None
+
+  def setup(self):
+    self.conv_dw = Conv(self.in_features, self.in_features, 3, self.stride, depthwise=True,
+                        dtype=self.dtype)
+    self.bn1 = SlicedBatchNorm(self.in_widths)
+    if self.num_routes:
+      self.gate = DoubleHeadedGate(self.in_features, self.se_reduced, self.num_routes)
+    else:
+      self.se = SqueezeExcite(self.in_features, self.se_reduced)
+    self.conv_pw = Conv(self.in_features, self.features, 1, dtype=self.dtype)
+    self.bn2 = SlicedBatchNorm(self.widths)
+
+  def front(self, x, train: bool, in_width: Width | None = None):
+    """dw -> BN -> SiLU -> SE/gate. Returns (features, gate logits or None)."""
+    x = nn.silu(self.bn1(self.conv_dw(x), train, _masked(in_width)))
+    if self.num_routes:
+      return self.gate(x)
+    return self.se(x), None
+
+  def back(self, x, width: Width, train: bool):
+    x = self.conv_pw(x, channels(width))
+    return nn.silu(self.bn2(x, train, _masked(width)))
+
+  def __call__(self, x, width: Width, train: bool, in_width: Width | None = None):
+    x, _ = self.front(x, train, in_width)
+    return self.back(x, width, train)
+
+
+def _masked(width: Width | None) -> MaskedWidth | None:
+  return width if isinstance(width, MaskedWidth) else None
+
+
+class DSMBNet(nn.Module):
+  """Dynamic MobileNetV1 supernet; defaults are the authors' ImageNet DS-MBNet."""
+  num_classes: int = 1000
+  in_channels: int = 3
+  stem_widths: tuple[int, ...] = (16, 24)
+  stem_stride: int = 2
+  stage_widths: tuple[tuple[int, ...], ...] = (
+      (32, 88), (48, 168), (96, 264), STAGE3_WIDTHS, STAGE4_WIDTHS)
+  stage_depths: tuple[int, ...] = (1, 2, 2, 6, 2)
+  stage_strides: tuple[int, ...] = (1, 2, 2, 2, 2)
+  gate_stage: int = 3
+  routing_space: tuple[int | str, ...] = (0, 1, 2, 3)
+  se_ratio: float = 0.25
+  dropout_rate: float = 0.2
+  dtype: Any = None
+
+  @property
+  def routes(self) -> routes_lib.RouteTable:
+    return build_route_table(tuple(self.stem_widths), tuple(map(tuple, self.stage_widths)),
+                             self.gate_stage, tuple(self.routing_space))
+
+  def setup(self):
+    n_routes = len(self.routes.routing_space)
+    self.stem_conv = Conv(self.in_channels, max(self.stem_widths), 3, self.stem_stride, dtype=self.dtype)
+    self.stem_bn = SlicedBatchNorm(self.stem_widths)
+    stages, in_widths = [], tuple(self.stem_widths)
+    for s, (widths, depth, stride) in enumerate(
+        zip(self.stage_widths, self.stage_depths, self.stage_strides)):
+      blocks = []
+      for b in range(depth):
+        blocks.append(Block(
+            max(in_widths), max(widths), in_widths, tuple(widths),
+            stride=stride if b == 0 else 1,
+            se_reduced=max(1, round(self.se_ratio * max(in_widths))),
+            num_routes=n_routes if (s, b) == (self.gate_stage, 0) else 0,
+            dtype=self.dtype))
+        in_widths = tuple(widths)
+      stages.append(blocks)
+    self.stages = stages
+    self.dropout = nn.Dropout(self.dropout_rate)
+    self.classifier = Dense(max(self.stage_widths[-1]), self.num_classes, dtype=self.dtype)
+
+  def __call__(self, images, route, train: bool = False):
+    """Logits of `route` (a Route, its name or index), computed on dense slices."""
+    route = self.routes[route]
+    x, _ = self.prefix(images, train, route)
+    return self.suffix(x, route, train)
+
+  def prefix(self, images, train: bool = False, route=None):
+    """Stem up to the gate (inclusive), at `route`'s widths (default: the routing space's).
+
+    Returns (features rescaled by the gate's attention head, routing logits).
+    """
+    route = self.routes.routing_space[0] if route is None else self.routes[route]
+    widths = route.widths
+    x = self._stem(images, widths[0], train)
+    for s in range(self.gate_stage):
+      for block in self.stages[s]:
+        x = block(x, widths[s + 1], train)
+    return self.stages[self.gate_stage][0].front(x, train)
+
+  def suffix(self, features, route, train: bool = False):
+    """From the gate block's pointwise conv to the logits, at `route`'s widths."""
+    route = self.routes[route]
+    drop = train and route == self.routes.largest
+    return self._suffix(features, route.widths[self.gate_stage + 1:], train, drop)
+
+  def masked(self, images, route_weights):
+    """Per-example routes over the routing space by masks (gate training; BN in eval mode).
+
+    Args:
+      images: (batch, H, W, 3).
+      route_weights: (batch, R) one-hot (or straight-through) weights over the routing space.
+    Returns:
+      (logits, routing logits). Each example's logits equal its route's sliced logits.
+    """
+    x, gate_logits = self.prefix(images, False)
+    space = self.routes.routing_space
+    widths = tuple(
+        MaskedWidth(route_weights, tuple(r.widths[i] for r in space))
+        for i in range(self.gate_stage + 1, len(self.stage_widths) + 1))
+    return self._suffix(x, widths, False, False), gate_logits
+
+  def _stem(self, images, width: int, train: bool):
+    return nn.silu(self.stem_bn(self.stem_conv(images.astype(self.dtype or images.dtype), width),
+                                train))
+
+  def _suffix(self, x, widths: Sequence[Width], train: bool, drop: bool):
+    """Runs the stages from the gate on; widths[k] is stage gate_stage + k's width."""
+    gs = self.gate_stage
+    x = self.stages[gs][0].back(x, widths[0], train)
+    in_width = widths[0]
+    for k, width in enumerate(widths):
+      for b, block in enumerate(self.stages[gs + k]):
+        if (k, b) != (0, 0):
+          x = block(x, width, train, in_width)
+          in_width = width
+    x = global_avg_pool(x)
+    x = self.dropout(x, deterministic=not drop)
+    return self.classifier(x).astype(jnp.float32)
+
+
+Model = DSMBNet

@@ -1,0 +1,105 @@
+"""Routes: the hashable width specs a dynamic model runs at, and host-side route draws.
+
+A `Route` names one sub-network: the width every sliceable stage runs at. It is passed
+to `model.apply(..., route=...)` as a static Python value, so each route is its own
+compiled program ("slice bucket"). A `RouteTable` is a model's ordered set of routes plus
+its *routing space*, the subset the gate chooses from.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Hashable, Iterator, Sequence
+
+import numpy as np
+
+LARGEST = 'largest'
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """One sub-network.
+
+  Attributes:
+    name: key in the model's route table ('0', '1', ..., 'largest').
+    widths: one entry per sliceable stage; ints (channels) for CNNs, small tuples for ViT
+      stages. Hashable, so a Route can be a static jit argument.
+  """
+  name: str
+  widths: tuple[Hashable, ...]
+
+  def __post_init__(self):
+    hash(self.widths)  # Fails early on unhashable (e.g. list) widths.
+
+
+class UnknownRouteError(KeyError):
+  """A route name that is not in the model's route table."""
+
+  def __str__(self):
+    return self.args[0]
+
+
+class RouteTable:
+  """Ordered routes of one model, with its routing space.
+
+  Indexing accepts a `Route`, its name, or an int (taken as the name str(int)).
+  """
+
+  def __init__(self, routes: Sequence[Route], routing_space: Sequence[str | int]):
+    self._routes = {r.name: r for r in routes}
+    if len(self._routes) != len(routes):
+      raise ValueError(f'duplicate route names in {[r.name for r in routes]}')
+    self.routing_space: tuple[Route, ...] = tuple(self[r] for r in routing_space)
+    if not self.routing_space:
+      raise ValueError('the routing space needs at least one route')
+
+  def __getitem__(self, key: Route | str | int) -> Route:
+    if isinstance(key, Route):
+      if self._routes.get(key.name) != key:
+        raise UnknownRouteError(f'route {key} is not in this table; valid: {self.names}')
+      return key
+    name = str(key)
+    if name not in self._routes:
+      raise UnknownRouteError(f'unknown route {key!r}; valid routes: {", ".join(self.names)}')
+    return self._routes[name]
+
+  def __iter__(self) -> Iterator[Route]:
+    return iter(self._routes.values())
+
+  def __len__(self) -> int:
+    return len(self._routes)
+
+  @property
+  def names(self) -> list[str]:
+    return list(self._routes)
+
+  @property
+  def smallest(self) -> Route:
+    return next(iter(self._routes.values()))
+
+  @property
+  def largest(self) -> Route:
+    return self._routes[LARGEST] if LARGEST in self._routes else list(self._routes.values())[-1]
+
+  def with_routing_space(self, routing_space: Sequence[str | int]) -> RouteTable:
+    return RouteTable(list(self), routing_space)
+
+  def routing_index(self, route: Route | str | int) -> int:
+    """Position of `route` in the routing space (the gate's logit index)."""
+    route = self[route]
+    if route not in self.routing_space:
+      raise UnknownRouteError(
+          f'route {route.name!r} is not in the routing space '
+          f'{[r.name for r in self.routing_space]}')
+    return self.routing_space.index(route)
+
+
+def sandwich_routes(table: RouteTable, seed: int, step: int, num_random: int) -> list[Route]:
+  """Sandwich rule draw for one step: largest, `num_random` random middle routes, smallest.
+
+  Drawn on the host from (seed, step) only, so every device and every resumed run agrees.
+  Middle routes come from the table without the smallest and the largest, with replacement.
+  """
+  middle = [r for r in table if r not in (table.smallest, table.largest)]
+  rng = np.random.default_rng([seed, step])
+  picks = rng.integers(0, len(middle), size=num_random) if middle else []
+  return [table.largest, *(middle[i] for i in picks), table.smallest]
