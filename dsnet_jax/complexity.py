@@ -1,0 +1,168 @@
+"""MAdds and parameter counts per route, read analytically off the route's traced program.
+
+The convention is the reference's (section 2): a conv costs c_in*c_out*k*k*H_out*W_out/groups,
+a matmul in*out per output row, an average pool C*H_in*W_in (a sum over axes that are neither
+the batch nor the channel axis); normalisation, activations and elementwise ops are free.
+Counting walks the jaxpr of one image through `model.apply(..., route=r)` (dead code
+removed first), so the count always describes the code that runs, at the shapes it runs at.
+A route's parameter count is the number of parameter entries that route reads: the size of
+each parameter's slice, or the whole parameter when it is used unsliced.
+
+    python -m dsnet_jax.complexity --model=ds_mbnet [--json]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from dsnet_jax import routes as routes_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Complexity:
+  madds: int
+  params: int
+
+
+def route_complexity(model, route, image_shape: tuple[int, ...], with_gate: bool = False
+                     ) -> Complexity:
+  """MAdds per image and parameters read, for `route` at `image_shape` (H, W, C).
+
+  `with_gate` also counts the routing head (the gated model's cost of a route).
+  """
+  route = model.routes[route]
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  variables = abstract_variables(model, image_shape)
+
+  if with_gate:
+    def forward(params, rest, x):
+      features, gate_logits = model.apply({'params': params, **rest}, x, method='prefix')
+      logits = model.apply({'params': params, **rest}, features, route, method='suffix')
+      return logits, gate_logits
+  else:
+    def forward(params, rest, x):
+      return model.apply({'params': params, **rest}, x, route=route)
+
+  params = variables['params']
+  rest = {k: v for k, v in variables.items() if k != 'params'}
+  closed = jax.make_jaxpr(forward)(params, rest, images)
+  jaxpr = closed.jaxpr
+  n_params = len(jax.tree.leaves(params))
+  live = _live_eqns(jaxpr, set(jaxpr.outvars))
+  return Complexity(madds=_madds(jaxpr, live),
+                    params=_params_read(jaxpr, jaxpr.invars[:n_params], live))
+
+
+def route_table(model, image_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+  """One row per route: name, widths, MAdds, params."""
+  rows = []
+  for route in model.routes:
+    c = route_complexity(model, route, image_shape)
+    rows.append(dict(route=route.name, widths=list(route.widths), madds=c.madds, params=c.params))
+  return rows
+
+
+def abstract_variables(model, image_shape: tuple[int, ...]):
+  """Shapes of the full-size variables, without allocating them."""
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  return jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, route=model.routes.largest), images)
+
+
+def xla_flops(fn: Callable, *args) -> float:
+  """XLA's own flop estimate of `fn(*args)` (for cross-checks; counts elementwise ops too)."""
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost['flops'])
+
+
+def _live_eqns(jaxpr, needed: set) -> list:
+  """Equations whose outputs reach `needed`, in program order (a minimal DCE)."""
+  needed = {v for v in needed if isinstance(v, jex_core.Var)}
+  live = []
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in needed for v in eqn.outvars):
+      live.append(eqn)
+      needed.update(v for v in eqn.invars if isinstance(v, jex_core.Var))
+  return live[::-1]
+
+
+def _sub_jaxprs(eqn):
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+      if isinstance(item, jex_core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jex_core.Jaxpr):
+        yield item
+
+
+def _madds(jaxpr, live) -> int:
+  total = 0
+  for eqn in live:
+    name = eqn.primitive.name
+    if name == 'conv_general_dilated':
+      rhs = eqn.invars[1].aval.shape
+      spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, spatial...)
+      per_output = rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
+      total += per_output * math.prod(eqn.outvars[0].aval.shape)
+    elif name == 'dot_general':
+      (lhs_contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += math.prod(lhs[d] for d in lhs_contract) * math.prod(eqn.outvars[0].aval.shape)
+    elif name == 'reduce_sum':
+      shape, axes = eqn.invars[0].aval.shape, eqn.params['axes']
+      if 0 not in axes and len(shape) - 1 not in axes:  # a pool, not a norm or softmax
+        total += math.prod(shape)
+    else:
+      repeats = eqn.params.get('length', 1) if name == 'scan' else 1
+      for sub in _sub_jaxprs(eqn):
+        total += repeats * _madds(sub, _live_eqns(sub, set(sub.outvars)))
+  return total
+
+
+def _params_read(jaxpr, param_vars, live) -> int:
+  """Sum over parameters of the largest slice any live equation reads (whole if unsliced)."""
+  read = {v: 0 for v in param_vars}
+  for eqn in live:
+    for v in eqn.invars:
+      if isinstance(v, jex_core.Var) and v in read:
+        size = (math.prod(eqn.outvars[0].aval.shape) if eqn.primitive.name == 'slice'
+                else math.prod(v.aval.shape))
+        read[v] = max(read[v], size)
+  return sum(read.values())
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+  lines = [f'{"route":>8}  {"MAdds (M)":>10}  {"params (M)":>10}  widths']
+  for row in rows:
+    lines.append(f'{row["route"]:>8}  {row["madds"] / 1e6:>10.2f}  {row["params"] / 1e6:>10.3f}  '
+                 f'{row["widths"]}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  from dsnet_jax.models import get_model
+  f = flags.FLAGS
+  model = get_model(f.model)
+  image_shape = (f.image_size, f.image_size, f.in_channels)
+  rows = route_table(model, image_shape)
+  print(json.dumps(rows, indent=1) if f.json else format_table(rows))
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  flags.DEFINE_string('model', 'ds_mbnet', 'Model module under dsnet_jax/models.')
+  flags.DEFINE_integer('image_size', 224, 'Input height and width.')
+  flags.DEFINE_integer('in_channels', 3, 'Input channels.')
+  flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+  app.run(main)

@@ -1,0 +1,41 @@
+"""Route specs, route tables and host-side sandwich draws."""
+import pytest
+
+from dsnet_jax import routes as routes_lib
+from dsnet_jax.models import ds_mbnet
+
+
+def table():
+  return ds_mbnet.Model().routes
+
+
+def test_route_is_hashable_and_immutable():
+  route = table()[3]
+  assert hash(route) == hash(routes_lib.Route('3', (16, 32, 48, 96, 320, 832)))
+  with pytest.raises(AttributeError):
+    route.name = '4'
+  with pytest.raises(TypeError):
+    routes_lib.Route('x', ([1, 2],))
+
+
+def test_lookup_by_name_index_or_route_and_errors():
+  t = table()
+  assert t[3] is t['3'] is t[t[3]]
+  with pytest.raises(routes_lib.UnknownRouteError, match='valid routes: 0, 1, .*largest'):
+    t['biggest']
+  assert t.routing_index(2) == 2
+  with pytest.raises(routes_lib.UnknownRouteError, match=r"not in the routing space \['0'"):
+    t.routing_index(7)
+  assert [r.name for r in t.with_routing_space([0, 5, 9]).routing_space] == ['0', '5', '9']
+
+
+def test_sandwich_draw_is_a_function_of_seed_and_step():
+  t = table()
+  draws = [routes_lib.sandwich_routes(t, seed=7, step=s, num_random=2) for s in range(200)]
+  assert draws[5] == routes_lib.sandwich_routes(t, seed=7, step=5, num_random=2)
+  assert draws != [routes_lib.sandwich_routes(t, seed=8, step=s, num_random=2) for s in range(200)]
+  middles = set()
+  for d in draws:
+    assert len(d) == 4 and d[0].name == 'largest' and d[-1].name == '0'
+    middles.update(r.name for r in d[1:-1])
+  assert middles == {str(i) for i in range(1, 14)}
