@@ -1,0 +1,134 @@
+"""Fashion-MNIST as ArrayRecord, prepared from the Debian package's IDX files without TensorFlow.
+
+`apt-get install dataset-fashion-mnist` puts four gzipped IDX files in `DEBIAN_DIR`. The builder
+below stores them as ArrayRecord with a plain uint8 `Tensor` image feature: tfds's `Image`
+feature would need TensorFlow to encode PNGs. Records keep the IDX order (no tfds shuffling), so
+record i of a split is image i of its IDX file.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+from typing import Any, Sequence
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
+# Split name -> IDX file prefix.
+_PREFIXES = {'train': 'train', 'test': 't10k'}
+NUM_CLASSES = 10
+MEAN = (0.2860,)
+STD = (0.3530,)
+
+
+def idx_files(debian_dir: str, split: str) -> tuple[str, str]:
+  """Paths of a split's (images, labels) IDX files."""
+  prefix = _PREFIXES[split]
+  return (os.path.join(debian_dir, f'{prefix}-images-idx3-ubyte.gz'),
+          os.path.join(debian_dir, f'{prefix}-labels-idx1-ubyte.gz'))
+
+
+def has_idx_files(debian_dir: str | None) -> bool:
+  return bool(debian_dir) and all(
+      os.path.isfile(p) for split in _PREFIXES for p in idx_files(debian_dir, split))
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads a (gzipped) IDX file of unsigned bytes into an array of its declared shape."""
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
+  if zero != 0 or dtype_code != 0x08:
+    raise ValueError(f'{path}: not an IDX file of unsigned bytes')
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def read_split(debian_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """A split straight from the IDX files: images (N, 28, 28, 1) uint8, labels (N,) uint8."""
+  images_path, labels_path = idx_files(debian_dir, split)
+  return read_idx(images_path)[..., None], read_idx(labels_path)
+
+
+class FashionMnistDebian(tfds.core.GeneratorBasedBuilder):
+  """Fashion-MNIST from local IDX files (the `manual_dir`), stored without TensorFlow."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Uint8 Tensor images in IDX order.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      f'`apt-get install dataset-fashion-mnist` (files land in {DEBIAN_DIR}), or any directory '
+      'holding {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz.')
+  # tfds 4.9.10 derives the default with `importlib_resources`, which it does not install on
+  # Python >= 3.9 (tensorflow/datasets#11212).
+  code_path = epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # DatasetInfo directly: `dataset_info_from_configs` looks for metadata files next to the
+    # builder's module, which a builder outside the tfds package does not have.
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Fashion-MNIST (Xiao et al. 2017), 28x28 grayscale, 10 classes.',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8,
+                                          encoding=tfds.features.Encoding.BYTES),
+            'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+        }),
+        supervised_keys=('image', 'label'),
+        disable_shuffling=True,
+        homepage='https://github.com/zalandoresearch/fashion-mnist',
+    )
+
+  def _split_generators(self, dl_manager):
+    return {split: self._generate_examples(os.fspath(dl_manager.manual_dir), split)
+            for split in _PREFIXES}
+
+  def _generate_examples(self, debian_dir: str, split: str):
+    images, labels = read_split(debian_dir, split)
+    for i in range(len(labels)):
+      yield i, {'image': images[i], 'label': int(labels[i])}
+
+
+def _missing_error(debian_dir: str | None, reason: str) -> FileNotFoundError:
+  return FileNotFoundError(
+      f'Fashion-MNIST is not available: no IDX files in debian_dir={debian_dir!r}, and {reason}. '
+      'Install the files with `apt-get install dataset-fashion-mnist`, or set '
+      'config.data.debian_dir to a directory holding train-images-idx3-ubyte.gz, '
+      'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz.')
+
+
+def _has_tensorflow() -> bool:
+  return importlib.util.find_spec('tensorflow') is not None
+
+
+def _tfds_fashion_mnist(data_dir: str | None, debian_dir: str | None) -> dict[str, Any]:
+  """Fallback: tfds's own `fashion_mnist` (download; its PNG encoding needs TensorFlow)."""
+  builder = tfds.builder('fashion_mnist', data_dir=data_dir, file_format='array_record')
+  if not builder.is_prepared():
+    if not _has_tensorflow():
+      raise _missing_error(debian_dir, "tfds's `fashion_mnist` download needs TensorFlow "
+                           '(`pip install .[tf]`), which is not installed')
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # Any failure here (network, TF) means the same thing to the user.
+      raise _missing_error(debian_dir, f"tfds's `fashion_mnist` download failed ({e!r})") from e
+  return builder.as_data_source()
+
+
+def data_sources(data_dir: str | None = None,
+                 debian_dir: str | None = DEBIAN_DIR) -> dict[str, Sequence[dict[str, Any]]]:
+  """Random-access sources {'train', 'test'} of {'image': (28, 28, 1) uint8, 'label': int}.
+
+  Prepares the ArrayRecord files in `data_dir` (tfds's default, ~/tensorflow_datasets, when
+  None) on first use; falls back to tfds's `fashion_mnist` when `debian_dir` lacks the files.
+  """
+  builder = FashionMnistDebian(data_dir=data_dir, file_format='array_record')
+  if not builder.is_prepared():
+    if not has_idx_files(debian_dir):
+      return _tfds_fashion_mnist(data_dir, debian_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=debian_dir))
+  return builder.as_data_source()

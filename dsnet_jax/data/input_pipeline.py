@@ -1,0 +1,128 @@
+"""The one entry point from a config to batches: `make(config.data, split, ...)`.
+
+`config.data` fields (defaults in brackets):
+  name: 'fashion_mnist' | 'imagenet2012' | 'synthetic'.
+  data_dir [None = tfds's default, ~/tensorflow_datasets]: where tfds data is prepared.
+  debian_dir [fashion_mnist.DEBIAN_DIR]: Fashion-MNIST IDX files.
+  image_size, num_classes: checked against the dataset (synthetic: define it).
+  augment ['none']: 'pad_crop_flip' | 'rrc_flip' | 'none'.
+  crop_pct [0.875]: eval center crop fraction, for datasets of varying image size.
+  in_memory [False]: read the split into NumPy once (small data sets).
+  num_workers [0 = in-process], num_threads [2], prefetch [2]: grain parallelism.
+  channels [3], synthetic_num_examples [1024]: synthetic data only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Sequence
+
+import ml_collections
+
+from dsnet_jax.data import fashion_mnist, imagenet
+from dsnet_jax.data.in_memory import ArraySource, load_numpy
+from dsnet_jax.data.loader import Batch, EvalLoader, HostShard, TrainLoader
+from dsnet_jax.data.preprocess import Preprocess
+from dsnet_jax.data.synthetic import SyntheticSource
+
+DATASETS = ('fashion_mnist', 'imagenet2012', 'synthetic')
+# Split each data set evaluates on.
+EVAL_SPLITS = {'fashion_mnist': 'test', 'imagenet2012': 'validation', 'synthetic': 'test'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """One split's batches for this host, and what the model needs to know about them.
+
+  `batches(start_step=0, num_steps=None)` yields {'image': float32 (host_batch, H, W, C),
+  'label': int32 (host_batch,)} (+ 'mask': bool for eval). Training batches go on forever
+  (or num_steps), eval batches make one padded pass of `steps_per_epoch` batches.
+  """
+  name: str
+  split: str
+  train: bool
+  num_examples: int
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  global_batch_size: int
+  host_batch_size: int
+  steps_per_epoch: int
+  batches: Callable[..., Iterator[Batch]]
+
+
+def _check_name(name: str) -> None:
+  if name not in DATASETS:
+    raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(DATASETS)}')
+
+
+def _check(config: ml_collections.ConfigDict, field: str, expected: int, name: str) -> None:
+  if config.get(field) not in (None, expected):  # None: take the dataset's.
+    raise ValueError(f'config.data.{field}={config.get(field)} but {name} has {expected}')
+
+
+def _dataset(config: ml_collections.ConfigDict,
+             split: str) -> tuple[Sequence[dict[str, Any]], Preprocess, int]:
+  """The split's random-access source, its preprocessing and its number of classes."""
+  name = config.name
+  _check_name(name)
+  data_dir = config.get('data_dir')
+  augment = config.get('augment') or 'none'
+  if name == 'fashion_mnist':
+    _check(config, 'image_size', 28, name)
+    _check(config, 'num_classes', fashion_mnist.NUM_CLASSES, name)
+    sources = fashion_mnist.data_sources(
+        data_dir, config.get('debian_dir') or fashion_mnist.DEBIAN_DIR)
+    preprocess = Preprocess(28, 1, fashion_mnist.MEAN, fashion_mnist.STD, augment)
+    num_classes = fashion_mnist.NUM_CLASSES
+  elif name == 'imagenet2012':
+    _check(config, 'num_classes', imagenet.NUM_CLASSES, name)
+    sources = imagenet.data_sources(data_dir)
+    preprocess = Preprocess(config.get('image_size') or 224, 3, imagenet.MEAN, imagenet.STD,
+                            augment, 'resize_crop', config.get('crop_pct') or 0.875)
+    num_classes = imagenet.NUM_CLASSES
+  else:
+    channels = config.get('channels', 3)
+    shape = (config.image_size, config.image_size, channels)
+    sources = {s: SyntheticSource(config.get('synthetic_num_examples', 1024), shape,
+                                  config.num_classes, seed=i)
+               for i, s in enumerate(('train', 'test'))}
+    preprocess = Preprocess(config.image_size, channels, (0.5,) * channels, (0.5,) * channels,
+                            augment)
+    num_classes = config.num_classes
+  if split not in sources:
+    raise ValueError(f'{name} has no split {split!r}; splits: {sorted(sources)}')
+  return sources[split], preprocess, num_classes
+
+
+def check_available(config: ml_collections.ConfigDict, split: str | None = None) -> None:
+  """Raises at once, with what to do, if `config.data` names data that cannot be read."""
+  name = config.name
+  _check_name(name)
+  _dataset(config, split or EVAL_SPLITS[name])
+
+
+def make(config: ml_collections.ConfigDict, split: str, *, batch_size: int, train: bool,
+         seed: int = 0, shard: HostShard | None = None) -> Pipeline:
+  """Builds the pipeline of `split` for `config.data`.
+
+  Args:
+    config: the `config.data` ConfigDict (see the module docstring).
+    split: 'train', or the eval split (EVAL_SPLITS[name]).
+    batch_size: global batch size, all hosts together.
+    train: shuffled, augmented, endless, drop-remainder batches; else one padded pass.
+    seed: shuffling and augmentation seed (train only).
+    shard: this host's slice; default (jax.process_index(), jax.process_count()).
+  """
+  source, preprocess, num_classes = _dataset(config, split)
+  if config.get('in_memory', False):
+    source = ArraySource(load_numpy(source))
+  shard = shard or HostShard.current()
+  parallelism = dict(num_workers=config.get('num_workers', 0),
+                     num_threads=config.get('num_threads', 2), prefetch=config.get('prefetch', 2))
+  if train:
+    loader = TrainLoader(source, preprocess, batch_size, seed, shard, **parallelism)
+  else:
+    loader = EvalLoader(source, preprocess, batch_size, shard, **parallelism)
+  return Pipeline(name=config.name, split=split, train=train, num_examples=len(source),
+                  num_classes=num_classes, image_shape=preprocess.image_shape,
+                  global_batch_size=batch_size, host_batch_size=loader.host_batch_size,
+                  steps_per_epoch=loader.steps_per_epoch, batches=loader.batches)

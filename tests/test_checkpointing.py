@@ -1,0 +1,160 @@
+"""Checkpointer: round trips, keep-N, partial and sharded restores, mismatch errors, atomicity."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dsnet_jax import checkpointing, sharding
+
+
+def make_state(scale=1.0, step=0):
+  params = {'conv': {'kernel': jnp.full((3, 3, 2, 8), scale)}, 'bn': {'scale': jnp.ones(8)}}
+  return {'params': params,
+          'batch_stats': {'bn': {'mean': jnp.full(8, scale), 'var': jnp.ones(8)}},
+          'opt_state': optax.sgd(0.1, momentum=0.9).init(params),
+          'step': jnp.int32(step)}
+
+
+META = {'config': {'model': 'ds_mbnet', 'widths': [0.35, 1.0]}, 'stage': 'supernet', 'seed': 0}
+
+
+def test_round_trip_keeps_structure_values_and_meta(tmp_path):
+  state = make_state(2.0, step=7)
+  with checkpointing.Checkpointer(tmp_path / 'ckpt') as ckpt:
+    assert ckpt.latest_step() is None
+    assert ckpt.save(7, state, META)
+  with checkpointing.Checkpointer(tmp_path / 'ckpt') as ckpt:  # Fresh, as a resumed run.
+    restored, meta = ckpt.restore(jax.eval_shape(lambda: state))
+    assert ckpt.restore_meta() == meta == META
+  chex.assert_trees_all_equal(restored, state)  # Also checks the optax NamedTuple survives.
+  chex.assert_trees_all_equal_dtypes(restored, state)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored))
+
+
+def test_keep_n_and_restore_a_specific_step(tmp_path):
+  with checkpointing.Checkpointer(tmp_path, keep=2) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, make_state(float(step), step), {'step': step})
+    assert ckpt.all_steps() == [2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['2', '3']
+    state, meta = ckpt.restore(make_state(), step=2)  # Concrete arrays as the target.
+    assert meta == {'step': 2} and int(state['step']) == 2
+    np.testing.assert_array_equal(state['batch_stats']['bn']['mean'], np.full(8, 2.0))
+    with pytest.raises(FileNotFoundError, match=r'no checkpoint for step 1 .*steps: \[2, 3\]'):
+      ckpt.restore(make_state(), step=1)
+
+
+def test_existing_steps_are_never_overwritten(tmp_path):
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(5, make_state(1.0), META)
+    assert not ckpt.save(5, make_state(9.0), META)  # Skipped, as orbax does.
+    with pytest.raises(ValueError, match='already exists'):
+      ckpt.save(5, make_state(9.0), META, force=True)
+    state, _ = ckpt.restore(make_state())
+  np.testing.assert_array_equal(state['params']['bn']['scale'], np.ones(8))
+  np.testing.assert_array_equal(state['batch_stats']['bn']['mean'], np.full(8, 1.0))
+
+
+def test_partial_restore_reads_only_the_requested_items(tmp_path):
+  state = make_state(3.0)
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, state, META)
+    wanted = {k: state[k] for k in ('params', 'batch_stats')}
+    restored = ckpt.restore_items(jax.eval_shape(lambda: wanted))
+  assert set(restored) == {'params', 'batch_stats'}
+  chex.assert_trees_all_equal(restored, wanted)
+
+
+def test_mismatch_names_every_offending_key(tmp_path):
+  state = make_state()
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, state, META)
+    target = jax.eval_shape(lambda: state)
+    target['params']['conv']['kernel'] = jax.ShapeDtypeStruct((3, 3, 2, 16), jnp.float32)
+    target['params']['head'] = {'bias': jax.ShapeDtypeStruct((10,), jnp.float32)}
+    target['batch_stats']['bn']['mean'] = jax.ShapeDtypeStruct((8,), jnp.bfloat16)
+    del target['batch_stats']['bn']['var']
+    with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+      ckpt.restore(target)
+    message = str(error.value)
+    assert 'does not match the model' in message
+    assert ('params/conv/kernel: expected (3, 3, 2, 16) float32, found (3, 3, 2, 8) float32'
+            in message)
+    assert 'params/head/bias: expected (10,) float32, missing from the checkpoint' in message
+    assert 'batch_stats/bn/mean: expected (8,) bfloat16, found (8,) float32' in message
+    assert 'batch_stats/bn/var: found (8,) float32, not in the model' in message
+    with pytest.raises(checkpointing.CheckpointMismatchError, match='params/head/bias'):
+      ckpt.restore_items({'params': target['params']})  # Partial: extra stored keys are fine.
+
+
+def test_missing_directory_or_checkpoint_is_a_clear_error(tmp_path):
+  with checkpointing.Checkpointer(tmp_path / 'nothing_here') as ckpt:
+    with pytest.raises(FileNotFoundError, match='no checkpoint in .*nothing_here'):
+      ckpt.restore(make_state())
+    with pytest.raises(FileNotFoundError, match='nothing_here'):
+      ckpt.restore_meta()
+
+
+def test_a_foreign_layout_is_named(tmp_path):
+  with ocp.CheckpointManager(tmp_path) as manager:  # e.g. items written without Checkpointer.
+    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({'w': jnp.ones(2)})))
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=r"no `state` item .*'params'"):
+      ckpt.restore_items({'params': {'w': jnp.ones(2)}})
+
+
+def test_restore_lands_on_the_target_sharding(tmp_path):
+  mesh = sharding.make_mesh()
+  assert mesh.size == 8  # tests/conftest.py
+  state = make_state(4.0)
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, state, META)
+    split = NamedSharding(mesh, P(None, None, None, sharding.DATA))
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+    shardings['params']['conv']['kernel'] = split
+    restored, _ = ckpt.restore(checkpointing.abstract_like(state, shardings))
+  assert restored['params']['conv']['kernel'].sharding == split
+  assert restored['params']['bn']['scale'].sharding == sharding.replicated(mesh)
+  chex.assert_trees_all_equal(restored, state)
+
+
+_KILLED_SAVE = textwrap.dedent('''
+    import os, sys
+    import jax.numpy as jnp
+    from orbax.checkpoint._src.path import atomicity
+    from dsnet_jax import checkpointing
+
+    ckpt = checkpointing.Checkpointer(sys.argv[1])
+    ckpt.save(1, {'w': jnp.ones(4)}, {'step': 1})
+
+    async def die(self):  # The process dies after writing step 2, before orbax commits it.
+      os._exit(9)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = die
+    ckpt.save(2, {'w': jnp.full(4, 2.0)}, {'step': 2})
+''')
+
+
+def test_a_killed_save_leaves_the_previous_step_latest(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  run = subprocess.run([sys.executable, '-c', _KILLED_SAVE, str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert run.returncode == 9, run.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2.orbax-checkpoint-tmp']
+  target = {'w': jax.ShapeDtypeStruct((4,), jnp.float32)}
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [1]
+    state, meta = ckpt.restore(target)
+    np.testing.assert_array_equal(state['w'], np.ones(4))
+    assert meta == {'step': 1}
+    assert ckpt.save(2, {'w': jnp.full(4, 3.0)}, {'step': 2})  # The resumed run redoes step 2.
+    assert ckpt.restore(target)[1] == {'step': 2}

@@ -1,0 +1,324 @@
+"""Data: Fashion-MNIST prepared without TensorFlow, preprocessing, deterministic sharded loaders."""
+import hashlib
+import io
+
+from etils import epath
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from dsnet_jax.data import fashion_mnist, imagenet, input_pipeline, preprocess
+from dsnet_jax.data.in_memory import ArraySource, load_numpy
+from dsnet_jax.data.loader import EvalLoader, HostShard, TrainLoader
+from dsnet_jax.data.synthetic import SyntheticSource
+
+ONE_HOST = HostShard(0, 1)
+
+
+class IndexSource:
+  """Record i has label i, so batches show which records they hold."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return {'image': np.full((4, 4, 1), i % 256, np.uint8), 'label': i}
+
+
+IDENTITY = preprocess.Preprocess(4, 1, (0.0,), (1.0,))
+
+
+def labels(batches):
+  return [b['label'].tolist() for b in batches]
+
+
+def fashion_config(data_dir, **overrides):
+  config = dict(name='fashion_mnist', data_dir=str(data_dir), debian_dir=fashion_mnist.DEBIAN_DIR,
+                image_size=28, num_classes=10, augment='pad_crop_flip', num_workers=0)
+  return ml_collections.ConfigDict({**config, **overrides})
+
+
+@pytest.fixture(scope='module')
+def fashion_dir(tmp_path_factory):
+  """Fashion-MNIST prepared once as ArrayRecord from the Debian IDX files."""
+  if not fashion_mnist.has_idx_files(fashion_mnist.DEBIAN_DIR):
+    pytest.skip('apt-get install dataset-fashion-mnist')
+  data_dir = tmp_path_factory.mktemp('tfds')
+  fashion_mnist.data_sources(str(data_dir))
+  return data_dir
+
+
+# --- Fashion-MNIST: preparation and reading ---------------------------------------------
+
+def test_fashion_mnist_prepared_records_match_idx_files(fashion_dir):
+  sources = fashion_mnist.data_sources(str(fashion_dir))
+  assert {s: len(v) for s, v in sources.items()} == {'train': 60000, 'test': 10000}
+  train_images, train_labels = fashion_mnist.read_split(fashion_mnist.DEBIAN_DIR, 'train')
+  first = sources['train'][0]
+  assert first['image'].shape == (28, 28, 1) and first['image'].dtype == np.uint8
+  assert (hashlib.sha256(first['image'].tobytes()).hexdigest()
+          == hashlib.sha256(train_images[0].tobytes()).hexdigest())
+  assert first['label'] == train_labels[0]
+  test = load_numpy(sources['test'])
+  test_images, test_labels = fashion_mnist.read_split(fashion_mnist.DEBIAN_DIR, 'test')
+  np.testing.assert_array_equal(test['image'], test_images)
+  np.testing.assert_array_equal(test['label'], test_labels)
+  assert test['label'].dtype == np.int32 and set(np.unique(test['label'])) == set(range(10))
+
+
+def test_fashion_mnist_train_batches(fashion_dir):
+  pipeline = input_pipeline.make(fashion_config(fashion_dir), 'train', batch_size=64, train=True,
+                                 shard=ONE_HOST)
+  assert (pipeline.num_examples, pipeline.num_classes, pipeline.image_shape) == (
+      60000, 10, (28, 28, 1))
+  assert pipeline.steps_per_epoch == 60000 // 64
+  batch = next(pipeline.batches())
+  assert set(batch) == {'image', 'label'}
+  assert batch['image'].shape == (64, 28, 28, 1) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (64,) and batch['label'].dtype == np.int32
+  assert 0 <= batch['label'].min() and batch['label'].max() < 10
+  lowest = (0 - fashion_mnist.MEAN[0]) / fashion_mnist.STD[0]
+  np.testing.assert_allclose(batch['image'].min(), lowest, rtol=1e-6)  # Zero padding / background.
+
+
+def test_fashion_mnist_in_memory_gives_the_same_batches(fashion_dir):
+  def first_batches(in_memory):
+    pipeline = input_pipeline.make(fashion_config(fashion_dir, in_memory=in_memory), 'test',
+                                   batch_size=128, train=True, seed=3, shard=ONE_HOST)
+    return list(pipeline.batches(5, num_steps=2))
+  for a, b in zip(first_batches(False), first_batches(True), strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_fashion_mnist_eval_pass_is_in_order_and_masked(fashion_dir):
+  pipeline = input_pipeline.make(fashion_config(fashion_dir), 'test', batch_size=384, train=False,
+                                 shard=ONE_HOST)
+  batches = list(pipeline.batches())
+  assert len(batches) == pipeline.steps_per_epoch == 27  # 26 full batches, one with 16 real.
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert mask.sum() == 10000 and mask[:10000].all()
+  got = np.concatenate([b['label'] for b in batches])[mask]
+  np.testing.assert_array_equal(got, fashion_mnist.read_split(fashion_mnist.DEBIAN_DIR, 'test')[1])
+  images = np.concatenate([b['image'] for b in batches])
+  assert not images[~mask].any()
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path, monkeypatch):
+  monkeypatch.setattr(fashion_mnist, '_has_tensorflow', lambda: False)
+  config = fashion_config(tmp_path / 'tfds', debian_dir=str(tmp_path / 'nowhere'))
+  with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
+    input_pipeline.make(config, 'train', batch_size=8, train=True, shard=ONE_HOST)
+
+
+# --- Config errors ------------------------------------------------------------------------
+
+def test_unknown_dataset_lists_the_valid_names():
+  config = ml_collections.ConfigDict(dict(name='cifar10', image_size=32, num_classes=10))
+  with pytest.raises(ValueError, match='fashion_mnist, imagenet2012, synthetic'):
+    input_pipeline.make(config, 'train', batch_size=8, train=True, shard=ONE_HOST)
+  with pytest.raises(ValueError, match='valid: fashion_mnist'):
+    input_pipeline.check_available(config)
+
+
+def test_config_that_contradicts_the_dataset_fails(fashion_dir):
+  with pytest.raises(ValueError, match='num_classes=1000 but fashion_mnist has 10'):
+    input_pipeline.check_available(fashion_config(fashion_dir, num_classes=1000))
+  with pytest.raises(ValueError, match="no split 'validation'"):
+    input_pipeline.check_available(fashion_config(fashion_dir), 'validation')
+  with pytest.raises(ValueError, match='unknown augment'):
+    input_pipeline.check_available(fashion_config(fashion_dir, augment='mixup'))
+
+
+# --- ImageNet through tfds's builder ------------------------------------------------------
+
+def test_imagenet_not_prepared_fails_at_once_with_instructions(tmp_path):
+  config = ml_collections.ConfigDict(dict(name='imagenet2012', data_dir=str(tmp_path),
+                                          image_size=224, num_classes=1000, augment='rrc_flip'))
+  with pytest.raises(FileNotFoundError, match=r'pip install \.\[tf\].*tfds build imagenet2012'):
+    input_pipeline.check_available(config)
+
+
+with tfds.core.registered.skip_registration():
+
+  class Imagenet2012(tfds.core.GeneratorBasedBuilder):
+    """A few random JPEGs stored exactly like tfds's `imagenet2012` (same name and features)."""
+    VERSION = tfds.core.Version('5.1.0')
+    code_path = epath.Path(__file__)  # tensorflow/datasets#11212, see fashion_mnist.py.
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(encoding_format='jpeg'),
+          'label': tfds.features.ClassLabel(num_classes=1000),
+          'file_name': tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(0, 12), 'validation': self._generate_examples(1, 5)}
+
+    def _generate_examples(self, seed, n):
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        shape = (*rng.integers(40, 90, size=2), 3)[:2 if i == 1 else 3]  # One grayscale JPEG.
+        jpeg = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(jpeg, format='JPEG')
+        yield i, {'image': jpeg.getvalue(), 'label': int(rng.integers(1000)),
+                  'file_name': f'{i}.JPEG'}
+
+
+def test_imagenet_reads_prepared_array_record_without_tensorflow(tmp_path):
+  Imagenet2012(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  config = ml_collections.ConfigDict(dict(name='imagenet2012', data_dir=str(tmp_path),
+                                          image_size=32, num_classes=1000, augment='rrc_flip'))
+  input_pipeline.check_available(config)
+  train = input_pipeline.make(config, 'train', batch_size=4, train=True, shard=ONE_HOST)
+  assert (train.num_examples, train.steps_per_epoch, train.image_shape) == (12, 3, (32, 32, 3))
+  batch = next(train.batches())
+  assert batch['image'].shape == (4, 32, 32, 3) and batch['image'].dtype == np.float32
+  evaluation = input_pipeline.make(config, 'validation', batch_size=4, train=False, shard=ONE_HOST)
+  batches = list(evaluation.batches())
+  assert [b['mask'].sum() for b in batches] == [4, 1]
+  assert batches[0]['image'].shape == (4, 32, 32, 3)
+
+
+# --- Loader: determinism, resumption, sharding ---------------------------------------------
+
+def test_same_seed_same_batches_other_seed_other_batches():
+  def run(seed):
+    source = SyntheticSource(50, (8, 8, 3), 5)
+    pre = preprocess.Preprocess(8, 3, (0.5,) * 3, (0.5,) * 3, 'pad_crop_flip')
+    return list(TrainLoader(source, pre, 10, seed, ONE_HOST).batches(0, 7))
+  a, b, c = run(0), run(0), run(1)
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+  assert not all(np.array_equal(x['image'], z['image']) for x, z in zip(a, c))
+
+
+@pytest.mark.parametrize('start_step', [1, 4, 5, 13])
+def test_resuming_at_a_step_gives_the_uninterrupted_stream(start_step):
+  source = SyntheticSource(27, (6, 6, 1), 3)  # 27 // 5 = 5 steps per epoch, 2 dropped.
+  pre = preprocess.Preprocess(6, 1, (0.5,), (0.5,), 'pad_crop_flip')
+  loader = TrainLoader(source, pre, 5, seed=7, shard=ONE_HOST)
+  uninterrupted = list(loader.batches(0, 16))
+  resumed = list(loader.batches(start_step, 16 - start_step))
+  for x, y in zip(uninterrupted[start_step:], resumed, strict=True):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+  endless = loader.batches(start_step)
+  np.testing.assert_array_equal(next(endless)['image'], resumed[0]['image'])
+
+
+def test_every_epoch_is_a_new_permutation_without_repeats():
+  loader = TrainLoader(IndexSource(23), IDENTITY, 4, seed=0, shard=ONE_HOST)
+  epochs = np.asarray(labels(loader.batches(0, 15))).reshape(3, 20)
+  for epoch in epochs:
+    assert len(set(epoch)) == 20
+  assert not np.array_equal(epochs[0], epochs[1])
+  np.testing.assert_array_equal(epochs[1], np.concatenate(
+      [loader.global_indices(s) for s in range(5, 10)]))
+
+
+def test_hosts_read_disjoint_slices_that_make_the_global_batch():
+  source = IndexSource(41)
+  single = labels(TrainLoader(source, IDENTITY, 8, seed=2, shard=ONE_HOST).batches(0, 10))
+  hosts = [labels(TrainLoader(source, IDENTITY, 8, seed=2, shard=HostShard(p, 2)).batches(0, 10))
+           for p in range(2)]
+  for step in range(10):
+    assert len(hosts[0][step]) == len(hosts[1][step]) == 4
+    assert not set(hosts[0][step]) & set(hosts[1][step])
+    assert hosts[0][step] + hosts[1][step] == single[step]
+  first_epoch = [i for host in hosts for batch in host[:5] for i in batch]
+  assert len(set(first_epoch)) == 40  # 41 // 8 = 5 steps; one record dropped.
+  with pytest.raises(ValueError, match='not divisible by the 3 processes'):
+    TrainLoader(source, IDENTITY, 8, shard=HostShard(0, 3))
+
+
+def test_eval_counts_every_example_once_across_hosts():
+  source = IndexSource(103)
+  seen = []
+  for p in range(2):
+    loader = EvalLoader(source, IDENTITY, 16, shard=HostShard(p, 2))
+    batches = list(loader.batches())
+    assert loader.steps_per_epoch == len(batches) == 7
+    assert all(b['label'].shape == (8,) and b['mask'].dtype == bool for b in batches)
+    seen += [int(l) for b in batches for l in b['label'][b['mask']]]
+  assert sorted(seen) == list(range(103))
+
+
+def test_workers_give_the_same_batches_as_in_process():
+  source = SyntheticSource(40, (8, 8, 1), 4)
+  pre = preprocess.Preprocess(8, 1, (0.5,), (0.5,), 'pad_crop_flip')
+  runs = [list(TrainLoader(source, pre, 8, seed=1, shard=ONE_HOST, num_workers=w).batches(3, 4))
+          for w in (0, 1)]
+  for x, y in zip(*runs, strict=True):
+    np.testing.assert_array_equal(x['image'], y['image'])
+
+
+def test_synthetic_pipeline_and_in_memory_source():
+  config = ml_collections.ConfigDict(dict(name='synthetic', image_size=16, num_classes=7,
+                                          augment='rrc_flip', synthetic_num_examples=30))
+  pipeline = input_pipeline.make(config, 'train', batch_size=6, train=True, shard=ONE_HOST)
+  assert (pipeline.num_examples, pipeline.num_classes, pipeline.image_shape) == (
+      30, 7, (16, 16, 3))
+  batch = next(pipeline.batches())
+  assert batch['image'].shape == (6, 16, 16, 3) and batch['label'].max() < 7
+  source = SyntheticSource(30, (16, 16, 3), 7)
+  memory = ArraySource(load_numpy(source, chunk=7))
+  np.testing.assert_array_equal(memory[29]['image'], source[29]['image'])
+  assert source[3]['label'] == memory[3]['label']
+
+
+# --- Preprocessing -------------------------------------------------------------------------
+
+@pytest.mark.parametrize('shape', [(50, 80, 3), (300, 200, 3), (60, 61), (20, 20, 1)])
+def test_rrc_flip_and_resize_crop_shapes(shape):
+  image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+  pre = preprocess.Preprocess(64, 3, imagenet.MEAN, imagenet.STD, 'rrc_flip', 'resize_crop')
+  out = pre.train({'image': image, 'label': 5}, np.random.default_rng(1))
+  assert out['image'].shape == (64, 64, 3) and out['image'].dtype == np.float32
+  assert out['label'].dtype == np.int32 and out['label'] == 5
+  first = pre.eval({'image': image, 'label': 5})['image']
+  assert first.shape == (64, 64, 3)
+  np.testing.assert_array_equal(first, pre.eval({'image': image, 'label': 5})['image'])
+
+
+def test_random_resized_crop_box_stays_inside_the_image():
+  for seed in range(200):
+    rng = np.random.default_rng(seed)
+    height, width = rng.integers(1, 400, size=2)
+    left, top, right, bottom = preprocess.random_resized_crop_box(height, width, rng)
+    assert 0 <= left < right <= width and 0 <= top < bottom <= height
+
+
+def test_center_crop_box_matches_resize_then_crop():
+  # 256x512 -> shorter side 256/0.875 -> crop 224 keeps a 224x224 window of the original.
+  assert preprocess.center_crop_box(256, 512, 224, 0.875) == (144.0, 16.0, 368.0, 240.0)
+
+
+def test_pad_crop_flip_and_identity_eval_for_28x28():
+  image = np.random.default_rng(0).integers(0, 256, (28, 28, 1), dtype=np.uint8)
+  pre = preprocess.Preprocess(28, 1, fashion_mnist.MEAN, fashion_mnist.STD, 'pad_crop_flip')
+  outs = [pre.train({'image': image, 'label': 1}, np.random.default_rng(s))['image']
+          for s in range(4)]
+  assert all(o.shape == (28, 28, 1) and o.dtype == np.float32 for o in outs)
+  np.testing.assert_array_equal(outs[0], pre.train({'image': image, 'label': 1},
+                                                   np.random.default_rng(0))['image'])
+  assert not all(np.array_equal(outs[0], o) for o in outs[1:])
+  evaluated = pre.eval({'image': image, 'label': 1})['image']
+  expected = (image / 255 - fashion_mnist.MEAN[0]) / fashion_mnist.STD[0]
+  np.testing.assert_allclose(evaluated, expected.astype(np.float32), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="eval_resize='resize_crop'"):
+    pre.eval({'image': np.zeros((30, 30, 1), np.uint8), 'label': 0})
+
+
+def test_imagenet_mean_std_and_grayscale_to_rgb():
+  pre = preprocess.Preprocess(8, 3, imagenet.MEAN, imagenet.STD, eval_resize='resize_crop')
+  gray = np.full((10, 12), 128, np.uint8)
+  out = pre.eval({'image': gray, 'label': 0})['image']
+  np.testing.assert_allclose(out[0, 0], (128 / 255 - np.asarray(imagenet.MEAN))
+                             / np.asarray(imagenet.STD), rtol=1e-5)
