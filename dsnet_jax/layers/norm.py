@@ -18,18 +18,28 @@ class SlicedBatchNorm(nn.Module):
   width `widths[i]` in its first `widths[i]` entries (the authors' `aux_bn.{i}`).
   Training normalises with the biased batch variance and tracks the unbiased one with
   momentum 0.1; eps is 1e-5.
+
+  BN recalibration makes the collection `bn_moments` mutable: each training-mode call then
+  also adds its batch mean / unbiased variance to per-row sums and counts, from which
+  `train_lib` sets exact cumulative averages (PyTorch's momentum=None).
   """
   widths: Sequence[int]
   momentum: float = 0.1
   epsilon: float = 1e-5
+  # Zeros for a residual block's last BN, so the block starts as its shortcut.
+  scale_init: nn.initializers.Initializer = nn.initializers.ones
 
   def setup(self):
     full = max(self.widths)
     n = len(self.widths)
-    self.scale = self.param('scale', nn.initializers.ones, (full,))
+    self.scale = self.param('scale', self.scale_init, (full,))
     self.bias = self.param('bias', nn.initializers.zeros, (full,))
     self.mean = self.variable('batch_stats', 'mean', jnp.zeros, (n, full), jnp.float32)
     self.var = self.variable('batch_stats', 'var', jnp.ones, (n, full), jnp.float32)
+    if self.is_mutable_collection('bn_moments'):
+      self.mean_sum = self.variable('bn_moments', 'mean_sum', jnp.zeros, (n, full), jnp.float32)
+      self.var_sum = self.variable('bn_moments', 'var_sum', jnp.zeros, (n, full), jnp.float32)
+      self.count = self.variable('bn_moments', 'count', jnp.zeros, (n,), jnp.float32)
 
   def row(self, width: int) -> int:
     if width not in self.widths:
@@ -53,10 +63,18 @@ class SlicedBatchNorm(nn.Module):
         unbiased = var * (n / max(n - 1, 1))
         self.mean.value = self.mean.value.at[i, :w].set((1 - m) * self.mean.value[i, :w] + m * mean)
         self.var.value = self.var.value.at[i, :w].set((1 - m) * self.var.value[i, :w] + m * unbiased)
+        if self.is_mutable_collection('bn_moments'):
+          self._accumulate_moments(i, mean, unbiased)
     else:
       mean, var = self.mean.value[i, :w], self.var.value[i, :w]
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[:w] + self.bias[:w]
     return y.astype(x.dtype)
+
+  def _accumulate_moments(self, i: int, mean: jax.Array, var: jax.Array):
+    w = mean.shape[0]
+    self.mean_sum.value = self.mean_sum.value.at[i, :w].add(mean)
+    self.var_sum.value = self.var_sum.value.at[i, :w].add(var)
+    self.count.value = self.count.value.at[i].add(1.0)
 
   def _masked(self, x: jax.Array, train: bool, width: MaskedWidth) -> jax.Array:
     if train:

@@ -164,17 +164,21 @@ class DSMBNet(nn.Module):
     """Per-example routes over the routing space by masks (gate training; BN in eval mode).
 
     Args:
-      images: (batch, H, W, 3).
+      images: (batch, H, W, C).
       route_weights: (batch, R) one-hot (or straight-through) weights over the routing space.
     Returns:
       (logits, routing logits). Each example's logits equal its route's sliced logits.
     """
-    x, gate_logits = self.prefix(images, False)
+    features, gate_logits = self.prefix(images, False)
+    return self.masked_suffix(features, route_weights), gate_logits
+
+  def masked_suffix(self, features, route_weights):
+    """`suffix` for per-example route weights (batch, R), computed at the widest choice."""
     space = self.routes.routing_space
     widths = tuple(
         MaskedWidth(route_weights, tuple(r.widths[i] for r in space))
         for i in range(self.gate_stage + 1, len(self.stage_widths) + 1))
-    return self._suffix(x, widths, False, False), gate_logits
+    return self._suffix(features, widths, False, False)
 
   def _stem(self, images, width: int, train: bool):
     return nn.silu(self.stem_bn(self.stem_conv(images.astype(self.dtype or images.dtype), width),

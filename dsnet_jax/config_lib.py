@@ -1,0 +1,122 @@
+"""The training config's schema: defaults, and validation that names the bad key.
+
+Config files start from `defaults()` (a locked ConfigDict, so a misspelt key fails where it is
+written) and `validate()` checks any ConfigDict, e.g. one built in a notebook, before work
+starts: unknown keys, wrong types and out-of-range values raise `ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import ml_collections
+
+STAGES = ('supernet', 'recalibrate', 'gate')
+DATA_KEYS = ('name', 'data_dir', 'debian_dir', 'image_size', 'num_classes', 'augment', 'crop_pct',
+             'in_memory', 'num_workers', 'num_threads', 'prefetch', 'channels',
+             'synthetic_num_examples')
+
+
+class ConfigError(ValueError):
+  """A config key or value that cannot work."""
+
+
+def _optimizer(**overrides) -> ml_collections.ConfigDict:
+  opt = dict(name='sgd', lr=0.08, end_lr=1e-5, warmup_steps=0, momentum=0.9, nesterov=True,
+             b1=0.9, b2=0.999, weight_decay=1e-4, param_groups=(('.*', 1.0),))
+  opt.update(overrides)
+  return ml_collections.ConfigDict(opt)
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every key a config may set, at its default (the reference recipe's choices)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model_name = 'ds_mbnet'
+  c.model = ml_collections.ConfigDict()  # Keyword arguments of models.<model_name>.Model.
+  c.data = ml_collections.ConfigDict(dict(name='fashion_mnist'))
+  c.batch_size = 128
+  c.eval_batch_size = 256
+  c.num_devices = 0  # 0: every device.
+  c.stages = STAGES
+  c.init_checkpoint = ''  # Variables to start from (e.g. an imported checkpoint).
+
+  c.supernet = ml_collections.ConfigDict(dict(
+      steps=1000, num_random_routes=2, label_smoothing=0.1, ema_decay=0.997,
+      ensemble_ib=False, optimizer=_optimizer()))
+  c.recalibrate = ml_collections.ConfigDict(dict(num_batches=20))
+  c.gate = ml_collections.ConfigDict(dict(
+      steps=500, gumbel_tau=1.0, ce_weight=1.0, gate_ce_weight=1.0, madds_weight=0.5,
+      madds_scale=1e9, madds_target=0.0, double_softmax=False,
+      optimizer=_optimizer(lr=0.08, weight_decay=0.01,
+                           param_groups=(('.*routing_head.*', 1.0), ('.*', None)))))
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 0  # 0: evaluate at the end of each stage only.
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.lock()
+  return c
+
+
+def _walk(config, reference, prefix=''):
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    if key not in reference:
+      raise ConfigError(f'unknown config key {path!r}; valid keys here: '
+                        f'{", ".join(sorted(reference.keys()))}')
+    default = reference[key]
+    if key in ('model', 'data') and not prefix:
+      continue
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f'config key {path!r} must be a section, got {value!r}')
+      _walk(value, default, path + '.')
+    elif default is not None and not _type_ok(value, default):
+      raise ConfigError(f'config key {path!r} must be {type(default).__name__}, got {value!r}')
+
+
+def _type_ok(value, default) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first unknown key or unusable value, naming it."""
+  _walk(config, defaults())
+  for key in config.data:
+    if key not in DATA_KEYS:
+      raise ConfigError(f'unknown config key data.{key}; valid: {", ".join(DATA_KEYS)}')
+  model_cls = importlib.import_module(f'dsnet_jax.models.{config.model_name}').Model
+  fields = {f.name for f in dataclasses.fields(model_cls)} - {'parent', 'name'}
+  for key in config.model:
+    if key not in fields:
+      raise ConfigError(f'unknown config key model.{key} for {config.model_name}; valid: '
+                        f'{", ".join(sorted(fields))}')
+  bad_stages = [s for s in config.stages if s not in STAGES]
+  if bad_stages or list(config.stages) != sorted(config.stages, key=STAGES.index):
+    raise ConfigError(f'config key stages={tuple(config.stages)}: use {STAGES} or an ordered '
+                      'subset of them')
+  positive = ['batch_size', 'eval_batch_size', 'supernet.steps', 'gate.steps',
+              'recalibrate.num_batches', 'log_every_steps', 'checkpoint_every_steps',
+              'keep_checkpoints', 'gate.gumbel_tau', 'supernet.optimizer.lr', 'gate.optimizer.lr']
+  for path in positive:
+    value = _get(config, path)
+    if value is not None and value <= 0:
+      raise ConfigError(f'config key {path!r} must be > 0, got {value}')
+  if not 0 <= config.supernet.ema_decay < 1:
+    raise ConfigError(f'config key supernet.ema_decay must be in [0, 1), got '
+                      f'{config.supernet.ema_decay}')
+
+
+def _get(config, path: str):
+  for part in path.split('.'):
+    if part not in config:
+      return None
+    config = config[part]
+  return config

@@ -1,0 +1,122 @@
+"""Evaluation: every route's accuracy/MAdds/params, the gated model, JSON and a plot."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsnet_jax import sharding
+from dsnet_jax.complexity import route_complexity
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'route'))
+def _route_counts(model, variables, batch, route):
+  """(correct, real examples) of one padded batch."""
+  logits = model.apply(variables, batch['image'], route=route)
+  return ((jnp.argmax(logits, -1) == batch['label']) & batch['mask']).sum(), batch['mask'].sum()
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def _gated_counts(model, variables, batch):
+  """Argmax routing (deterministic) through the masked path: (correct, examples per route)."""
+  features, gate_logits = model.apply(variables, batch['image'], method='prefix')
+  weights = jax.nn.one_hot(jnp.argmax(gate_logits, -1), gate_logits.shape[-1])
+  logits = model.apply(variables, features, weights, method='masked_suffix')
+  correct = ((jnp.argmax(logits, -1) == batch['label']) & batch['mask']).sum()
+  return correct, (weights * batch['mask'][:, None]).sum(0).astype(jnp.int32)
+
+
+def _eval_batches(pipeline, mesh):
+  for batch in pipeline.batches():
+    yield sharding.global_batch(batch, mesh)
+
+
+def route_accuracy(model, variables, pipeline, route, mesh) -> float:
+  counts = [_route_counts(model, variables, b, route=route) for b in _eval_batches(pipeline, mesh)]
+  correct, total = np.asarray(jax.device_get(counts)).sum(0)
+  return float(correct) / float(total)
+
+
+def gated_result(model, variables, pipeline, mesh) -> dict[str, Any]:
+  """Accuracy, average MAdds (gate included) and route histogram of the gated model."""
+  space = model.routes.routing_space
+  madds = np.asarray([route_complexity(model, r, pipeline.image_shape, with_gate=True).madds
+                      for r in space], np.float64)
+  results = jax.device_get([_gated_counts(model, variables, b)
+                            for b in _eval_batches(pipeline, mesh)])
+  correct = sum(int(c) for c, _ in results)
+  counts = np.sum([np.asarray(h) for _, h in results], axis=0)
+  total = int(counts.sum())
+  return {'accuracy': correct / total, 'madds': float(counts @ madds / total),
+          'route_histogram': {r.name: int(c) for r, c in zip(space, counts)}}
+
+
+def route_table(model, variables, pipeline, mesh) -> list[dict[str, Any]]:
+  rows = []
+  for route in model.routes:
+    c = route_complexity(model, route, pipeline.image_shape)
+    rows.append({'route': route.name, 'accuracy': route_accuracy(model, variables, pipeline,
+                                                                 route, mesh),
+                 'madds': c.madds, 'params': c.params})
+  return rows
+
+
+def format_report(rows, gated) -> str:
+  lines = [f'{"route":>8}  {"accuracy":>8}  {"MAdds (M)":>9}  {"params (M)":>10}']
+  lines += [f'{r["route"]:>8}  {r["accuracy"]:>8.4f}  {r["madds"] / 1e6:>9.3f}  '
+            f'{r["params"] / 1e6:>10.4f}' for r in rows]
+  if gated:
+    lines.append(f'{"gated":>8}  {gated["accuracy"]:>8.4f}  {gated["madds"] / 1e6:>9.3f}  '
+                 f'routes {gated["route_histogram"]}')
+  return '\n'.join(lines)
+
+
+def plot(rows, gated, path: str):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  numbered = [r for r in rows if r['route'] != 'largest']
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot([r['madds'] / 1e6 for r in numbered], [100 * r['accuracy'] for r in numbered], 'o-',
+          label='static routes')
+  for r in rows:
+    if r['route'] == 'largest':
+      ax.plot(r['madds'] / 1e6, 100 * r['accuracy'], 's', label='largest')
+  if gated:
+    ax.plot(gated['madds'] / 1e6, 100 * gated['accuracy'], '*', markersize=14, label='gated')
+  ax.set_xlabel('MAdds (M)')
+  ax.set_ylabel('accuracy (%)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def evaluate_and_report(model, variables, pipeline, mesh, workdir: str, gated: bool = True
+                        ) -> dict[str, Any]:
+  """Prints the route table (and the gated result), writes eval.json and eval.png."""
+  rows = route_table(model, variables, pipeline, mesh)
+  result = gated_result(model, variables, pipeline, mesh) if gated else None
+  print(format_report(rows, result), flush=True)
+  report = {'routes': rows, 'gated': result}
+  with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  plot(rows, result, os.path.join(workdir, 'eval.png'))
+  return report
+
+
+def evaluate_workdir(config, workdir: str, checkpoint: str = '') -> dict[str, Any]:
+  """Restores the latest finished stage of `workdir` (or `checkpoint`) and reports."""
+  from dsnet_jax import train_lib
+  run = train_lib.make_run(config, workdir)
+  directory = checkpoint or train_lib.latest_stage_dir(workdir)
+  variables = train_lib.restore_variables(directory, train_lib.abstract_variables(run))
+  print(f'restored {directory}', flush=True)
+  return evaluate_and_report(run.model, variables, run.eval_data, run.mesh, workdir,
+                             gated=os.path.basename(os.path.normpath(directory)) == 'gate')

@@ -1,0 +1,27 @@
+"""Trains a DS-Net supernet and its gate as the config says (resumes from --workdir).
+
+    python train.py --config=configs/ds_mbnet_fmnist.py --workdir=workdir/ds_mbnet_fmnist
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dsnet_jax import train_lib
+
+config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and eval results go here.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+flags.FLAGS.set_default('verbosity', logging.WARNING)  # orbax logs every save at INFO.
+
+
+def main(argv):
+  del argv
+  if flags.FLAGS.distributed:
+    import jax
+    jax.distributed.initialize()
+  train_lib.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
