@@ -12,7 +12,7 @@ from dsnet_jax.models import ds_mbnet
 
 REFERENCE_MADDS_M = [132.89, 152.92, 175.15, 199.59, 226.24, 255.10, 286.17, 319.44, 354.92,
                      392.61, 432.51, 474.61, 518.93, 565.45]
-KEYS_FILE = pathlib.Path(__file__).parents[2] / 'shared/spec/ds_mbnet_state_dict_keys.txt'
+KEYS_FILE = pathlib.Path(__file__).parent / 'testdata/ds_mbnet_state_dict_keys.txt'
 
 
 def hand_madds(widths, image, depths=(1, 2, 2, 6, 2), strides=(1, 2, 2, 2, 2), stem_stride=2,

@@ -1,0 +1,1 @@
+"""Importers of released weights (PyTorch state dicts) into our Flax variables."""

@@ -1,0 +1,277 @@
+"""The PyTorch DS-MBNet importer against an independent NumPy forward of the authors' layout."""
+import pathlib
+import argparse
+import ast
+import functools
+import importlib.util
+import math
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from dsnet_jax import checkpointing
+from dsnet_jax.convert import ds_mbnet_torch
+from dsnet_jax.models import ds_mbnet
+
+# Every key and PyTorch shape of the authors' released DS-MBNet state dict.
+KEYS_FILE = pathlib.Path(__file__).parent / 'testdata/ds_mbnet_state_dict_keys.txt'
+ROUTES = (*range(14), 'largest')
+STAGE_DEPTHS = (1, 2, 2, 6, 2)
+STAGE_STRIDES = (1, 2, 2, 2, 2)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast_compiles():
+  old = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', old)
+
+
+def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
+  """Random values for every key of KEYS_FILE."""
+  rng = np.random.default_rng(seed)
+  state_dict = {}
+  with open(KEYS_FILE) as f:
+    for line in f:
+      if line.startswith('#') or ' (' not in line:
+        continue
+      key, shape = line.split(' ', 1)
+      shape = ast.literal_eval(shape.strip())
+      if key.endswith('num_batches_tracked'):
+        value = np.array(rng.integers(1, 10**6), np.int64)
+      elif key.endswith('running_var'):
+        value = rng.uniform(0.5, 2.0, shape)
+      elif key.endswith('running_mean') or key.endswith('bias'):
+        value = rng.normal(0.0, 0.2, shape)
+      elif '.aux_bn.' in key:  # BN weight
+        value = rng.uniform(0.5, 1.5, shape)
+      else:  # conv / linear weight
+        value = rng.normal(0.0, math.sqrt(2 / math.prod(shape[1:])), shape)
+      state_dict[key] = value.astype(np.float32) if value.dtype == np.float64 else value
+  return state_dict
+
+
+# --- Independent NumPy reference (NCHW, OIHW, float64), reference section 2. ---
+
+
+def conv2d(x, weight, stride, depthwise=False):
+  """PyTorch conv2d, padding (k-1)//2, no bias, by im2col."""
+  k = weight.shape[-1]
+  p = (k - 1) // 2
+  x = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+  h_out = (x.shape[2] - k) // stride + 1
+  w_out = (x.shape[3] - k) // stride + 1
+  patches = np.stack([x[:, :, i:i + stride * h_out:stride, j:j + stride * w_out:stride]
+                      for i in range(k) for j in range(k)], axis=2)  # (N, C, k*k, H, W)
+  if depthwise:
+    return np.einsum('ncphw,cp->nchw', patches, weight.reshape(weight.shape[0], k * k))
+  return np.einsum('ncphw,ocp->nohw', patches, weight.reshape(*weight.shape[:2], k * k),
+                   optimize=True)
+
+
+def batch_norm(x, sd, prefix, index, calibrate=None):
+  """Eval BN with the statistics of `aux_bn.{index}` and the shared (last) affine, sliced.
+
+  With a Generator `calibrate`, first sets those statistics to x's, randomly perturbed.
+  """
+  c = x.shape[1]
+  stats = f'{prefix}.aux_bn.{index}.running_'
+  assert sd[stats + 'mean'].shape == (c,), (prefix, index, c)
+  if calibrate is not None:
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3))
+    sd[stats + 'mean'] = (mean + 0.2 * np.sqrt(var) * calibrate.normal(size=c)).astype(np.float32)
+    # The floor keeps near-constant channels from amplifying float32 rounding.
+    var = var * calibrate.uniform(0.5, 2.0, c) + var.mean()
+    sd[stats + 'var'] = var.astype(np.float32)
+  mean, var = sd[stats + 'mean'], sd[stats + 'var']
+  affine = next(k[:-len('weight')] for k in sd
+                if k.startswith(f'{prefix}.aux_bn.') and k.endswith('.weight'))
+  w, b = sd[affine + 'weight'][:c], sd[affine + 'bias'][:c]
+  return ((x - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5) * w[:, None, None]
+          + b[:, None, None])
+
+
+def silu(x):
+  return x / (1 + np.exp(-x))
+
+
+def block(x, sd, prefix, stride, in_index, width, index, calibrate):
+  """dw3x3 -> BN -> SiLU -> SE -> pw1x1 -> BN -> SiLU; returns (x, SE reduced vector)."""
+  c = x.shape[1]
+  x = silu(batch_norm(conv2d(x, sd[f'{prefix}.conv_dw.weight'][:c], stride, True),
+                      sd, f'{prefix}.bn1', in_index, calibrate))
+  se = f'{prefix}.gate'
+  z = np.maximum(x.mean((2, 3)) @ sd[f'{se}.conv_reduce.weight'][:, :c, 0, 0].T
+                 + sd[f'{se}.conv_reduce.bias'], 0)
+  a = 1 / (1 + np.exp(-(z @ sd[f'{se}.conv_expand.weight'][:c, :, 0, 0].T
+                        + sd[f'{se}.conv_expand.bias'][:c])))
+  x = x * a[:, :, None, None]
+  x = conv2d(x, sd[f'{prefix}.conv_pw.weight'][:width, :c], 1)
+  return silu(batch_norm(x, sd, f'{prefix}.bn2', index, calibrate)), z
+
+
+def route_widths(route):
+  """(width, aux_bn index) of the stem and blocks.0..4."""
+  if route == 'largest':
+    return [(24, 1), (88, 1), (168, 1), (264, 1), (640, 13), (1152, 13)]
+  return [(16, 0), (32, 0), (48, 0), (96, 0), (224 + 32 * route, route), (736 + 32 * route, route)]
+
+
+def reference_forward(sd, images_nchw, route, calibrate=None):
+  """Logits and the gate's routing logits of the authors' DS-MBNet at `route`, in float64.
+
+  With a Generator `calibrate`, first sets each running statistic that `route` uses (in `sd`)
+  to the statistics of its input, randomly perturbed: features stay O(1) and logits depend on
+  the input, so the tolerance means something (with random statistics the signal dies out
+  and the logits are the same for every image).
+  """
+  (stem, stem_index), *stages = route_widths(route)
+  x = conv2d(images_nchw.astype(np.float64), sd['conv_stem.weight'][:stem, :3], 2)
+  x = silu(batch_norm(x, sd, 'bn1', stem_index, calibrate))
+  in_index = stem_index
+  for s, ((width, index), depth, stride) in enumerate(zip(stages, STAGE_DEPTHS, STAGE_STRIDES)):
+    for b in range(depth):
+      prefix = f'blocks.{s}.first_block' if b == 0 else f'blocks.{s}.residual_blocks.{b - 1}'
+      x, z = block(x, sd, prefix, stride if b == 0 else 1, in_index, width, index, calibrate)
+      if (s, b) == (3, 0):
+        routing_logits = z @ sd[f'{prefix}.gate.gate.0.weight'][:, :, 0, 0].T
+      in_index = index
+  logits = x.mean((2, 3)) @ sd['classifier.weight'][:, :x.shape[1]].T + sd['classifier.bias']
+  return logits, routing_logits
+
+
+# --- Tests. ---
+
+
+@pytest.fixture(scope='module')
+def state_dict():
+  return random_state_dict()
+
+
+@pytest.fixture(scope='module')
+def variables(state_dict):
+  return ds_mbnet_torch.convert_state_dict(state_dict, ds_mbnet.Model())
+
+
+@pytest.fixture(scope='module')
+def images():
+  return np.random.default_rng(1).normal(size=(2, 3, 64, 64))  # NCHW
+
+
+def test_converted_tree_matches_model(variables):
+  model = ds_mbnet.Model()
+  abstract, _ = ds_mbnet_torch.abstract_variables(model)
+  chex.assert_trees_all_equal_shapes_and_dtypes(variables, abstract)
+  assert sum(x.size for x in jax.tree.leaves(variables['params'])) == 7_676_204
+
+
+@pytest.mark.parametrize('route', ROUTES)
+def test_route_matches_reference(state_dict, images, route):
+  model = ds_mbnet.Model()
+  state_dict = dict(state_dict)
+  expected, _ = reference_forward(state_dict, images, route, np.random.default_rng(0))
+  variables = ds_mbnet_torch.convert_state_dict(state_dict, model)
+  apply = jax.jit(model.apply, static_argnames='route')
+  logits = np.asarray(apply(variables, images.transpose(0, 2, 3, 1).astype(np.float32),
+                            route=route))
+  error = np.abs(logits - expected).max()
+  spread = np.abs(expected[0] - expected[1]).max()
+  print(f'route {route}: max |logit| {np.abs(expected).max():.2f}, max |logit difference '
+        f'between the images| {spread:.2f}, max abs error {error:.2e}')
+  assert np.abs(expected).max() < 10 and spread > 0.1  # O(1) and input-dependent
+  assert error < 1e-4
+
+
+def test_routing_head_matches_reference(state_dict, images):
+  model = ds_mbnet.Model()
+  state_dict = dict(state_dict)
+  _, expected = reference_forward(state_dict, images, 0, np.random.default_rng(0))
+  variables = ds_mbnet_torch.convert_state_dict(state_dict, model)
+  prefix = jax.jit(functools.partial(model.apply, method=model.prefix))
+  _, routing_logits = prefix(variables, images.transpose(0, 2, 3, 1).astype(np.float32))
+  np.testing.assert_allclose(routing_logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize('change, key', [
+    ('missing', 'blocks.3.first_block.gate.gate.0.weight'),
+    ('missing', 'blocks.4.residual_blocks.0.bn2.aux_bn.7.running_var'),
+    ('extra', 'blocks.5.first_block.conv_dw.weight'),
+    ('wrong_shape', 'blocks.2.residual_blocks.0.conv_pw.weight'),
+])
+def test_rejects_mismatched_state_dict(state_dict, change, key):
+  bad = dict(state_dict)
+  if change == 'missing':
+    del bad[key]
+  elif change == 'extra':
+    bad[key] = np.zeros((3, 1, 3, 3), np.float32)
+  else:
+    bad[key] = np.zeros((264, 263, 1, 1), np.float32)
+  with pytest.raises(ds_mbnet_torch.StateDictMismatchError) as error:
+    ds_mbnet_torch.convert_state_dict(bad)
+  assert isinstance(error.value, ValueError)
+  assert key in str(error.value)
+  if change == 'wrong_shape':
+    assert 'expected (264, 264, 1, 1), got (264, 263, 1, 1)' in str(error.value)
+
+
+def test_reports_every_mismatch_at_once(state_dict):
+  bad = dict(state_dict)
+  del bad['conv_stem.weight'], bad['classifier.bias']
+  bad['classifier.weight'] = np.zeros((10, 1152), np.float32)
+  bad['head.fc.weight'] = np.zeros((1,), np.float32)
+  with pytest.raises(ds_mbnet_torch.StateDictMismatchError) as error:
+    ds_mbnet_torch.convert_state_dict(bad)
+  assert sorted(error.value.missing) == ['classifier.bias', 'conv_stem.weight']
+  assert error.value.unexpected == ['head.fc.weight']
+  assert error.value.wrong_shape == {'classifier.weight': ((1000, 1152), (10, 1152))}
+
+
+def test_select_state_dict():
+  plain, ema = {'module.w': 1}, {'module.w': 2}
+  checkpoint = {'epoch': 3, 'state_dict': plain, 'state_dict_ema': ema}
+  assert ds_mbnet_torch.select_state_dict(checkpoint) == {'w': 2}
+  assert ds_mbnet_torch.select_state_dict(checkpoint, 'ema') == {'w': 2}
+  assert ds_mbnet_torch.select_state_dict(checkpoint, 'plain') == {'w': 1}
+  assert ds_mbnet_torch.select_state_dict(plain, 'ema') == {'w': 1}  # a bare state dict
+  with pytest.raises(ValueError, match='state_dict_ema'):
+    ds_mbnet_torch.select_state_dict({'state_dict': plain}, 'ema')
+  with pytest.raises(ValueError, match='weights'):
+    ds_mbnet_torch.select_state_dict(checkpoint, 'best')
+
+
+def test_npz_and_cli_round_trip(state_dict, variables, tmp_path, capsys):
+  npz = tmp_path / 'ds_mbnet.npz'
+  np.savez(npz, **{f'module.{k}': v for k, v in state_dict.items()})
+  loaded = ds_mbnet_torch.load_state_dict(npz)
+  chex.assert_trees_all_equal(loaded, state_dict)
+
+  out = tmp_path / 'checkpoint'
+  ds_mbnet_torch.main([f'--input={npz}', f'--out={out}', '--weights=plain'])
+  assert 'converted 604 tensors (dropped 234 num_batches_tracked): 7,676,204 params' in (
+      capsys.readouterr().out)
+  abstract, _ = ds_mbnet_torch.abstract_variables(ds_mbnet.Model())
+  with checkpointing.Checkpointer(out) as ckpt:
+    restored, _ = ckpt.restore(abstract)
+  chex.assert_trees_all_equal(restored, variables)
+
+  with pytest.raises(FileExistsError, match='not empty'):
+    ds_mbnet_torch.main([f'--input={npz}', f'--out={out}'])
+
+
+def test_load_torch_checkpoint(tmp_path):
+  torch = pytest.importorskip('torch')
+  path = tmp_path / 'checkpoint.pth.tar'
+  torch.save({'epoch': 3, 'args': argparse.Namespace(lr=0.08),
+              'state_dict': {'module.w': torch.zeros(2)},
+              'state_dict_ema': {'module.w': torch.ones(2)}}, path)
+  np.testing.assert_array_equal(ds_mbnet_torch.load_state_dict(path)['w'], [1, 1])
+  np.testing.assert_array_equal(ds_mbnet_torch.load_state_dict(path, 'plain')['w'], [0, 0])
+
+
+@pytest.mark.skipif(importlib.util.find_spec('torch') is not None, reason='torch is installed')
+def test_torch_checkpoint_without_torch_says_how_to_install(tmp_path):
+  with pytest.raises(ImportError, match='pip install'):
+    ds_mbnet_torch.load_state_dict(tmp_path / 'checkpoint.pth.tar')
