@@ -149,9 +149,9 @@ def supernet_stage(run: Run, variables: dict[str, Any]) -> dict[str, Any]:
   tx = optim.make_optimizer(cfg.optimizer, cfg.steps, variables['params'])
 
   def fresh():
-    return {'step': jnp.zeros((), jnp.int32), **variables,
-            'opt_state': jax.jit(tx.init)(variables['params']),
-            'ema': jax.tree.map(jnp.copy, variables)}
+    return sharding.replicate({'step': jnp.zeros((), jnp.int32), **variables,
+                               'opt_state': tx.init(variables['params']),
+                               'ema': jax.tree.map(jnp.copy, variables)}, run.mesh)
 
   state, start = _resume_or_start(run, 'supernet', fresh, lambda s: s['ema'])
   if start is None:
@@ -184,7 +184,7 @@ class SupernetFunctions:
                            out_shardings=sharding.batch_sharding(mesh))
     self.route_grad = jax.jit(self._route_grad, static_argnames='route', donate_argnums=(5,),
                               out_shardings=(replicated, replicated, replicated))
-    self.update = jax.jit(self._update, donate_argnums=(0, 1), out_shardings=replicated)
+    self.update = jax.jit(self._update, donate_argnums=0, out_shardings=replicated)
     self.zeros = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=replicated)
 
   def _teacher_probs(self, ema, images, route):
@@ -293,8 +293,8 @@ def gate_stage(run: Run, variables: dict[str, Any]) -> dict[str, Any]:
   tx = optim.make_optimizer(cfg.optimizer, cfg.steps, variables['params'])
 
   def fresh():
-    return {'step': jnp.zeros((), jnp.int32), **variables,
-            'opt_state': jax.jit(tx.init)(variables['params'])}
+    return sharding.replicate({'step': jnp.zeros((), jnp.int32), **variables,
+                               'opt_state': tx.init(variables['params'])}, run.mesh)
 
   state, start = _resume_or_start(run, 'gate', fresh, _variables)
   if start is None:

@@ -36,7 +36,7 @@ class SlicedBatchNorm(nn.Module):
     self.bias = self.param('bias', nn.initializers.zeros, (full,))
     self.mean = self.variable('batch_stats', 'mean', jnp.zeros, (n, full), jnp.float32)
     self.var = self.variable('batch_stats', 'var', jnp.ones, (n, full), jnp.float32)
-    if self.is_mutable_collection('bn_moments'):
+    if self.is_mutable_collection('bn_moments') and not self.is_initializing():
       self.mean_sum = self.variable('bn_moments', 'mean_sum', jnp.zeros, (n, full), jnp.float32)
       self.var_sum = self.variable('bn_moments', 'var_sum', jnp.zeros, (n, full), jnp.float32)
       self.count = self.variable('bn_moments', 'count', jnp.zeros, (n,), jnp.float32)

@@ -1,0 +1,188 @@
+"""Two-stage training end to end on the tiny config: stages, resume, sharding, compiles."""
+import importlib.util
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsnet_jax import config_lib, eval_lib, losses, optim, sharding, train_lib
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def tiny_config(**overrides):
+  spec = importlib.util.spec_from_file_location('tiny', ROOT / 'configs/tiny.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.unlock()
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def leaves_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_all_stages_end_to_end_and_eval_workdir(tmp_path, capsys):
+  report = train_lib.train_and_evaluate(tiny_config(num_devices=1), str(tmp_path))
+  assert [r['route'] for r in report['routes']] == ['0', '1', '2', '3', 'largest']
+  assert all(0 <= r['accuracy'] <= 1 for r in report['routes'])
+  gated = report['gated']
+  assert sum(gated['route_histogram'].values()) == 64  # Every test example routed once.
+  madds = {r['route']: r['madds'] for r in report['routes']}
+  assert madds['0'] <= gated['madds'] <= madds['2'] + 66  # Gate head adds a few MAdds.
+  stages = [json.loads(line)['stage'] for line in open(tmp_path / 'metrics.jsonl')]
+  assert {'supernet', 'gate'} <= set(stages)
+  assert (tmp_path / 'eval.png').stat().st_size > 1000
+  out = capsys.readouterr().out
+  assert 'img/s' in out and 'ETA' in out and 'gated' in out
+
+  # Restarting a finished run skips every stage and eval.py restores the gate checkpoint.
+  again = eval_lib.evaluate_workdir(tiny_config(num_devices=1), str(tmp_path))
+  assert again['gated'] == gated
+  assert [r['accuracy'] for r in again['routes']] == [r['accuracy'] for r in report['routes']]
+
+
+def test_resume_after_a_kill_equals_straight_run(tmp_path, monkeypatch):
+  config = tiny_config(num_devices=1, stages=('supernet',), checkpoint_every_steps=2)
+  run = train_lib.make_run(config, str(tmp_path / 'straight'))
+  straight = train_lib.supernet_stage(run, train_lib.init_variables(run))
+
+  real_step = train_lib.SupernetFunctions.step
+
+  def dying_step(self, state, batch, table, seed, step, key):
+    if step == 3:
+      raise KeyboardInterrupt('killed')
+    return real_step(self, state, batch, table, seed, step, key)
+  monkeypatch.setattr(train_lib.SupernetFunctions, 'step', dying_step)
+  run = train_lib.make_run(config, str(tmp_path / 'resumed'))
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.supernet_stage(run, train_lib.init_variables(run))
+  monkeypatch.setattr(train_lib.SupernetFunctions, 'step', real_step)
+  resumed = train_lib.supernet_stage(run, train_lib.init_variables(run))
+  assert leaves_equal(straight, resumed)
+
+
+def test_sharded_step_equals_single_device(tmp_path):
+  results = []
+  for devices in (1, 8):
+    config = tiny_config(num_devices=devices, stages=('supernet',))
+    config.supernet.steps = 2
+    run = train_lib.make_run(config, str(tmp_path / str(devices)))
+    variables = train_lib.init_variables(run)
+    tx = optim.make_optimizer(config.supernet.optimizer, 2, variables['params'])
+    fns = train_lib.SupernetFunctions(run.model, tx, config.supernet, run.mesh)
+    state = {'step': jnp.zeros((), jnp.int32), **variables,
+             'opt_state': tx.init(variables['params']), 'ema': jax.tree.map(jnp.copy, variables)}
+    batch = next(run.batches(0))
+    state, metrics = fns.step(state, batch, run.table, 0, 0, run.step_key(0, 0))
+    results.append(jax.device_get((state['params'], state['batch_stats'], metrics['loss'])))
+    if devices == 8:
+      assert len(batch['image'].sharding.device_set) == 8
+  (p1, s1, l1), (p8, s8, l8) = results
+  np.testing.assert_allclose(l1, l8, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p8, s8))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compiles_bounded_by_routes_not_combinations(tmp_path):
+  config = tiny_config(num_devices=1)
+  run = train_lib.make_run(config, str(tmp_path))
+  variables = train_lib.init_variables(run)
+  tx = optim.make_optimizer(config.supernet.optimizer, 10, variables['params'])
+  fns = train_lib.SupernetFunctions(run.model, tx, config.supernet, run.mesh)
+  state = sharding.replicate({'step': jnp.zeros((), jnp.int32), **variables,
+                             'opt_state': tx.init(variables['params']),
+                             'ema': jax.tree.map(jnp.copy, variables)}, run.mesh)
+  drawn = set()
+  for step, batch in zip(range(6), run.batches(0)):
+    drawn.update(train_lib.routes_lib.sandwich_routes(run.table, 0, step, 2))
+    state, _ = fns.step(state, batch, run.table, 0, step, run.step_key(step, 0))
+  combinations = {tuple(train_lib.routes_lib.sandwich_routes(run.table, 0, s, 2))
+                  for s in range(6)}
+  assert len(combinations) > 1
+  assert fns.route_grad._cache_size() == len(drawn) <= len(run.table)
+  assert fns.update._cache_size() == 1
+
+
+def test_recalibration_sets_exact_cumulative_averages(tmp_path):
+  run = train_lib.make_run(tiny_config(num_devices=1), str(tmp_path))
+  variables = train_lib.init_variables(run)
+  batches = [next(run.batches(s)) for s in range(2)]
+  route = run.table[0]
+  new = train_lib.recalibrate_bn(run.model, variables, iter(batches), [route], 2)
+  stem_out = [np.asarray(run.model.apply(variables, b['image'], 4,
+                                         method=lambda m, x, w: m.stem_conv(x, w)))
+              for b in batches]
+  flat = [x.reshape(-1, 4).astype(np.float64) for x in stem_out]
+  stats = new['batch_stats']['stem_bn']
+  np.testing.assert_allclose(stats['mean'][0, :4], np.mean([f.mean(0) for f in flat], 0),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats['var'][0, :4], np.mean([f.var(0, ddof=1) for f in flat], 0),
+                             rtol=1e-4)
+  # Rows no route reached keep their values: stem width 8 is the largest route's only.
+  np.testing.assert_array_equal(stats['mean'][1], variables['batch_stats']['stem_bn']['mean'][1])
+
+
+def test_sgs_targets_and_gate_losses_on_a_hand_made_batch():
+  smallest_logits = jnp.array([[2.0, 0.0], [0.0, 3.0], [1.0, 0.5], [0.2, 0.1]])
+  labels = jnp.array([0, 0, 0, 1])
+  targets = losses.gate_targets(jnp.argmax(smallest_logits, -1) == labels, num_routes=4)
+  np.testing.assert_array_equal(targets, [0, 3, 0, 3])
+
+  gate_logits = jnp.array([[1.0, 0.0, 0.0, 0.0]] * 4)
+  weights = losses.gumbel_straight_through(jax.random.key(0), gate_logits * 100)
+  np.testing.assert_array_equal(weights, jax.nn.one_hot(jnp.zeros(4, int), 4))
+  expected_ce = -np.log(np.exp(1) / (np.exp(1) + 3))
+  np.testing.assert_allclose(losses.gate_cross_entropy(gate_logits[:1], targets[:1]),
+                             expected_ce, rtol=1e-6)
+  np.testing.assert_allclose(losses.madds_penalty(jnp.float32(2e8), 0.5, 1e9), 0.5 * 0.04,
+                             rtol=1e-6)
+  np.testing.assert_allclose(losses.soft_cross_entropy(jnp.log(jnp.array([[0.5, 0.5]])),
+                                                       jnp.array([[1.0, 0.0]])), np.log(2),
+                             rtol=1e-6)
+
+
+def test_gate_stage_trains_only_the_routing_head(tmp_path):
+  config = tiny_config(num_devices=1, stages=('gate',))
+  run = train_lib.make_run(config, str(tmp_path))
+  variables = train_lib.init_variables(run)
+  trained = train_lib.gate_stage(run, variables)
+  flat_old = dict(jax.tree_util.tree_flatten_with_path(variables['params'])[0])
+  for path, new in jax.tree_util.tree_flatten_with_path(trained['params'])[0]:
+    changed = not np.array_equal(new, flat_old[path])
+    assert changed == ('routing_head' in optim.param_path(path)), optim.param_path(path)
+  assert leaves_equal(trained['batch_stats'], variables['batch_stats'])
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('supernet.lr', 0.1, "unknown config key 'supernet.lr'"),
+    ('batch_size', 'big', "config key 'batch_size' must be int"),
+    ('stages', ('gate', 'supernet'), 'stages='),
+    ('gate.steps', 0, "'gate.steps' must be > 0"),
+    ('model.widths', (1, 2), 'unknown config key model.widths'),
+    ('data.dirr', 'x', 'unknown config key data.dirr'),
+])
+def test_bad_config_fails_before_training_naming_the_key(tmp_path, key, value, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    train_lib.train_and_evaluate(tiny_config(**{key: value}), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_missing_data_directory_fails_at_once(tmp_path):
+  config = tiny_config()
+  config.data = dict(name='fashion_mnist', debian_dir=str(tmp_path / 'nope'),
+                     data_dir=str(tmp_path / 'tfds'))
+  with pytest.raises(FileNotFoundError, match='dataset-fashion-mnist'):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert not os.path.exists(tmp_path / 'work')
