@@ -13,8 +13,17 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) -m dsnet_jax.complexity --model=ds_mbnet
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Both stages on Fashion-MNIST on the CPU, then the route table and the gated result.
+demo: $(VENV)/.installed $(FMNIST_DIR)
+	$(PY) train.py --config=configs/ds_mbnet_fmnist.py --workdir=workdir/ds_mbnet_fmnist
+
+# The embedded data set: Debian's package, where apt is available.
+$(FMNIST_DIR):
+	@command -v apt-get >/dev/null || { echo "install the IDX files of Fashion-MNIST under $@"; exit 1; }
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from dsnet_jax import routes as routes_lib
 from dsnet_jax.layers import (Conv, Dense, DoubleHeadedGate, MaskedWidth, SlicedBatchNorm,
                               SqueezeExcite, Width, channels, global_avg_pool)
+from dsnet_jax.models.gated import GatedSupernet
 
 STAGE3_WIDTHS = tuple(range(224, 641, 32))
 STAGE4_WIDTHS = tuple(range(736, 1153, 32))
@@ -93,7 +94,7 @@ def _masked(width: Width | None) -> MaskedWidth | None:
   return width if isinstance(width, MaskedWidth) else None
 
 
-class DSMBNet(nn.Module):
+class DSMBNet(GatedSupernet):
   """Dynamic MobileNetV1 supernet; defaults are the authors' ImageNet DS-MBNet."""
   num_classes: int = 1000
   in_channels: int = 3
@@ -135,12 +136,6 @@ class DSMBNet(nn.Module):
     self.dropout = nn.Dropout(self.dropout_rate)
     self.classifier = Dense(max(self.stage_widths[-1]), self.num_classes, dtype=self.dtype)
 
-  def __call__(self, images, route, train: bool = False):
-    """Logits of `route` (a Route, its name or index), computed on dense slices."""
-    route = self.routes[route]
-    x, _ = self.prefix(images, train, route)
-    return self.suffix(x, route, train)
-
   def prefix(self, images, train: bool = False, route=None):
     """Stem up to the gate (inclusive), at `route`'s widths (default: the routing space's).
 
@@ -159,18 +154,6 @@ class DSMBNet(nn.Module):
     route = self.routes[route]
     drop = train and route == self.routes.largest
     return self._suffix(features, route.widths[self.gate_stage + 1:], train, drop)
-
-  def masked(self, images, route_weights):
-    """Per-example routes over the routing space by masks (gate training; BN in eval mode).
-
-    Args:
-      images: (batch, H, W, C).
-      route_weights: (batch, R) one-hot (or straight-through) weights over the routing space.
-    Returns:
-      (logits, routing logits). Each example's logits equal its route's sliced logits.
-    """
-    features, gate_logits = self.prefix(images, False)
-    return self.masked_suffix(features, route_weights), gate_logits
 
   def masked_suffix(self, features, route_weights):
     """`suffix` for per-example route weights (batch, R), computed at the widest choice."""

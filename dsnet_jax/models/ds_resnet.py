@@ -72,6 +72,7 @@ import jax.numpy as jnp
 from dsnet_jax import routes as routes_lib
 from dsnet_jax.layers import (Conv, Dense, DoubleHeadedGate, MaskedWidth, SlicedBatchNorm, Width,
                               channels, global_avg_pool)
+from dsnet_jax.models.gated import GatedSupernet
 
 RESNET50_DEPTHS = (3, 4, 6, 3)
 RESNET50_INNER = (64, 128, 256, 512)
@@ -183,7 +184,7 @@ def _layer_widths(table: routes_lib.RouteTable, pick: Callable[[tuple], int]) ->
   return tuple(sorted({pick(r.widths) for r in table}))
 
 
-class DSResNet(nn.Module):
+class DSResNet(GatedSupernet):
   """Dynamic bottleneck ResNet supernet; defaults are DS-ResNet-50 for ImageNet."""
   num_classes: int = 1000
   in_channels: int = 3
@@ -233,12 +234,6 @@ class DSResNet(nn.Module):
     self.stages = stages
     self.classifier = Dense(in_features, self.num_classes, dtype=self.dtype)
 
-  def __call__(self, images, route, train: bool = False):
-    """Logits of `route` (a Route, its name or index), computed on dense slices."""
-    route = self.routes[route]
-    x, _ = self.prefix(images, train, route)
-    return self.suffix(x, route, train)
-
   def prefix(self, images, train: bool = False, route=None):
     """Stem and the stages before the gate, then the gate, at `route`'s widths (default: the
     routing space's). Returns (gate block input rescaled by the attention head, routing logits).
@@ -256,18 +251,6 @@ class DSResNet(nn.Module):
     """From the gate block's conv1 to the logits, at `route`'s widths."""
     route = self.routes[route]
     return self._suffix(features, route.widths[self.gate_stage + 1:], train)
-
-  def masked(self, images, route_weights):
-    """Per-example routes over the routing space by masks (gate training; BN in eval mode).
-
-    Args:
-      images: (batch, H, W, C).
-      route_weights: (batch, R) one-hot (or straight-through) weights over the routing space.
-    Returns:
-      (logits, routing logits). Each example's logits equal its route's sliced logits.
-    """
-    features, gate_logits = self.prefix(images, False)
-    return self.masked_suffix(features, route_weights), gate_logits
 
   def masked_suffix(self, features, route_weights):
     """`suffix` for per-example route weights (batch, R), computed at the widest choice."""

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 
 from dsnet_jax import routes as routes_lib
 from dsnet_jax.layers import Dense, MaskedWidth, Width, channels
+from dsnet_jax.models.gated import GatedSupernet
 from dsnet_jax.layers.transformer import (LayerNorm, Mlp, MultiHeadAttention, PatchEmbed,
                                           TokenGate, trunc_normal_init)
 
@@ -169,7 +170,7 @@ class Block(nn.Module):
     return h * kept.astype(h.dtype) / keep
 
 
-class DSViT(nn.Module):
+class DSViT(GatedSupernet):
   """Dynamic ViT supernet; defaults are DS-ViT++ on DeiT-S/16 at 224x224."""
   variant: str | None = 'S/16'
   width: int | None = None
@@ -227,12 +228,6 @@ class DSViT(nn.Module):
     self.head = Dense(size.width, self.num_classes, kernel_init=trunc_normal_init,
                       dtype=self.dtype)
 
-  def __call__(self, images, route, train: bool = False):
-    """Logits of `route` (a Route, its name or index), computed on dense slices."""
-    route = self.routes[route]
-    x, _ = self.prefix(images, train, route)
-    return self.suffix(x, route, train)
-
   def prefix(self, images, train: bool = False, route=None):
     """Tokens through stage 0 and the gate, at `route`'s stage-0 widths (default: the routing
     space's). Returns (tokens (batch, tokens, width) rescaled by the gate's attention head,
@@ -253,22 +248,14 @@ class DSViT(nn.Module):
     final = max(w[0] for w in route.widths)
     return self._suffix(features, widths, final, deterministic)
 
-  def masked(self, images, route_weights):
-    """Per-example routes over the routing space by masks (gate training; no dropout).
-
-    Args:
-      images: (batch, H, W, C).
-      route_weights: (batch, R) one-hot (or straight-through) weights over the routing space.
-    Returns:
-      (logits, routing logits). Each example's logits equal its route's sliced logits.
-    """
-    x, gate_logits = self.prefix(images, False)
+  def masked_suffix(self, features, route_weights):
+    """`suffix` for per-example route weights (batch, R), computed at the widest choice."""
     space = self.routes.routing_space
     choices = lambda s, i: tuple(r.widths[s][i] for r in space)
     widths = [BlockWidths(*(MaskedWidth(route_weights, choices(s, i)) for i in range(3)))
               for s in range(1, len(self.stages))]
     final = MaskedWidth(route_weights, tuple(max(w[0] for w in r.widths) for r in space))
-    return self._suffix(x, widths, final, True), gate_logits
+    return self._suffix(features, widths, final, True)
 
   def _embed(self, images):
     expected = (self.image_size, self.image_size, self.in_channels)

@@ -1,0 +1,50 @@
+"""DS-MBNet on ImageNet, the reference recipe (reference sections 2, 4, 5).
+
+    python train.py --config=configs/ds_mbnet_imagenet.py --workdir=gs://.../ds_mbnet
+    python train.py --config=configs/ds_mbnet_imagenet.py:runlocal --workdir=/tmp/ds_mbnet
+
+Needs imagenet2012 prepared with tfds as ArrayRecord (see README). Stage I: 150 + 10 epochs
+at batch 512; Stage II: 30 epochs. Not yet in our input pipeline: RandAugment m9 and random
+erasing 0.2 of the authors' recipe.
+"""
+from dsnet_jax import config_lib
+
+TRAIN_IMAGES = 1_281_167
+
+
+def get_config(arg=None):
+  config = config_lib.defaults()
+  config.model_name = 'ds_mbnet'
+  config.model = dict(num_classes=1000, routing_space=(0, 1, 2, 3), dropout_rate=0.2)
+  config.data = dict(name='imagenet2012', image_size=224, num_classes=1000, augment='rrc_flip',
+                     num_threads=16, prefetch=4)
+  config.batch_size = 512
+  config.eval_batch_size = 1000
+  steps_per_epoch = TRAIN_IMAGES // config.batch_size
+
+  config.supernet.steps = 160 * steps_per_epoch
+  config.supernet.num_random_routes = 2
+  config.supernet.label_smoothing = 0.1
+  config.supernet.ema_decay = 0.997
+  opt = config.supernet.optimizer
+  opt.name, opt.lr, opt.end_lr, opt.momentum, opt.nesterov = 'sgd', 0.08, 1e-5, 0.9, True
+  opt.warmup_steps = 5 * steps_per_epoch
+  opt.weight_decay = 1e-4
+  config.recalibrate.num_batches = 1001 * 256 // config.batch_size
+
+  config.gate.steps = 30 * steps_per_epoch
+  config.gate.optimizer.lr = 0.08
+  config.gate.optimizer.weight_decay = 0.01
+  config.gate.madds_weight = 0.5
+  config.gate.madds_scale = 1e9
+
+  config.log_every_steps = 100
+  config.eval_every_steps = 5 * steps_per_epoch
+  config.checkpoint_every_steps = 2000
+  if arg == 'runlocal':
+    config.batch_size, config.eval_batch_size = 8, 8
+    config.supernet.steps, config.gate.steps = 10, 5
+    config.recalibrate.num_batches = 2
+    config.log_every_steps = config.checkpoint_every_steps = 5
+    config.eval_every_steps = 0
+  return config
