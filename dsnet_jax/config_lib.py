@@ -43,7 +43,7 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.supernet = ml_collections.ConfigDict(dict(
       steps=1000, num_random_routes=2, label_smoothing=0.1, ema_decay=0.997,
-      ensemble_ib=False, optimizer=_optimizer()))
+      ensemble_ib=False, mvco=False, optimizer=_optimizer()))
   c.recalibrate = ml_collections.ConfigDict(dict(num_batches=20))
   c.gate = ml_collections.ConfigDict(dict(
       steps=500, gumbel_tau=1.0, ce_weight=1.0, gate_ce_weight=1.0, madds_weight=0.5,
@@ -109,6 +109,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = _get(config, path)
     if value is not None and value <= 0:
       raise ConfigError(f'config key {path!r} must be > 0, got {value}')
+  if config.supernet.mvco and config.data.get('views', 1) != 2:
+    raise ConfigError('config key supernet.mvco needs data.views = 2 (two augmented views)')
   if not 0 <= config.supernet.ema_decay < 1:
     raise ConfigError(f'config key supernet.ema_decay must be in [0, 1), got '
                       f'{config.supernet.ema_decay}')

@@ -8,8 +8,11 @@ import optax
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
                   ) -> jax.Array:
-  """Mean CE against integer labels, with optional label smoothing."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  """Mean CE against integer labels (or label distributions, e.g. from mixup), with optional
+  label smoothing."""
+  if labels.ndim < logits.ndim:
+    labels = jax.nn.one_hot(labels, logits.shape[-1])
+  targets = optax.smooth_labels(labels.astype(jnp.float32), label_smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
 
 

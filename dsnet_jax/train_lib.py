@@ -187,20 +187,26 @@ class SupernetFunctions:
     self.update = jax.jit(self._update, donate_argnums=0, out_shardings=replicated)
     self.zeros = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=replicated)
 
-  def _teacher_probs(self, ema, images, route):
-    return jax.nn.softmax(self.model.apply(ema, images, route=route, train=False))
+  def _teacher_probs(self, ema, batch, route):
+    """The EMA teacher's softmax, averaged over the views (MvCo) when there are two."""
+    views = training_views(batch, self.cfg.mvco)
+    probs = jax.nn.softmax(self.model.apply(ema, jnp.concatenate(views), route=route))
+    return probs.reshape(len(views), -1, probs.shape[-1]).mean(0)
 
   def _route_grad(self, params, batch_stats, batch, targets, key, grads, route):
     largest = route == self.model.routes.largest
+    views = training_views(batch, self.cfg.mvco)
+    repeat = lambda x: jnp.concatenate([x] * len(views))
 
     def loss_fn(p):
       logits, updated = self.model.apply(
-          {'params': p, 'batch_stats': batch_stats}, batch['image'], route=route, train=True,
-          mutable=['batch_stats'], rngs={'dropout': key})
+          {'params': p, 'batch_stats': batch_stats}, jnp.concatenate(views), route=route,
+          train=True, mutable=['batch_stats'], rngs={'dropout': key})
       if largest:
-        loss = losses.cross_entropy(logits, batch['label'], self.cfg.label_smoothing)
+        labels = batch.get('label_probs', batch['label'])
+        loss = losses.cross_entropy(logits, repeat(labels), self.cfg.label_smoothing)
       else:
-        loss = losses.soft_cross_entropy(logits, targets)
+        loss = losses.soft_cross_entropy(logits, repeat(targets))
       return loss, updated['batch_stats']
 
     (loss, batch_stats), route_grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -216,10 +222,9 @@ class SupernetFunctions:
   def step(self, state, batch, table, seed: int, step: int, key):
     """One sandwich step; returns the new state and device-side metrics (no host sync)."""
     routes = routes_lib.sandwich_routes(table, seed, step, self.cfg.num_random_routes)
-    teacher = self.teacher(state['ema'], batch['image'], route=table.largest)
+    teacher = self.teacher(state['ema'], batch, route=table.largest)
     if self.cfg.ensemble_ib:
-      ensemble = [teacher] + [self.teacher(state['ema'], batch['image'], route=r)
-                              for r in routes[1:-1]]
+      ensemble = [teacher] + [self.teacher(state['ema'], batch, route=r) for r in routes[1:-1]]
     grads = self.zeros(state['params'])
     batch_stats, metrics = state['batch_stats'], {}
     for i, route in enumerate(routes):
@@ -232,6 +237,15 @@ class SupernetFunctions:
       metrics[f'loss_{"largest" if i == 0 else "smallest" if i == len(routes) - 1 else i}'] = loss
     metrics['loss'] = sum(metrics.values())
     return self.update(state, grads, batch_stats), metrics
+
+
+def training_views(batch, mvco: bool) -> list[jax.Array]:
+  """The augmented views a step trains on: two for multi-view consistency, else one."""
+  if not mvco:
+    return [batch['image']]
+  if 'image_view1' not in batch:
+    raise ValueError('supernet.mvco needs two views per image: set config.data.views = 2')
+  return [batch['image'], batch['image_view1']]
 
 
 # --------------------------------------------------------------------- BN recalibration

@@ -186,3 +186,29 @@ def test_missing_data_directory_fails_at_once(tmp_path):
   with pytest.raises(FileNotFoundError, match='dataset-fashion-mnist'):
     train_lib.train_and_evaluate(config, str(tmp_path / 'work'))
   assert not os.path.exists(tmp_path / 'work')
+
+
+def test_mvco_averages_the_teacher_over_two_views_and_trains_on_both():
+  config = tiny_config(num_devices=1)
+  config.supernet.mvco = True
+  run_model = train_lib.get_model(config.model_name, **config.model)
+  key = jax.random.key(0)
+  v1, v2 = jax.random.normal(key, (2, 4, 16, 16, 1))
+  variables = run_model.init(key, v1, route='largest')
+  variables = {k: variables[k] for k in ('params', 'batch_stats')}
+  batch = {'image': v1, 'image_view1': v2, 'label': jnp.array([0, 1, 2, 3])}
+  tx = optim.make_optimizer(config.supernet.optimizer, 4, variables['params'])
+  fns = train_lib.SupernetFunctions(run_model, tx, config.supernet, sharding.make_mesh(1))
+  teacher = fns.teacher(variables, batch, route='largest')
+  probs = [jax.nn.softmax(run_model.apply(variables, v, route='largest')) for v in (v1, v2)]
+  np.testing.assert_allclose(teacher, (probs[0] + probs[1]) / 2, rtol=1e-5, atol=1e-7)
+
+  zeros = jax.tree.map(jnp.zeros_like, variables['params'])
+  _, _, loss = fns.route_grad(variables['params'], variables['batch_stats'], batch, teacher,
+                              key, zeros, route=run_model.routes[1])
+  logits, _ = run_model.apply(variables, jnp.concatenate([v1, v2]), route=1, train=True,
+                              mutable=['batch_stats'])
+  per_view = [-(teacher * jax.nn.log_softmax(l)).sum(-1).mean() for l in (logits[:4], logits[4:])]
+  np.testing.assert_allclose(loss, (per_view[0] + per_view[1]) / 2, rtol=1e-5)
+  with pytest.raises(ValueError, match='data.views = 2'):
+    fns.teacher(variables, {'image': v1}, route='largest')
