@@ -14,7 +14,8 @@ import ml_collections
 STAGES = ('supernet', 'recalibrate', 'gate')
 DATA_KEYS = ('name', 'data_dir', 'debian_dir', 'image_size', 'num_classes', 'augment', 'crop_pct',
              'in_memory', 'num_workers', 'num_threads', 'prefetch', 'channels',
-             'synthetic_num_examples')
+             'synthetic_num_examples', 'randaugment', 'random_erasing', 'views', 'mixup_alpha',
+             'cutmix_alpha', 'mix_prob', 'switch_prob')
 
 
 class ConfigError(ValueError):

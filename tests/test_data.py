@@ -9,7 +9,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from dsnet_jax.data import fashion_mnist, imagenet, input_pipeline, preprocess
+from dsnet_jax.data import augment, fashion_mnist, imagenet, input_pipeline, preprocess
 from dsnet_jax.data.in_memory import ArraySource, load_numpy
 from dsnet_jax.data.loader import EvalLoader, HostShard, TrainLoader
 from dsnet_jax.data.synthetic import SyntheticSource
@@ -18,16 +18,17 @@ ONE_HOST = HostShard(0, 1)
 
 
 class IndexSource:
-  """Record i has label i, so batches show which records they hold."""
+  """Record i has label i (and pixels i % 256), so batches show which records they hold."""
 
-  def __init__(self, n):
+  def __init__(self, n, size=4):
     self.n = n
+    self.size = size
 
   def __len__(self):
     return self.n
 
   def __getitem__(self, i):
-    return {'image': np.full((4, 4, 1), i % 256, np.uint8), 'label': i}
+    return {'image': np.full((self.size, self.size, 1), i % 256, np.uint8), 'label': i}
 
 
 IDENTITY = preprocess.Preprocess(4, 1, (0.0,), (1.0,))
@@ -322,3 +323,142 @@ def test_imagenet_mean_std_and_grayscale_to_rgb():
   out = pre.eval({'image': gray, 'label': 0})['image']
   np.testing.assert_allclose(out[0, 0], (128 / 255 - np.asarray(imagenet.MEAN))
                              / np.asarray(imagenet.STD), rtol=1e-5)
+
+
+# --- Extra training augmentation: views, mixup / cutmix, RandAugment, random erasing ----------
+
+def assert_same_batches(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
+    assert set(x) == set(y)
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_views_are_other_augmentations_of_the_same_records_and_resume():
+  pre = preprocess.Preprocess(8, 1, (0.0,), (1.0,), 'pad_crop_flip')
+  loader = TrainLoader(IndexSource(27, size=8), pre, 5, seed=3, shard=ONE_HOST, views=2)
+  batches = list(loader.batches(0, 8))
+  for batch in batches:
+    assert set(batch) == {'image', 'image_view1', 'label'}
+    assert batch['image_view1'].shape == batch['image'].shape == (5, 8, 8, 1)
+    for view in ('image', 'image_view1'):  # Pad-cropped images keep some pixels of record `label`.
+      np.testing.assert_allclose(batch[view].max(axis=(1, 2, 3)), batch['label'] / 255, rtol=1e-6)
+  assert not all(np.array_equal(b['image'], b['image_view1']) for b in batches)
+  assert_same_batches(batches[6:], loader.batches(6, 2))
+  single = TrainLoader(IndexSource(27, size=8), pre, 5, seed=3, shard=ONE_HOST).batches(0, 8)
+  for batch, one in zip(batches, single, strict=True):  # View 0 is what views=1 gives.
+    np.testing.assert_array_equal(batch['image'], one['image'])
+
+
+def mix_loaders(mixing, views=1):
+  source = SyntheticSource(30, (8, 8, 3), 6)
+  pre = preprocess.Preprocess(8, 3, (0.5,) * 3, (0.5,) * 3, 'pad_crop_flip')
+  make = lambda m: TrainLoader(source, pre, 6, seed=1, shard=ONE_HOST, views=views, mixing=m)
+  return make(None), make(mixing)
+
+
+def test_mixup_mixes_images_and_labels_with_the_reversed_batch():
+  mixing = augment.Mixing(6, seed=1, mixup_alpha=0.8)
+  plain, mixed = mix_loaders(mixing, views=2)
+  batches = list(mixed.batches(0, 7))
+  for step, (x, y) in enumerate(zip(plain.batches(0, 7), batches, strict=True)):
+    lam, box = mixing.params(step, 8, 8)
+    assert box is None and 0 < lam < 1
+    for key in ('image', 'image_view1'):
+      expected = x[key] * np.float32(lam) + x[key][::-1] * np.float32(1 - lam)
+      np.testing.assert_array_equal(y[key], expected)
+    np.testing.assert_array_equal(y['label'], x['label'])
+    one_hot = np.eye(6, dtype=np.float32)[x['label']]
+    np.testing.assert_allclose(y['label_probs'], lam * one_hot + (1 - lam) * one_hot[::-1],
+                               rtol=1e-6)
+    np.testing.assert_allclose(y['label_probs'].sum(axis=1), 1, rtol=1e-6)
+    assert y['label_probs'].dtype == np.float32
+  assert len({mixing.params(s, 8, 8)[0] for s in range(7)}) == 7
+  assert_same_batches(batches[5:], mixed.batches(5, 2))
+
+
+def test_cutmix_pastes_a_box_of_the_reversed_batch_with_area_corrected_lambda():
+  mixing = augment.Mixing(6, seed=1, cutmix_alpha=1.0)
+  plain, mixed = mix_loaders(mixing)
+  for step, (x, y) in enumerate(zip(plain.batches(0, 5), mixed.batches(0, 5), strict=True)):
+    lam, (top, bottom, left, right) = mixing.params(step, 8, 8)
+    assert lam == 1 - (bottom - top) * (right - left) / 64
+    inside = np.zeros((8, 8), bool)
+    inside[top:bottom, left:right] = True
+    np.testing.assert_array_equal(y['image'][:, inside], x['image'][::-1, inside])
+    np.testing.assert_array_equal(y['image'][:, ~inside], x['image'][:, ~inside])
+    one_hot = np.eye(6, dtype=np.float32)[x['label']]
+    np.testing.assert_allclose(y['label_probs'], lam * one_hot + (1 - lam) * one_hot[::-1],
+                               rtol=1e-6)
+  both = augment.Mixing(6, seed=1, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5)
+  kinds = [both.params(s, 8, 8)[1] is None for s in range(40)]
+  assert any(kinds) and not all(kinds)
+  assert [both.params(s, 8, 8) for s in range(40)] == [both.params(s, 8, 8) for s in range(40)]
+  never = augment.Mixing(6, mixup_alpha=0.8, prob=0.0)
+  x = next(plain.batches())
+  y = never(x, 0)
+  np.testing.assert_array_equal(y['image'], x['image'])
+  np.testing.assert_array_equal(y['label_probs'], np.eye(6, dtype=np.float32)[x['label']])
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_randaugment_changes_images_deterministically_per_seed(channels):
+  image = np.random.default_rng(0).integers(30, 250, (24, 24, channels), dtype=np.uint8)
+  pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+  for name, op in augment.RAND_OPS.items():
+    out = np.asarray(op(pil, 0.9, np.random.default_rng(0)))
+    assert out.shape == pil.size[::-1] + image.shape[2:3 if channels == 3 else 2], name
+    unchanged = name == 'identity' or (name == 'color' and channels == 1)  # No colour in grey.
+    assert out.dtype == np.uint8 and unchanged == np.array_equal(out, np.asarray(pil)), name
+  out = augment.RandAugment(3, 9.0, prob=1.0)(image, np.random.default_rng(0))
+  assert out.shape == image.shape and out.dtype == np.uint8
+  mean = (0.5,) * channels
+  pre = preprocess.Preprocess(24, channels, mean, mean, randaugment='rand-m9-n2-p1.0')
+  plain = preprocess.Preprocess(24, channels, mean, mean)
+  record = {'image': image, 'label': 2}
+  outs = [pre.train(record, np.random.default_rng(s))['image'] for s in range(6)]
+  assert all(o.shape == (24, 24, channels) and o.dtype == np.float32 for o in outs)
+  np.testing.assert_array_equal(outs[0], pre.train(record, np.random.default_rng(0))['image'])
+  base = plain.train(record, np.random.default_rng(0))['image']
+  assert sum(not np.array_equal(o, base) for o in outs) >= 4
+  assert len({o.tobytes() for o in outs}) >= 4
+  np.testing.assert_array_equal(pre.eval(record)['image'], plain.eval(record)['image'])
+  assert augment.RandAugment.parse('rand-m7-mstd0.5') == augment.RandAugment(2, 7.0, 0.5, 0.5)
+  with pytest.raises(ValueError, match='rand-m9-n2'):
+    preprocess.Preprocess(24, channels, mean, mean, randaugment='m9-n2')
+
+
+def test_random_erasing_replaces_one_rectangle_with_noise():
+  image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  erase = preprocess.Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3, random_erasing=1.0)
+  base = preprocess.Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3).eval({'image': image, 'label': 0})
+  for seed in range(10):
+    out = erase.train({'image': image, 'label': 0}, np.random.default_rng(seed))['image']
+    np.testing.assert_array_equal(
+        out, erase.train({'image': image, 'label': 0}, np.random.default_rng(seed))['image'])
+    changed = (out != base['image']).any(axis=-1)
+    rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
+    box = changed[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    assert box.all() and box.sum() == changed.sum()  # Exactly one full rectangle changed.
+    assert 0.015 <= box.size / changed.size <= 0.37
+  never = preprocess.Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3, random_erasing=0.0)
+  np.testing.assert_array_equal(
+      never.train({'image': image, 'label': 0}, np.random.default_rng(0))['image'], base['image'])
+
+
+def test_pipeline_config_turns_on_the_extra_augmentation():
+  config = ml_collections.ConfigDict(dict(
+      name='synthetic', image_size=16, num_classes=7, augment='rrc_flip',
+      synthetic_num_examples=24, views=2, mixup_alpha=0.8, cutmix_alpha=1.0,
+      randaugment='rand-m9-n2', random_erasing=0.25))
+  train = input_pipeline.make(config, 'train', batch_size=6, train=True, shard=ONE_HOST)
+  assert (train.views, train.mixes_labels) == (2, True)
+  batch = next(train.batches())
+  assert set(batch) == {'image', 'image_view1', 'label', 'label_probs'}
+  assert batch['image_view1'].shape == (6, 16, 16, 3) and batch['label_probs'].shape == (6, 7)
+  evaluation = input_pipeline.make(config, 'test', batch_size=6, train=False, shard=ONE_HOST)
+  assert set(next(evaluation.batches())) == {'image', 'label', 'mask'}
+  assert (evaluation.views, evaluation.mixes_labels) == (1, False)
+  config.randaugment = 'rand-x9'
+  with pytest.raises(ValueError, match='randaugment'):
+    input_pipeline.check_available(config)

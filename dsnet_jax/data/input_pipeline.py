@@ -10,6 +10,21 @@
   in_memory [False]: read the split into NumPy once (small data sets).
   num_workers [0 = in-process], num_threads [2], prefetch [2]: grain parallelism.
   channels [3], synthetic_num_examples [1024]: synthetic data only.
+Training-only options (all off by default; eval batches never change):
+  randaugment ['']: RandAugment on the uint8 image after crop/flip, timm's spelling
+    'rand-m{magnitude of 10}[-n{ops, 2}][-mstd{magnitude noise, 0}][-p{chance per op, 0.5}]',
+    e.g. 'rand-m9-n2' (the DS-Net ImageNet recipe's 'rand-m9-mstd0.5'); '' = off.
+  random_erasing [0.0]: chance of replacing a random rectangle (2%-33% of the area, aspect
+    0.3-3.3) of the normalised image with per-pixel standard normal noise (timm's, mode 'pixel').
+  views [1]: augmented views per example, each with its own augmentation seed (seed, epoch,
+    record, view); views=2 adds 'image_view1' (same shape as 'image'; 'label' is shared), e.g.
+    for multi-view consistency (MvCo) supernet training.
+  mixup_alpha [0.0], cutmix_alpha [0.0]: Beta(alpha, alpha) of timm-style batch mixup / cutmix
+    (0 = off); per host batch, one lambda (and box) per step from (seed, step), each example
+    mixed with the batch reversed, every view alike. Adds 'label_probs': float32
+    (host_batch, num_classes), the mixed one-hot targets; 'label' stays the original labels.
+  mix_prob [1.0]: chance that a batch is mixed at all (else 'label_probs' is one-hot).
+  switch_prob [0.5]: chance of cutmix rather than mixup when both alphas are > 0.
 """
 from __future__ import annotations
 
@@ -19,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import ml_collections
 
 from dsnet_jax.data import fashion_mnist, imagenet
+from dsnet_jax.data.augment import Mixing
 from dsnet_jax.data.in_memory import ArraySource, load_numpy
 from dsnet_jax.data.loader import Batch, EvalLoader, HostShard, TrainLoader
 from dsnet_jax.data.preprocess import Preprocess
@@ -35,7 +51,9 @@ class Pipeline:
 
   `batches(start_step=0, num_steps=None)` yields {'image': float32 (host_batch, H, W, C),
   'label': int32 (host_batch,)} (+ 'mask': bool for eval). Training batches go on forever
-  (or num_steps), eval batches make one padded pass of `steps_per_epoch` batches.
+  (or num_steps), eval batches make one padded pass of `steps_per_epoch` batches. Training
+  batches also hold 'image_view1', ... when `views` > 1, and 'label_probs' float32
+  (host_batch, num_classes) when `mixes_labels` (mixup / cutmix on).
   """
   name: str
   split: str
@@ -47,6 +65,8 @@ class Pipeline:
   host_batch_size: int
   steps_per_epoch: int
   batches: Callable[..., Iterator[Batch]]
+  views: int = 1
+  mixes_labels: bool = False
 
 
 def _check_name(name: str) -> None:
@@ -66,18 +86,20 @@ def _dataset(config: ml_collections.ConfigDict,
   _check_name(name)
   data_dir = config.get('data_dir')
   augment = config.get('augment') or 'none'
+  extra = dict(randaugment=config.get('randaugment') or '',
+               random_erasing=float(config.get('random_erasing') or 0.0))
   if name == 'fashion_mnist':
     _check(config, 'image_size', 28, name)
     _check(config, 'num_classes', fashion_mnist.NUM_CLASSES, name)
     sources = fashion_mnist.data_sources(
         data_dir, config.get('debian_dir') or fashion_mnist.DEBIAN_DIR)
-    preprocess = Preprocess(28, 1, fashion_mnist.MEAN, fashion_mnist.STD, augment)
+    preprocess = Preprocess(28, 1, fashion_mnist.MEAN, fashion_mnist.STD, augment, **extra)
     num_classes = fashion_mnist.NUM_CLASSES
   elif name == 'imagenet2012':
     _check(config, 'num_classes', imagenet.NUM_CLASSES, name)
     sources = imagenet.data_sources(data_dir)
     preprocess = Preprocess(config.get('image_size') or 224, 3, imagenet.MEAN, imagenet.STD,
-                            augment, 'resize_crop', config.get('crop_pct') or 0.875)
+                            augment, 'resize_crop', config.get('crop_pct') or 0.875, **extra)
     num_classes = imagenet.NUM_CLASSES
   else:
     channels = config.get('channels', 3)
@@ -86,7 +108,7 @@ def _dataset(config: ml_collections.ConfigDict,
                                   config.num_classes, seed=i)
                for i, s in enumerate(('train', 'test'))}
     preprocess = Preprocess(config.image_size, channels, (0.5,) * channels, (0.5,) * channels,
-                            augment)
+                            augment, **extra)
     num_classes = config.num_classes
   if split not in sources:
     raise ValueError(f'{name} has no split {split!r}; splits: {sorted(sources)}')
@@ -118,11 +140,25 @@ def make(config: ml_collections.ConfigDict, split: str, *, batch_size: int, trai
   shard = shard or HostShard.current()
   parallelism = dict(num_workers=config.get('num_workers', 0),
                      num_threads=config.get('num_threads', 2), prefetch=config.get('prefetch', 2))
+  views, mixing = 1, None
   if train:
-    loader = TrainLoader(source, preprocess, batch_size, seed, shard, **parallelism)
+    views = int(config.get('views', 1))
+    mixing = _mixing(config, num_classes, seed)
+    loader = TrainLoader(source, preprocess, batch_size, seed, shard, **parallelism,
+                         views=views, mixing=mixing)
   else:
     loader = EvalLoader(source, preprocess, batch_size, shard, **parallelism)
   return Pipeline(name=config.name, split=split, train=train, num_examples=len(source),
                   num_classes=num_classes, image_shape=preprocess.image_shape,
                   global_batch_size=batch_size, host_batch_size=loader.host_batch_size,
-                  steps_per_epoch=loader.steps_per_epoch, batches=loader.batches)
+                  steps_per_epoch=loader.steps_per_epoch, batches=loader.batches, views=views,
+                  mixes_labels=mixing is not None)
+
+
+def _mixing(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> Mixing | None:
+  mixup, cutmix = config.get('mixup_alpha') or 0.0, config.get('cutmix_alpha') or 0.0
+  if not (mixup or cutmix):
+    return None
+  prob, switch = config.get('mix_prob'), config.get('switch_prob')
+  return Mixing(num_classes, seed, float(mixup), float(cutmix),
+                1.0 if prob is None else float(prob), 0.5 if switch is None else float(switch))

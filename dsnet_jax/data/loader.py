@@ -4,8 +4,9 @@ Training: epoch e visits the records in `default_rng((seed, e)).permutation(n)` 
 `n // global_batch_size` global batches (the remainder is dropped). Global batch `step` is a
 fixed set of records; host p of P reads its p-th contiguous slice, so a host reads only its own
 records and the global batch does not depend on the number of hosts. An example's augmentation
-is seeded by (seed, epoch, record index). `batches(start_step)` therefore yields exactly what an
-uninterrupted run yields from `start_step` on.
+is seeded by (seed, epoch, record index), its extra views (`views` > 1) by (seed, epoch, record
+index, view), and batch mixing (mixup / cutmix) by (seed, step). `batches(start_step)` therefore
+yields exactly what an uninterrupted run yields from `start_step` on.
 
 Evaluation: one pass in record order; the last global batch is padded, and `mask` marks the real
 examples, so every example counts exactly once.
@@ -25,6 +26,7 @@ import grain
 import jax
 import numpy as np
 
+from dsnet_jax.data.augment import Mixing
 from dsnet_jax.data.preprocess import Preprocess
 
 Batch = dict[str, np.ndarray]
@@ -56,15 +58,33 @@ def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _TrainExample:
-  """grain map: (record index, epoch) -> preprocessed, augmented example."""
+  """grain map: (record index, epoch) -> preprocessed, augmented example.
+
+  With `views` > 1 the record is augmented again, independently, for 'image_view1', ...
+  """
   source: Sequence[dict[str, Any]]
   preprocess: Preprocess
   seed: int
+  views: int = 1
 
   def __call__(self, element: np.ndarray) -> dict[str, np.ndarray]:
     index, epoch = int(element[0]), int(element[1])
-    rng = np.random.default_rng((self.seed, epoch, index))
-    return self.preprocess.train(self.source[index], rng)
+    record = self.source[index]
+    example = self.preprocess.train(record, np.random.default_rng((self.seed, epoch, index)))
+    for view in range(1, self.views):
+      rng = np.random.default_rng((self.seed, epoch, index, view))
+      example[f'image_view{view}'] = self.preprocess.train(record, rng)['image']
+    return example
+
+
+@dataclasses.dataclass(frozen=True)
+class _MixBatch:
+  """grain map_with_index: (batch position i, batch) -> batch of step `first_step + i`, mixed."""
+  mixing: Mixing
+  first_step: int
+
+  def __call__(self, position: int, batch: Batch) -> Batch:
+    return self.mixing(batch, self.first_step + position)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +102,14 @@ class _EvalExample:
 
 
 def _iterate(elements: np.ndarray, example_fn, batch_size: int, num_workers: int,
-             num_threads: int, prefetch: int) -> Iterator[Batch]:
+             num_threads: int, prefetch: int, batch_fn=None) -> Iterator[Batch]:
   """Grain pipeline over `elements` (one row per example), batched in order."""
   dataset = (grain.MapDataset.source(elements).map(example_fn)
-             .batch(batch_size, drop_remainder=True)
-             .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                prefetch_buffer_size=prefetch)))
+             .batch(batch_size, drop_remainder=True))
+  if batch_fn is not None:
+    dataset = dataset.map_with_index(batch_fn)
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                     prefetch_buffer_size=prefetch))
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():
       # grain 0.2.18 reads an absl flag when starting workers, which fails outside absl.app
@@ -99,7 +121,11 @@ def _iterate(elements: np.ndarray, example_fn, batch_size: int, num_workers: int
 
 @dataclasses.dataclass(frozen=True)
 class TrainLoader:
-  """Endless shuffled, augmented training batches of {'image', 'label'} for this host."""
+  """Endless shuffled, augmented training batches of {'image', 'label'} for this host.
+
+  `views` > 1 adds 'image_view1', ... (other augmentations of the same records); `mixing` mixes
+  each host batch (all views alike) and adds 'label_probs'.
+  """
   source: Sequence[dict[str, Any]]
   preprocess: Preprocess
   global_batch_size: int
@@ -108,8 +134,12 @@ class TrainLoader:
   num_workers: int = 0
   num_threads: int = 2
   prefetch: int = 2
+  views: int = 1
+  mixing: Mixing | None = None
 
   def __post_init__(self):
+    if self.views < 1:
+      raise ValueError(f'views must be >= 1, got {self.views}')
     if self.steps_per_epoch == 0:
       raise ValueError(f'global batch size {self.global_batch_size} exceeds the '
                        f'{len(self.source)} examples')
@@ -150,9 +180,11 @@ class TrainLoader:
       first = max(start_step - epoch_start, 0)
       stop = self.steps_per_epoch if stop_step is None else min(
           stop_step - epoch_start, self.steps_per_epoch)
+      mix = None if self.mixing is None else _MixBatch(self.mixing, epoch_start + first)
       yield from _iterate(self._epoch_elements(epoch, first, stop),
-                          _TrainExample(self.source, self.preprocess, self.seed),
-                          self.host_batch_size, self.num_workers, self.num_threads, self.prefetch)
+                          _TrainExample(self.source, self.preprocess, self.seed, self.views),
+                          self.host_batch_size, self.num_workers, self.num_threads, self.prefetch,
+                          mix)
 
 
 @dataclasses.dataclass(frozen=True)

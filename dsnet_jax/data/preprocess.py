@@ -1,17 +1,22 @@
 """Per-example preprocessing in NumPy (and Pillow for resampling), run inside grain maps.
 
 Input records are {'image': HWC uint8, 'label': int}; outputs are {'image': float32 HWC,
-normalised with the dataset's mean/std, 'label': int32}. Randomness comes only from the
-`np.random.Generator` passed in, so an example's augmentation is fixed by its seed.
+normalised with the dataset's mean/std, 'label': int32}. Training: crop/flip (`augment`), then
+optionally RandAugment on the uint8 image, normalisation, then optionally random erasing.
+Randomness comes only from the `np.random.Generator` passed in, so an example's augmentation is
+fixed by its seed.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from dsnet_jax.data import augment as augment_lib
 
 AUGMENTS = ('pad_crop_flip', 'rrc_flip', 'none')
 EVAL_RESIZES = ('resize_crop', 'none')
@@ -98,6 +103,8 @@ class Preprocess:
     eval_resize: 'resize_crop' (shorter side to image_size / crop_pct, center crop) for images
       of varying size; 'none' for images already image_size x image_size.
     crop_pct: fraction of the shorter side that the eval center crop keeps.
+    randaugment: training RandAugment in timm's spelling, e.g. 'rand-m9-n2' ('' = none).
+    random_erasing: probability of erasing a random rectangle of a training image (0 = never).
   """
   image_size: int
   channels: int
@@ -106,6 +113,8 @@ class Preprocess:
   augment: str = 'none'
   eval_resize: str = 'none'
   crop_pct: float = 0.875
+  randaugment: str = ''
+  random_erasing: float = 0.0
 
   def __post_init__(self):
     if self.augment not in AUGMENTS:
@@ -114,6 +123,13 @@ class Preprocess:
       raise ValueError(f'unknown eval_resize {self.eval_resize!r}; valid: {EVAL_RESIZES}')
     if not len(self.mean) == len(self.std) == self.channels:
       raise ValueError(f'mean {self.mean} / std {self.std} do not match {self.channels} channels')
+    if not 0 <= self.random_erasing <= 1:
+      raise ValueError(f'random_erasing {self.random_erasing} is not a probability')
+    self._rand_augment  # Raises on a bad spelling.
+
+  @functools.cached_property
+  def _rand_augment(self) -> augment_lib.RandAugment | None:
+    return augment_lib.RandAugment.parse(self.randaugment) if self.randaugment else None
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -144,7 +160,12 @@ class Preprocess:
 
   def train(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     image = self._train_image(to_hwc(np.asarray(record['image']), self.channels), rng)
-    return {'image': self.normalize(image), 'label': np.int32(record['label'])}
+    if self._rand_augment is not None:
+      image = self._rand_augment(image, rng)
+    image = self.normalize(image)
+    if self.random_erasing > 0:
+      image = augment_lib.random_erase(image, rng, self.random_erasing)
+    return {'image': image, 'label': np.int32(record['label'])}
 
   def eval(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     image = self._eval_image(to_hwc(np.asarray(record['image']), self.channels))
