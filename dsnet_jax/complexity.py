@@ -23,6 +23,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from dsnet_jax import routes as routes_lib
+from dsnet_jax.layers.linear import depthwise_implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,8 @@ def route_complexity(model, route, image_shape: tuple[int, ...], with_gate: bool
 
   params = variables['params']
   rest = {k: v for k, v in variables.items() if k != 'params'}
-  closed = jax.make_jaxpr(forward)(params, rest, images)
+  with depthwise_implementation('conv'):  # Count depthwise convs as convs, however they run.
+    closed = jax.make_jaxpr(forward)(params, rest, images)
   jaxpr = closed.jaxpr
   n_params = len(jax.tree.leaves(params))
   live = _live_eqns(jaxpr, set(jaxpr.outvars))

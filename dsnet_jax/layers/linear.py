@@ -1,6 +1,7 @@
 """Sliceable Dense and Conv: full-size parameters, prefix-sliced with Python ints at call time."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -72,15 +73,60 @@ class Conv(nn.Module):
     kernel = kernel[..., :out] if self.depthwise else kernel[:, :, :c_in, :out]
     dtype = self.dtype or x.dtype
     pad = (k - 1) // 2
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype), kernel.astype(dtype),
-        window_strides=(self.stride, self.stride),
-        padding=((pad, pad), (pad, pad)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=c_in if self.depthwise else 1)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if self.depthwise and _depthwise_by_taps():
+      y = depthwise_conv_by_taps(x, kernel, self.stride, pad)
+    elif k == 1 and not self.depthwise:  # A pointwise conv is a matmul; XLA:CPU runs it faster.
+      y = jnp.dot(x[:, ::self.stride, ::self.stride], kernel[0, 0])
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          feature_group_count=c_in if self.depthwise else 1)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))[:out].astype(dtype)
     return y
+
+
+# How depthwise convs run: 'auto' (taps on CPU, XLA's grouped conv elsewhere), 'conv', 'taps'.
+_DEPTHWISE_IMPLEMENTATION = ['auto']
+
+
+@contextlib.contextmanager
+def depthwise_implementation(name: str):
+  """Forces how depthwise convs are traced inside the block ('conv' or 'taps')."""
+  if name not in ('auto', 'conv', 'taps'):
+    raise ValueError(f"depthwise implementation {name!r}; valid: 'auto', 'conv', 'taps'")
+  _DEPTHWISE_IMPLEMENTATION.append(name)
+  try:
+    yield
+  finally:
+    _DEPTHWISE_IMPLEMENTATION.pop()
+
+
+def _depthwise_by_taps() -> bool:
+  name = _DEPTHWISE_IMPLEMENTATION[-1]
+  return name == 'taps' or (name == 'auto' and jax.default_backend() == 'cpu')
+
+
+def depthwise_conv_by_taps(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """Depthwise conv as a sum of k*k strided, shifted, per-channel-scaled copies of x.
+
+  The same arithmetic as the grouped conv, but XLA:CPU runs it 4-9x faster (forward and
+  backward) than its grouped `conv_general_dilated`, which dominated CPU time of DS-MBNet.
+  """
+  k = kernel.shape[0]
+  n, h, w, c = x.shape
+  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+  y = None
+  for i in range(k):
+    for j in range(k):
+      tap = jax.lax.slice(x, (0, i, j, 0), (n, i + (h_out - 1) * stride + 1,
+                                            j + (w_out - 1) * stride + 1, c),
+                          (1, stride, stride, 1))
+      y = tap * kernel[i, j, 0] if y is None else y + tap * kernel[i, j, 0]
+  return y
 
 
 def _check_slice(module: nn.Module, d_in: int, in_max: int, d_out: int, out_max: int):
