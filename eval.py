@@ -13,11 +13,11 @@ flags.DEFINE_string('checkpoint', '', 'A checkpoint directory (a step folder\'s 
                     'instead of the latest stage in --workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-flags.FLAGS.set_default('verbosity', logging.WARNING)  # orbax logs every save at INFO.
-
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   eval_lib.evaluate_workdir(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.checkpoint)
 
 

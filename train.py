@@ -12,11 +12,11 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and eval result
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-flags.FLAGS.set_default('verbosity', logging.WARNING)  # orbax logs every save at INFO.
-
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   if flags.FLAGS.distributed:
     import jax
     jax.distributed.initialize()

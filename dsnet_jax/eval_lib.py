@@ -116,7 +116,8 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '') -> dict[str, An
   from dsnet_jax import train_lib
   run = train_lib.make_run(config, workdir)
   directory = checkpoint or train_lib.latest_stage_dir(workdir)
-  variables = train_lib.restore_variables(directory, train_lib.abstract_variables(run))
+  variables = train_lib.restore_variables(directory, train_lib.abstract_variables(
+      run.model, run.eval_data.image_shape, run.mesh))
   print(f'restored {directory}', flush=True)
   return evaluate_and_report(run.model, variables, run.eval_data, run.mesh, workdir,
                              gated=os.path.basename(os.path.normpath(directory)) == 'gate')

@@ -74,26 +74,28 @@ def make_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   return Run(config, workdir, model, mesh, train_data, eval_data)
 
 
-def _init_fn(run: Run):
-  images = jnp.zeros((1, *run.train_data.image_shape), jnp.float32)
+def _init_fn(model, image_shape):
+  images = jnp.zeros((1, *image_shape), jnp.float32)
 
   def init(key):
-    variables = run.model.init(key, images, route=run.table.largest)
+    variables = model.init(key, images, route=model.routes.largest)
     return {k: variables[k] for k in ('params', 'batch_stats')}
   return init
 
 
-def abstract_variables(run: Run):
-  """Shapes and (replicated) shardings of the full-size variables."""
-  shapes = jax.eval_shape(_init_fn(run), jax.random.key(0))
-  return checkpointing.abstract_like(shapes, sharding.replicated(run.mesh))
+def abstract_variables(model, image_shape, mesh=None):
+  """Shapes of the full-size variables (replicated over `mesh`, else on one device)."""
+  shapes = jax.eval_shape(_init_fn(model, image_shape), jax.random.key(0))
+  return checkpointing.abstract_like(shapes, mesh and sharding.replicated(mesh))
 
 
 def init_variables(run: Run) -> dict[str, Any]:
   """Full-size variables, from `config.init_checkpoint` or a fresh init, replicated."""
   if run.config.init_checkpoint:
-    return restore_variables(run.config.init_checkpoint, abstract_variables(run))
-  init = jax.jit(_init_fn(run), out_shardings=sharding.replicated(run.mesh))
+    return restore_variables(run.config.init_checkpoint, abstract_variables(
+        run.model, run.train_data.image_shape, run.mesh))
+  init = jax.jit(_init_fn(run.model, run.train_data.image_shape),
+                 out_shardings=sharding.replicated(run.mesh))
   return init(jax.random.key(run.config.seed))
 
 

@@ -1,0 +1,435 @@
+"""Routed batched inference: the gate once per batch, then each route's own dense program.
+
+One image's path through `RoutedPredictor.predict`:
+
+1. Its batch is cut into chunks whose sizes are on a fixed *ladder* (powers of two by default;
+   only the last chunk is padded). The **prefix** program of each chunk size runs the network
+   up to and including the gate, at the routing space's shared prefix widths, writes the
+   features into a device-resident *stage* buffer at the chunk's offset and returns the gate's
+   argmax (deterministic: no Gumbel noise).
+2. The argmaxes of the whole batch come to the host in one transfer: the one host sync.
+3. The host groups the examples by route (stable, so input order inside a group) and cuts
+   each group into ladder-sized chunks.
+4. For each chunk, the **suffix** program of (route, chunk size) gathers its rows from the
+   stage (`take` on an index array computed on the host), runs the route's dense slices from
+   the gate onward (the prefix is not recomputed) and scatters the logits into their input
+   positions of a device-resident *out* buffer (padding rows go out of bounds and are dropped).
+5. The first n rows of the out buffer are copied out: logits in input order.
+
+Every program is compiled ahead of time and kept in `RoutedPredictor.compiled`, keyed by
+(kind, route name or None, size), so the number of compiles is bounded: one prefix per ladder
+size, one suffix per (route, ladder size), one copy-out per batch size. Step 4 needs no
+per-(prefix size, chunk size) program because the stage and out buffers have fixed shapes.
+
+    predictor = RoutedPredictor(model, variables, image_shape=(224, 224, 3))
+    predictor.warmup()
+    logits, route_indices = predictor.predict(images)      # any batch size
+    logits = predictor.predict_route(images, 'largest')    # one static route for all
+    logits, route_index = predictor.predict_one(image)     # batch 1, one dispatch
+
+The stage and out buffers are donated and reused between calls, so one predictor is not
+meant to be called from several threads at once.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsnet_jax import routes as routes_lib
+
+
+class NotGatedError(TypeError):
+  """The model has no gate: no routing space, or no `prefix`/`suffix` methods."""
+
+
+def check_gated(model) -> routes_lib.RouteTable:
+  """The model's route table, or a clear error when it cannot be routed."""
+  table = getattr(model, 'routes', None)
+  missing = [name for name in ('prefix', 'suffix') if not callable(getattr(model, name, None))]
+  if not isinstance(table, routes_lib.RouteTable) or missing:
+    what = ('no route table with a routing space (model.routes)'
+            if not isinstance(table, routes_lib.RouteTable) else
+            f'no {" / ".join(missing)} method')
+    raise NotGatedError(
+        f'{type(model).__name__} is not a gated model: it has {what}. Routed inference needs '
+        'model.routes.routing_space and the prefix (up to the gate) and suffix (a route from the '
+        'gate on) methods; run a static route with model.apply(variables, x, route=...) instead.')
+  return table
+
+
+def powers_of_two(max_batch: int) -> tuple[int, ...]:
+  """1, 2, 4, ... up to max_batch (max_batch itself included when it is not a power of two)."""
+  sizes = [1 << k for k in range(max_batch.bit_length()) if 1 << k <= max_batch]
+  return tuple(sorted(set(sizes + [max_batch])))
+
+
+def plan_chunks(n: int, ladder: Sequence[int], max_padding: float = 0.25
+                ) -> list[tuple[int, int]]:
+  """Cuts n examples into chunks of ladder sizes: [(size, valid), ...], only the last padded.
+
+  Greedy: while more than the largest size remains, take full largest chunks; then pad the rest
+  up to the next ladder size when that wastes at most `max_padding` of the chunk, else take the
+  largest size that fits in full and continue. E.g. with powers of two and 0.25: 37 -> 32 + 5,
+  and 5 -> 8 (3 of 8 padded is more than 0.25) -> 4 + 1.
+  """
+  ladder = sorted(ladder)
+  chunks = []
+  while n > 0:
+    if n >= ladder[-1]:
+      chunks.append((ladder[-1], ladder[-1]))
+      n -= ladder[-1]
+      continue
+    up = next(s for s in ladder if s >= n)
+    fits = [s for s in ladder if s <= n]
+    if up == n or not fits or (up - n) <= max_padding * up:
+      chunks.append((up, n))
+      return chunks
+    chunks.append((fits[-1], fits[-1]))
+    n -= fits[-1]
+  return chunks
+
+
+class RoutedPredictor:
+  """Batched inference of a gated model, with one compiled program per (kind, route, size).
+
+  Args:
+    model: a gated Flax model (`routes`, `prefix`, `suffix`; see module docstring).
+    variables: its variables ({'params', 'batch_stats', ...}), used as given (not copied).
+    image_shape: (H, W, C) of one image; every program is compiled for it.
+    ladder: batch sizes programs are compiled for; default powers of two up to `max_batch`.
+      The largest is the biggest batch one program sees; bigger inputs run in several passes.
+    max_batch: the largest ladder size when `ladder` is not given.
+    max_padding: the largest padded fraction of a chunk before it is split (see plan_chunks).
+      Default: 0 on CPU, where a row costs the same at any batch size so padding is pure
+      waste; 0.25 on accelerators, which favour fewer, larger chunks.
+    dtype: the images' dtype in the compiled programs.
+  """
+
+  def __init__(self, model, variables, image_shape: Sequence[int], *,
+               ladder: Sequence[int] | None = None, max_batch: int = 256,
+               max_padding: float | None = None, dtype: Any = jnp.float32):
+    self.model = model
+    self.table = check_gated(model)
+    self.variables = variables
+    self.image_shape = tuple(image_shape)
+    self.ladder = tuple(sorted(set(ladder))) if ladder else powers_of_two(max_batch)
+    if self.ladder[0] < 1:
+      raise ValueError(f'ladder sizes must be positive, got {self.ladder}')
+    if max_padding is None:
+      max_padding = 0.0 if jax.default_backend() == 'cpu' else 0.25
+    if not 0.0 <= max_padding < 1.0:
+      raise ValueError(f'max_padding must be in [0, 1), got {max_padding}')
+    self.max_padding = max_padding
+    self.dtype = jnp.dtype(dtype)
+    self.compiled: dict[tuple[str, str | None, Hashable], jax.stages.Compiled] = {}
+
+    one = jax.ShapeDtypeStruct((1, *self.image_shape), self.dtype)
+    features, gate_logits = jax.eval_shape(
+        lambda v, x: model.apply(v, x, method='prefix'), variables, one)
+    if gate_logits.shape != (1, len(self.routing_space)):
+      raise ValueError(f'gate logits {gate_logits.shape} do not match the routing space of '
+                       f'{len(self.routing_space)} routes')
+    self._feature_shapes = features
+    logits = jax.eval_shape(
+        lambda v, f: model.apply(v, f, self.routing_space[0], method='suffix'), variables,
+        features)
+    self.num_classes = logits.shape[-1]
+    self._logits_dtype = logits.dtype
+    # Rows the stage needs: a padded last prefix chunk may end past the batch.
+    self._stage_rows = max(_padded_end(plan_chunks(n, self.ladder, max_padding))
+                           for n in range(1, self.max_batch + 1))
+    self._stage = None
+    self._out = None
+
+  # --- public API -------------------------------------------------------------------------
+
+  @property
+  def routing_space(self) -> tuple[routes_lib.Route, ...]:
+    return self.table.routing_space
+
+  @property
+  def max_batch(self) -> int:
+    return self.ladder[-1]
+
+  @property
+  def num_compiles(self) -> int:
+    return len(self.compiled)
+
+  def warmup(self, routes: Sequence[routes_lib.Route | str | int] = (), batch_one: bool = True):
+    """Compiles every program `predict` can need (and `predict_route`'s for `routes`).
+
+    That is the prefix and copy-out per ladder size and the suffix per (route, ladder size),
+    plus the batch-1 program of `predict_one`. Copy-outs for batch sizes off the ladder compile
+    on first use.
+    """
+    for size in self.ladder:
+      self._prefix(size)
+      self._copy_out(size)
+      for route in self.routing_space:
+        self._suffix(route, size)
+      for route in routes:
+        self._route(self.table[route], size)
+    if batch_one:
+      self._single()
+    return self
+
+  def predict(self, images, routes: Sequence[int] | np.ndarray | None = None
+              ) -> tuple[jax.Array, np.ndarray]:
+    """Routed logits in input order, and each example's route (index into routing_space).
+
+    Args:
+      images: (n, H, W, C), NumPy or JAX, any n >= 1.
+      routes: optional forced routing indices (n,), e.g. to benchmark a given route mix. The
+        gate still runs and its argmax still comes to the host, so the routing cost is paid
+        as in normal use; only the decision is replaced.
+    Returns:
+      (logits (n, num_classes) on device, route indices (n,) int32 on the host).
+    """
+    images = self._check_images(images)
+    n = images.shape[0]
+    if routes is not None:
+      routes = np.asarray(routes, np.int32).reshape(-1)
+      if routes.shape != (n,) or routes.min() < 0 or routes.max() >= len(self.routing_space):
+        raise ValueError(f'forced routes need {n} indices in [0, {len(self.routing_space)}), '
+                         f'got {routes}')
+    logits, chosen = [], []
+    for start in range(0, n, self.max_batch):
+      stop = min(start + self.max_batch, n)
+      forced = None if routes is None else routes[start:stop]
+      part = images if (start, stop) == (0, n) else images[start:stop]
+      part_logits, part_routes = self._predict_pass(part, forced)
+      logits.append(part_logits)
+      chosen.append(part_routes)
+    if len(logits) == 1:
+      return logits[0], chosen[0]
+    return jnp.concatenate(logits), np.concatenate(chosen)
+
+  def predict_route(self, images, route: routes_lib.Route | str | int) -> jax.Array:
+    """Logits of one static route (any route of the table, e.g. 'largest') for the batch."""
+    route = self.table[route]
+    images = self._check_images(images)
+    outputs = []
+    n = images.shape[0]
+    for start in range(0, n, self.max_batch):
+      part = images if n <= self.max_batch else images[start:start + self.max_batch]
+      offset = 0
+      for size, valid in plan_chunks(part.shape[0], self.ladder, self.max_padding):
+        chunk = part if valid == part.shape[0] else part[offset:offset + valid]
+        logits = self._route(route, size)(self.variables, _padded(chunk, size))
+        outputs.append(logits if valid == size else logits[:valid])
+        offset += valid
+    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs)
+
+  def predict_one(self, image, route: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Batch-1 routed inference in one program (no padding, no host sync).
+
+    The gate's choice selects the route's suffix on the device (`lax.switch`).
+    Args:
+      image: (H, W, C) or (1, H, W, C).
+      route: optional forced routing index, as in `predict`.
+    Returns:
+      (logits (num_classes,), routing index as a device scalar).
+    """
+    image = self._check_images(image.reshape((1, *self.image_shape)))
+    if route is not None and not 0 <= route < len(self.routing_space):
+      raise ValueError(f'forced route {route} is not in [0, {len(self.routing_space)})')
+    force = np.int32(-1 if route is None else route)
+    return self._single()(self.variables, image, force)
+
+  # --- one pass of at most max_batch examples ----------------------------------------------
+
+  def _predict_pass(self, images, forced):
+    n = images.shape[0]
+    self._ensure_buffers()
+    plan = plan_chunks(n, self.ladder, self.max_padding)
+    gate_choices, offset = [], 0
+    for size, valid in plan:
+      chunk = images if valid == n else images[offset:offset + valid]
+      self._stage, choice = self._prefix(size)(
+          self.variables, _padded(chunk, size), self._stage, np.int32(offset))
+      gate_choices.append(choice)
+      offset += valid
+    # The one device->host transfer per pass: the gate's decisions.
+    chosen = np.concatenate([c[:valid] for c, (_, valid) in
+                             zip(jax.device_get(gate_choices), plan)]).astype(np.int32)
+    if forced is not None:
+      chosen = forced
+    for r, route in enumerate(self.routing_space):
+      members = np.flatnonzero(chosen == r).astype(np.int32)
+      start = 0
+      for size, valid in plan_chunks(len(members), self.ladder, self.max_padding):
+        rows = members[start:start + valid]
+        pad = size - valid
+        src = np.concatenate([rows, np.full(pad, rows[-1], np.int32)])
+        # Padding rows scatter out of bounds (dropped); distinct, so indices stay unique.
+        dst = np.concatenate([rows, self.max_batch + np.arange(pad, dtype=np.int32)])
+        self._out = self._suffix(route, size)(self.variables, self._stage, src, self._out, dst)
+        start += valid
+    return self._copy_out(n)(self._out), chosen
+
+  def _ensure_buffers(self):
+    if self._stage is None or any(x.is_deleted() for x in jax.tree.leaves(self._stage)):
+      self._stage = jax.tree.map(
+          lambda f: jnp.zeros((self._stage_rows, *f.shape[1:]), f.dtype), self._feature_shapes)
+    if self._out is None or self._out.is_deleted():
+      self._out = jnp.zeros((self.max_batch, self.num_classes), self._logits_dtype)
+
+  # --- compiled programs --------------------------------------------------------------------
+
+  def _compile(self, key, fn: Callable, *args, donate: tuple[int, ...] = ()):
+    if key not in self.compiled:
+      self.compiled[key] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    return self.compiled[key]
+
+  def _images_spec(self, size):
+    return jax.ShapeDtypeStruct((size, *self.image_shape), self.dtype)
+
+  def _stage_spec(self):
+    return jax.tree.map(lambda f: jax.ShapeDtypeStruct((self._stage_rows, *f.shape[1:]), f.dtype),
+                        self._feature_shapes)
+
+  def _out_spec(self):
+    return jax.ShapeDtypeStruct((self.max_batch, self.num_classes), self._logits_dtype)
+
+  def _prefix(self, size: int):
+    model = self.model
+
+    def prefix(variables, images, stage, offset):
+      features, gate_logits = model.apply(variables, images, method='prefix')
+      stage = jax.tree.map(
+          lambda s, f: jax.lax.dynamic_update_slice_in_dim(s, f.astype(s.dtype), offset, 0),
+          stage, features)
+      return stage, jnp.argmax(gate_logits, axis=-1).astype(jnp.int32)
+
+    return self._compile(('prefix', None, size), prefix, self.variables, self._images_spec(size),
+                         self._stage_spec(), jax.ShapeDtypeStruct((), jnp.int32), donate=(2,))
+
+  def _suffix(self, route: routes_lib.Route, size: int):
+    model = self.model
+
+    def suffix(variables, stage, src, out, dst):
+      features = jax.tree.map(lambda s: jnp.take(s, src, axis=0, mode='clip'), stage)
+      logits = model.apply(variables, features, route, method='suffix')
+      return out.at[dst].set(logits.astype(out.dtype), mode='drop', indices_are_sorted=True,
+                             unique_indices=True)
+
+    index = jax.ShapeDtypeStruct((size,), jnp.int32)
+    return self._compile(('suffix', route.name, size), suffix, self.variables, self._stage_spec(),
+                         index, self._out_spec(), index, donate=(3,))
+
+  def _copy_out(self, n: int):
+    return self._compile(('copy_out', None, n), lambda out: out[:n], self._out_spec())
+
+  def _route(self, route: routes_lib.Route, size: int):
+    model = self.model
+
+    def static(variables, images):
+      return model.apply(variables, images, route=route)
+
+    return self._compile(('route', route.name, size), static, self.variables,
+                         self._images_spec(size))
+
+  def _single(self):
+    model, space = self.model, self.routing_space
+
+    def single(variables, image, force):
+      features, gate_logits = model.apply(variables, image, method='prefix')
+      choice = jnp.argmax(gate_logits[0]).astype(jnp.int32)
+      choice = jnp.where(force >= 0, force, choice)
+      branches = [functools.partial(_suffix_branch, model, route) for route in space]
+      return jax.lax.switch(choice, branches, variables, features)[0], choice
+
+    return self._compile(('single', None, 1), single, self.variables, self._images_spec(1),
+                         jax.ShapeDtypeStruct((), jnp.int32))
+
+  def _check_images(self, images):
+    if images.ndim != 1 + len(self.image_shape) or tuple(images.shape[1:]) != self.image_shape:
+      raise ValueError(f'images must be (n, {", ".join(map(str, self.image_shape))}), '
+                       f'got {images.shape}')
+    if images.shape[0] < 1:
+      raise ValueError('predict needs at least one image')
+    if images.dtype != self.dtype:
+      images = images.astype(self.dtype)
+    return images
+
+
+def _suffix_branch(model, route, variables, features):
+  return model.apply(variables, features, route, method='suffix')
+
+
+def _padded_end(plan: list[tuple[int, int]]) -> int:
+  """Rows a plan's chunks occupy when laid out back to back (the last one padded)."""
+  return sum(valid for _, valid in plan[:-1]) + plan[-1][0]
+
+
+def _padded(images, size: int):
+  """Pads the batch axis to `size` with zeros (on the host for NumPy inputs)."""
+  pad = size - images.shape[0]
+  if pad == 0:
+    return images
+  if isinstance(images, np.ndarray):
+    return np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+  return jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
+
+
+# --- stand-in variables for speed runs and tests -----------------------------------------------
+
+def random_variables(model, image_shape: Sequence[int], seed: int = 0):
+  """Random variables of the model's full shapes, without compiling its init.
+
+  Speed does not depend on the values. Kernels are He-normal on their fan-in (all axes but
+  the last), scales U(0.5, 1.5), other 1-D parameters N(0, 0.1); BatchNorm running means
+  N(0, 0.1) and variances U(0.5, 1.5). Such statistics do not match the activations, so deep
+  nets give nearly input-independent outputs: use `calibrate_batch_stats` where values matter.
+  """
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                         route=model.routes.largest))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    if name == 'var':
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    elif name == 'scale':
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    elif leaf.ndim <= 1 or name == 'mean':
+      value = rng.normal(0.0, 0.1, leaf.shape)
+    else:
+      value = rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def calibrate_batch_stats(model, variables, images, routes: Sequence[Any], seed: int = 0):
+  """Sets the running statistics that `routes` read to the batch statistics of `images`.
+
+  One train-mode forward per route from zeroed statistics: a BatchNorm update with momentum
+  m then holds m * batch statistic in exactly the entries the route touched. The momentum is
+  recovered from a second update (s1 = (2 - m) * s0), so no layer constant is assumed.
+  """
+  stats = variables['batch_stats']
+
+  @functools.partial(jax.jit, static_argnames='route')
+  def update(variables, route):
+    _, new = model.apply(variables, images, route=route, train=True, mutable=['batch_stats'],
+                         rngs={'dropout': jax.random.key(seed)})
+    return new['batch_stats']
+
+  for route in routes:
+    zeros = jax.tree.map(jnp.zeros_like, stats)
+    s0 = update({**variables, 'batch_stats': zeros}, route=model.routes[route])
+    s1 = update({**variables, 'batch_stats': s0}, route=model.routes[route])
+
+    def merge(old, s0, s1):
+      touched = s0 != 0
+      momentum = 2.0 - jnp.where(touched, s1, 1.0) / jnp.where(touched, s0, 1.0)
+      return jnp.where(touched, s0 / jnp.where(touched, momentum, 1.0), old)
+
+    stats = jax.tree.map(merge, stats, s0, s1)
+  return {**variables, 'batch_stats': stats}
