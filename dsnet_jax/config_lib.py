@@ -60,6 +60,24 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def fashion_mnist_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The CPU-sized Fashion-MNIST recipe the demo configs share (both stages in minutes)."""
+  config.data = dict(name='fashion_mnist', image_size=28, num_classes=10,
+                     augment='pad_crop_flip', in_memory=True)
+  config.batch_size = 128
+  config.eval_batch_size = 500
+  config.supernet.steps = 800
+  config.supernet.ema_decay = 0.98
+  opt = config.supernet.optimizer
+  opt.lr, opt.warmup_steps, opt.weight_decay = 0.1, 50, 5e-5
+  config.recalibrate.num_batches = 10
+  config.gate.steps = 300
+  config.gate.optimizer.lr = 0.3
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 500
+  return config
+
+
 def _walk(config, reference, prefix=''):
   for key, value in config.items():
     path = f'{prefix}{key}'

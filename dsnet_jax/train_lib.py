@@ -79,7 +79,7 @@ def _init_fn(model, image_shape):
 
   def init(key):
     variables = model.init(key, images, route=model.routes.largest)
-    return {k: variables[k] for k in ('params', 'batch_stats')}
+    return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   return init
 
 

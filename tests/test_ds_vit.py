@@ -1,11 +1,11 @@
 """DS-ViT++: sliced == masked, idle slicing, slice-local gradients, a NumPy reference, MAdds."""
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.special import erf
 
+import checks
 from dsnet_jax import complexity
 from dsnet_jax.models import ds_vit
 from dsnet_jax.routes import UnknownRouteError
@@ -107,14 +107,7 @@ def test_sliced_equals_masked_for_mixed_routes(model_and_variables):
 
 def test_one_compile_per_route(model_and_variables):
   model, variables = model_and_variables
-  x = images(2)
-  chex.clear_trace_counter()  # Counters are keyed by source text, shared across files.
-  forward = jax.jit(chex.assert_max_traces(
-      lambda v, x, route: model.apply(v, x, route=route), n=2), static_argnames='route')
-  for route in [0, 'largest', 0, 'largest']:
-    forward(variables, x, route=route)
-  with pytest.raises(AssertionError):
-    forward(variables, x, route=2)
+  checks.assert_one_compile_per_route(model, variables, images(2), [0, 'largest'], 2)
 
 
 def test_idle_channels_pass_through_a_block(model_and_variables):
@@ -145,7 +138,7 @@ def test_gradients_outside_the_slice_are_zero(model_and_variables):
     return jnp.sum(model.apply({'params': params}, images(), route=2) ** 2)
   grads = jax.jit(jax.grad(loss))(variables['params'])
   # Route 2: stages at (16, 1, 32), (16, 1, 32), (32, 2, 64), (32, 2, 64); head at width 32.
-  checks = [
+  slices = [
       (grads['blocks_1']['mlp']['fc1']['kernel'], np.s_[:16, :32]),
       (grads['blocks_1']['mlp']['fc2']['kernel'], np.s_[:32, :16]),
       (grads['blocks_1']['norm1']['scale'], np.s_[:16]),
@@ -160,12 +153,7 @@ def test_gradients_outside_the_slice_are_zero(model_and_variables):
       (grads['patch_embed']['kernel'], np.s_[..., :32]),
       (grads['gate']['reduce']['kernel'], np.s_[:16]),
   ]
-  for g, inside in checks:
-    g = np.asarray(g)
-    outside = g.copy()
-    outside[inside] = 0
-    assert np.all(outside == 0)
-    assert np.abs(g[inside]).max() > 0
+  checks.assert_gradients_only_inside(slices)
   # The routing head is not on a static route's loss.
   assert np.all(np.asarray(grads['gate']['routing_head']['kernel']) == 0)
 

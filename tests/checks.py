@@ -1,0 +1,27 @@
+"""Assertions every gated model's tests share."""
+import chex
+import jax
+import numpy as np
+import pytest
+
+
+def assert_one_compile_per_route(model, variables, images, routes, unseen_route):
+  """Calling each of `routes` twice traces once per route; one more route traces again."""
+  chex.clear_trace_counter()  # Counters are keyed by source text, shared across test files.
+  forward = jax.jit(chex.assert_max_traces(
+      lambda v, x, route: model.apply(v, x, route=route), n=len(routes)),
+      static_argnames='route')
+  for route in [*routes, *routes]:
+    forward(variables, images, route=route)
+  with pytest.raises(AssertionError):
+    forward(variables, images, route=unseen_route)
+
+
+def assert_gradients_only_inside(checks):
+  """For each (gradient, slice of the active route): non-zero inside, exactly zero outside."""
+  for g, inside in checks:
+    g = np.asarray(g)
+    outside = g.copy()
+    outside[inside] = 0
+    assert np.all(outside == 0)
+    assert np.abs(g[inside]).max() > 0
