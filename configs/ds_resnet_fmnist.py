@@ -13,10 +13,12 @@ def get_config(arg=None):
   config.model = dict(num_classes=10, in_channels=1, stem_features=16,
                       stage_features=(8, 16, 32, 64), stage_depths=(1, 1, 2, 1),
                       stage_strides=(1, 1, 2, 1), route_ratios=(0.25, 0.5, 0.625, 0.75),
-                      channel_multiple=4, routing_space=(0, 1, 2, 3))
+                      channel_multiple=4, routing_space=(0, 1))
   # No numbered route runs the later stages at full width: their BN statistics rows would be
   # shared with 'largest', whose prefix is twice as wide (see the README's notes).
   config.supernet.steps = 1500
-  config.gate.madds_target = 0.9e6  # Between routes 1 and 2.
-  config.gate.madds_scale = 1.5e5
+  # Routes 1-3 are equally accurate here (82.7, 82.8, 82.7 % in a 4-route run), so the routing
+  # space is the two routes that differ; the target sits between them.
+  config.gate.madds_target = 0.5e6
+  config.gate.madds_scale = 1e5
   return config
