@@ -37,4 +37,5 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 
 def replicate(tree, mesh: Mesh):
-  return jax.device_put(tree, replicated(mesh))
+  """A replicated copy of `tree` (never an alias: training steps donate their state)."""
+  return jax.device_put(tree, replicated(mesh), may_alias=False)
