@@ -84,6 +84,7 @@ def test_export_equals_supernet_route(setup, tmp_path, route):
   assert error(loaded.forward_python(x[:2]), 2) < 5e-5
 
 
+@pytest.mark.slow
 def test_cli_exports_a_route_of_a_training_workdir(tmp_path):
   pytest.importorskip('flatbuffers', reason='jax.export serialization needs flatbuffers')
   root = pathlib.Path(__file__).parents[1]

@@ -33,6 +33,7 @@ def leaves_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_all_stages_end_to_end_and_eval_workdir(tmp_path, capsys):
   report = train_lib.train_and_evaluate(tiny_config(num_devices=1), str(tmp_path))
   assert [r['route'] for r in report['routes']] == ['0', '1', '2', '3', 'largest']
@@ -53,6 +54,7 @@ def test_all_stages_end_to_end_and_eval_workdir(tmp_path, capsys):
   assert [r['accuracy'] for r in again['routes']] == [r['accuracy'] for r in report['routes']]
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_equals_straight_run(tmp_path, monkeypatch):
   config = tiny_config(num_devices=1, stages=('supernet',), checkpoint_every_steps=2)
   run = train_lib.make_run(config, str(tmp_path / 'straight'))
@@ -73,6 +75,7 @@ def test_resume_after_a_kill_equals_straight_run(tmp_path, monkeypatch):
   assert leaves_equal(straight, resumed)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(tmp_path):
   results = []
   for devices in (1, 8):
@@ -95,6 +98,7 @@ def test_sharded_step_equals_single_device(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiles_bounded_by_routes_not_combinations(tmp_path):
   config = tiny_config(num_devices=1)
   run = train_lib.make_run(config, str(tmp_path))
@@ -188,6 +192,7 @@ def test_missing_data_directory_fails_at_once(tmp_path):
   assert not os.path.exists(tmp_path / 'work')
 
 
+@pytest.mark.slow
 def test_mvco_averages_the_teacher_over_two_views_and_trains_on_both():
   config = tiny_config(num_devices=1)
   config.supernet.mvco = True
