@@ -8,9 +8,6 @@ at batch 512 with RandAugment m9 and random erasing 0.2; Stage II: 30 epochs.
 """
 from dsnet_jax import config_lib
 
-TRAIN_IMAGES = 1_281_167
-
-
 def get_config(arg=None):
   config = config_lib.defaults()
   config.model_name = 'ds_mbnet'
@@ -20,7 +17,7 @@ def get_config(arg=None):
                      prefetch=4)
   config.batch_size = 512
   config.eval_batch_size = 1000
-  steps_per_epoch = TRAIN_IMAGES // config.batch_size
+  steps_per_epoch = config_lib.IMAGENET_TRAIN_IMAGES // config.batch_size
 
   config.supernet.steps = 160 * steps_per_epoch
   config.supernet.num_random_routes = 2
@@ -31,20 +28,4 @@ def get_config(arg=None):
   opt.warmup_steps = 5 * steps_per_epoch
   opt.weight_decay = 1e-4
   config.recalibrate.num_batches = 1001 * 256 // config.batch_size
-
-  config.gate.steps = 30 * steps_per_epoch
-  config.gate.optimizer.lr = 0.08
-  config.gate.optimizer.weight_decay = 0.01
-  config.gate.madds_weight = 0.5
-  config.gate.madds_scale = 1e9
-
-  config.log_every_steps = 100
-  config.eval_every_steps = 5 * steps_per_epoch
-  config.checkpoint_every_steps = 2000
-  if arg == 'runlocal':
-    config.batch_size, config.eval_batch_size = 8, 8
-    config.supernet.steps, config.gate.steps = 10, 5
-    config.recalibrate.num_batches = 2
-    config.log_every_steps = config.checkpoint_every_steps = 5
-    config.eval_every_steps = 0
-  return config
+  return config_lib.imagenet_recipe(config, arg)

@@ -7,9 +7,6 @@ batch 1024, SGD Nesterov 0.4 (0.1 x batch/256), 5 warm-up epochs, cosine; Stage 
 """
 from dsnet_jax import config_lib
 
-TRAIN_IMAGES = 1_281_167
-
-
 def get_config(arg=None):
   config = config_lib.defaults()
   config.model_name = 'ds_resnet'
@@ -18,25 +15,11 @@ def get_config(arg=None):
                      num_threads=32, prefetch=4)
   config.batch_size = 1024
   config.eval_batch_size = 1024
-  steps_per_epoch = TRAIN_IMAGES // config.batch_size
+  steps_per_epoch = config_lib.IMAGENET_TRAIN_IMAGES // config.batch_size
 
   config.supernet.steps = 150 * steps_per_epoch
   config.supernet.ema_decay = 0.9998
   opt = config.supernet.optimizer
   opt.lr, opt.weight_decay, opt.warmup_steps = 0.4, 1e-4, 5 * steps_per_epoch
   config.recalibrate.num_batches = 1001 * 256 // config.batch_size
-  config.gate.steps = 30 * steps_per_epoch
-  config.gate.optimizer.lr = 0.08
-  config.gate.optimizer.weight_decay = 0.01
-  config.gate.madds_scale = 1e9
-
-  config.log_every_steps = 100
-  config.eval_every_steps = 10 * steps_per_epoch
-  config.checkpoint_every_steps = 2000
-  if arg == 'runlocal':
-    config.batch_size = config.eval_batch_size = 8
-    config.supernet.steps, config.gate.steps = 10, 5
-    config.recalibrate.num_batches = 2
-    config.log_every_steps = config.checkpoint_every_steps = 5
-    config.eval_every_steps = 0
-  return config
+  return config_lib.imagenet_recipe(config, arg)

@@ -14,9 +14,6 @@ on a v4-32 TPU slice or 8 H100, plan on roughly a week. Stage II: 30 epochs, for
 """
 from dsnet_jax import config_lib
 
-TRAIN_IMAGES = 1_281_167
-
-
 def get_config(arg=None):
   config = config_lib.defaults()
   config.model_name = 'ds_vit'
@@ -26,7 +23,7 @@ def get_config(arg=None):
                      random_erasing=0.25, num_threads=32, prefetch=4)
   config.batch_size = 1024
   config.eval_batch_size = 1024
-  steps_per_epoch = TRAIN_IMAGES // config.batch_size
+  steps_per_epoch = config_lib.IMAGENET_TRAIN_IMAGES // config.batch_size
 
   config.supernet.steps = 300 * steps_per_epoch
   config.supernet.label_smoothing = 0.1
@@ -36,17 +33,4 @@ def get_config(arg=None):
   opt.name, opt.lr, opt.end_lr, opt.weight_decay = 'adamw', 5e-4 * config.batch_size / 512, 1e-5, 0.05
   opt.warmup_steps = 5 * steps_per_epoch
   config.recalibrate.num_batches = 1  # No BatchNorm in a ViT: nothing to recalibrate.
-  config.gate.steps = 30 * steps_per_epoch
-  config.gate.optimizer.lr = 0.08
-  config.gate.optimizer.weight_decay = 0.01
-  config.gate.madds_scale = 1e9
-
-  config.log_every_steps = 100
-  config.eval_every_steps = 10 * steps_per_epoch
-  config.checkpoint_every_steps = 2000
-  if arg == 'runlocal':
-    config.batch_size = config.eval_batch_size = 8
-    config.supernet.steps, config.gate.steps = 10, 5
-    config.log_every_steps = config.checkpoint_every_steps = 5
-    config.eval_every_steps = 0
-  return config
+  return config_lib.imagenet_recipe(config, arg)

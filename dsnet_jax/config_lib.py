@@ -78,6 +78,30 @@ def fashion_mnist_recipe(config: ml_collections.ConfigDict) -> ml_collections.Co
   return config
 
 
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def imagenet_recipe(config: ml_collections.ConfigDict, arg: str | None
+                    ) -> ml_collections.ConfigDict:
+  """What the ImageNet configs share once `batch_size` and `supernet` are set: Stage II (30
+  epochs, SGD 0.08, weight decay 0.01, MAdds in G), logging, and `:runlocal` shrinking."""
+  steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
+  config.gate.steps = 30 * steps_per_epoch
+  config.gate.optimizer.lr = 0.08
+  config.gate.optimizer.weight_decay = 0.01
+  config.gate.madds_scale = 1e9
+  config.log_every_steps = 100
+  config.eval_every_steps = 10 * steps_per_epoch
+  config.checkpoint_every_steps = 2000
+  if arg == 'runlocal':
+    config.batch_size = config.eval_batch_size = 8
+    config.supernet.steps, config.gate.steps = 10, 5
+    config.recalibrate.num_batches = min(config.recalibrate.num_batches, 2)
+    config.log_every_steps = config.checkpoint_every_steps = 5
+    config.eval_every_steps = 0
+  return config
+
+
 def _walk(config, reference, prefix=''):
   for key, value in config.items():
     path = f'{prefix}{key}'
