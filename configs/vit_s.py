@@ -30,7 +30,8 @@ def get_config(arg=None):
   config.supernet.ema_decay = 0.9998
   config.supernet.mvco = True
   opt = config.supernet.optimizer
-  opt.name, opt.lr, opt.end_lr, opt.weight_decay = 'adamw', 5e-4 * config.batch_size / 512, 1e-5, 0.05
+  opt.name, opt.end_lr, opt.weight_decay = 'adamw', 1e-5, 0.05
+  opt.lr = 5e-4 * config.batch_size / 512
   opt.warmup_steps = 5 * steps_per_epoch
   config.recalibrate.num_batches = 1  # No BatchNorm in a ViT: nothing to recalibrate.
   return config_lib.imagenet_recipe(config, arg)

@@ -25,3 +25,22 @@ def assert_gradients_only_inside(checks):
     outside[inside] = 0
     assert np.all(outside == 0)
     assert np.abs(g[inside]).max() > 0
+
+
+def assert_masked_equals_sliced(model, variables, images, per_example, sliced):
+  """Masked logits with per-example one-hot routes equal each example's route on dense slices.
+
+  `sliced(route)` returns the batch's logits on `route`. Returns (masked, gate logits).
+  """
+  space = model.routes.routing_space
+  onehot = jax.nn.one_hot(per_example, len(space))
+  masked, gate_logits = jax.jit(lambda v, x, w: model.apply(v, x, w, method='masked'))(
+      variables, images, onehot)
+  assert gate_logits.shape == (len(per_example), len(space))
+  errors = []
+  for k, route in enumerate(space):
+    rows = per_example == k
+    errors.append(float(np.abs(np.asarray(masked)[rows] - np.asarray(sliced(route))[rows]).max()))
+  print('max |masked - sliced| per route:', errors)
+  assert max(errors) <= 1e-5
+  return masked, gate_logits

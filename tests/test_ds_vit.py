@@ -86,17 +86,9 @@ def test_sliced_equals_masked_for_mixed_routes(model_and_variables):
   model, variables = model_and_variables
   x = images()
   per_example = np.array([2, 0, 3, 1])
-  onehot = jax.nn.one_hot(per_example, 4)
-  masked, gate_logits = jax.jit(lambda v, x, w: model.apply(v, x, w, method='masked'))(
-      variables, x, onehot)
-  assert gate_logits.shape == (4, 4)
-  errors = []
-  for k, route in enumerate(model.routes.routing_space):
-    sliced = forward(model, variables, x, route=route.name)
-    rows = per_example == k
-    errors.append(float(np.abs(np.asarray(masked)[rows] - np.asarray(sliced)[rows]).max()))
-  print('max |masked - sliced| per route:', errors)
-  assert max(errors) <= 1e-5
+  masked, gate_logits = checks.assert_masked_equals_sliced(
+      model, variables, x, per_example,
+      lambda route: forward(model, variables, x, route=route.name))
   assert np.abs(np.asarray(masked)).max() > 1e-1  # Not trivially small.
   # prefix + suffix is the sliced forward.
   features, prefix_logits = model.apply(variables, x, method='prefix')

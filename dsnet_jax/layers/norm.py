@@ -62,7 +62,8 @@ class SlicedBatchNorm(nn.Module):
         m = self.momentum
         unbiased = var * (n / max(n - 1, 1))
         self.mean.value = self.mean.value.at[i, :w].set((1 - m) * self.mean.value[i, :w] + m * mean)
-        self.var.value = self.var.value.at[i, :w].set((1 - m) * self.var.value[i, :w] + m * unbiased)
+        self.var.value = self.var.value.at[i, :w].set(
+            (1 - m) * self.var.value[i, :w] + m * unbiased)
         if self.is_mutable_collection('bn_moments'):
           self._accumulate_moments(i, mean, unbiased)
     else:

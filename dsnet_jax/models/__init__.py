@@ -9,7 +9,8 @@ def get_model(name: str, **kwargs):
   except ModuleNotFoundError as e:
     if e.name != f'dsnet_jax.models.{name}':
       raise
-    raise ValueError(f'unknown model {name!r}; available: {", ".join(available_models())}') from None
+    raise ValueError(
+        f'unknown model {name!r}; available: {", ".join(available_models())}') from None
   return module.Model(**kwargs)
 
 

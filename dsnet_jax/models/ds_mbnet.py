@@ -117,7 +117,8 @@ class DSMBNet(GatedSupernet):
 
   def setup(self):
     n_routes = len(self.routes.routing_space)
-    self.stem_conv = Conv(self.in_channels, max(self.stem_widths), 3, self.stem_stride, dtype=self.dtype)
+    self.stem_conv = Conv(self.in_channels, max(self.stem_widths), 3, self.stem_stride,
+                          dtype=self.dtype)
     self.stem_bn = SlicedBatchNorm(self.stem_widths)
     stages, in_widths = [], tuple(self.stem_widths)
     for s, (widths, depth, stride) in enumerate(
