@@ -1,6 +1,7 @@
 """Assertions every gated model's tests share."""
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,3 +45,12 @@ def assert_masked_equals_sliced(model, variables, images, per_example, sliced):
   print('max |masked - sliced| per route:', errors)
   assert max(errors) <= 1e-5
   return masked, gate_logits
+
+
+def train_mode_gradients(model, variables, images, route):
+  """Gradients of sum(logits^2) for `route` in training mode (BatchNorm on batch statistics)."""
+  def loss(params):
+    logits, _ = model.apply({**variables, 'params': params}, images, route=route, train=True,
+                            mutable=['batch_stats'])
+    return jnp.sum(logits ** 2)
+  return jax.jit(jax.grad(loss))(variables['params'])

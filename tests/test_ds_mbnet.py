@@ -56,12 +56,7 @@ def test_one_compile_per_route(model_and_variables):
 
 def test_gradients_outside_the_slice_are_zero(model_and_variables):
   model, variables = model_and_variables
-
-  def loss(params):
-    logits, _ = model.apply({**variables, 'params': params}, images(2), route=0, train=True,
-                            mutable=['batch_stats'])
-    return jnp.sum(logits ** 2)
-  grads = jax.jit(jax.grad(loss))(variables['params'])
+  grads = checks.train_mode_gradients(model, variables, images(2), route=0)
   slices = [
       (grads['stem_conv']['kernel'], np.s_[..., :16]),
       (grads['stages_0_0']['conv_dw']['kernel'], np.s_[..., :16]),

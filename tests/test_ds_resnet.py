@@ -102,12 +102,7 @@ def test_one_compile_per_route(model_and_variables):
 
 def test_gradients_outside_the_slice_are_zero(model_and_variables):
   model, _, variables, forward = model_and_variables
-
-  def loss(params):
-    logits, _ = model.apply({**variables, 'params': params}, images(2), route=0, train=True,
-                            mutable=['batch_stats'])
-    return jnp.sum(logits ** 2)
-  grads = jax.jit(jax.grad(loss))(variables['params'])
+  grads = checks.train_mode_gradients(model, variables, images(2), route=0)
   # Route 0: stem 4, layer1 (2, 8), layer2 (4, 16), layer3 (4, 16), layer4 (8, 32).
   slices = [
       (grads['stem_conv']['kernel'], np.s_[..., :4]),

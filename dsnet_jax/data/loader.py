@@ -119,8 +119,19 @@ def _iterate(elements: np.ndarray, example_fn, batch_size: int, num_workers: int
   return iter(dataset)
 
 
+class _HostBatches:
+  """What both loaders derive from `shard` and `global_batch_size`."""
+
+  def __post_init__(self):
+    self.shard.host_batch_size(self.global_batch_size)  # Fails early when not divisible.
+
+  @property
+  def host_batch_size(self) -> int:
+    return self.shard.host_batch_size(self.global_batch_size)
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainLoader:
+class TrainLoader(_HostBatches):
   """Endless shuffled, augmented training batches of {'image', 'label'} for this host.
 
   `views` > 1 adds 'image_view1', ... (other augmentations of the same records); `mixing` mixes
@@ -143,11 +154,7 @@ class TrainLoader:
     if self.steps_per_epoch == 0:
       raise ValueError(f'global batch size {self.global_batch_size} exceeds the '
                        f'{len(self.source)} examples')
-    self.shard.host_batch_size(self.global_batch_size)
-
-  @property
-  def host_batch_size(self) -> int:
-    return self.shard.host_batch_size(self.global_batch_size)
+    super().__post_init__()
 
   @property
   def steps_per_epoch(self) -> int:
@@ -188,7 +195,7 @@ class TrainLoader:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalLoader:
+class EvalLoader(_HostBatches):
   """One in-order pass of {'image', 'label', 'mask'} batches for this host; last one padded."""
   source: Sequence[dict[str, Any]]
   preprocess: Preprocess
@@ -197,13 +204,6 @@ class EvalLoader:
   num_workers: int = 0
   num_threads: int = 2
   prefetch: int = 2
-
-  def __post_init__(self):
-    self.shard.host_batch_size(self.global_batch_size)
-
-  @property
-  def host_batch_size(self) -> int:
-    return self.shard.host_batch_size(self.global_batch_size)
 
   @property
   def steps_per_epoch(self) -> int:
