@@ -19,10 +19,8 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jex_core
 
-from dsnet_jax import routes as routes_lib
 from dsnet_jax.layers.linear import depthwise_implementation
 
 

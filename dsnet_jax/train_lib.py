@@ -19,7 +19,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from dsnet_jax import checkpointing, config_lib, eval_lib, losses, optim, sharding
 from dsnet_jax import routes as routes_lib

@@ -4,7 +4,6 @@ import json
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from dsnet_jax import config_lib, optim

@@ -17,7 +17,6 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from dsnet_jax import routes as routes_lib
