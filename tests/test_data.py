@@ -1,4 +1,5 @@
 """Data: Fashion-MNIST prepared without TensorFlow, preprocessing, deterministic sharded loaders."""
+import gzip
 import hashlib
 import io
 
@@ -115,6 +116,95 @@ def test_missing_fashion_mnist_says_how_to_install(tmp_path, monkeypatch):
   config = fashion_config(tmp_path / 'tfds', debian_dir=str(tmp_path / 'nowhere'))
   with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
     input_pipeline.make(config, 'train', batch_size=8, train=True, shard=ONE_HOST)
+
+
+# --- Fashion-MNIST: IDX files checked before use --------------------------------------------
+
+def idx_bytes(array, shape=None, dtype_code=0x08):
+  """An IDX file: `array`'s bytes under a header declaring `shape` (default: the array's)."""
+  shape = np.shape(array) if shape is None else shape
+  header = bytes([0, 0, dtype_code, len(shape)]) + b''.join(d.to_bytes(4, 'big') for d in shape)
+  return header + np.asarray(array, np.uint8).tobytes()
+
+
+def fake_split(n=5):
+  rng = np.random.default_rng(n)
+  return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
+
+
+IMAGES = fake_split()[0]
+
+
+def write_split(directory, images, labels, split='train', compress=gzip.compress):
+  """Writes a split's IDX files (each given as bytes or as an array) under Debian's names."""
+  paths = fashion_mnist.idx_files(str(directory), split)
+  for path, content in zip(paths, (images, labels)):
+    with open(path, 'wb') as f:
+      f.write(compress(content if isinstance(content, bytes) else idx_bytes(content)))
+  return paths
+
+
+@pytest.mark.parametrize('compress', [gzip.compress, bytes], ids=['gzipped', 'plain'])
+def test_read_split_reads_idx_files(tmp_path, compress):
+  images, labels = fake_split()
+  write_split(tmp_path, images, labels, 'test', compress)
+  got_images, got_labels = fashion_mnist.read_split(str(tmp_path), 'test')
+  np.testing.assert_array_equal(got_images, images[..., None])
+  np.testing.assert_array_equal(got_labels, labels)
+
+
+@pytest.mark.parametrize('data, item_shape, problem', [
+    (b'', (28, 28), r"not an IDX file \(starts with b''"),
+    (b'\x89PNG\r\n\x1a\n', (28, 28), 'not an IDX file'),
+    (gzip.compress(idx_bytes(IMAGES))[:-12], (28, 28), 'corrupt gzip data'),
+    (b'\x1f\x8b' + bytes(40), (28, 28), 'corrupt gzip data'),
+    (idx_bytes(IMAGES, dtype_code=0x0D), (28, 28), r'IDX dtype code 0x0d, expected 0x08'),
+    (bytes([0, 0, 8, 3, 0, 0, 0, 5]), (28, 28), 'truncated header: 3 dimensions need 16 bytes, '
+     'the file has 8'),
+    (idx_bytes(np.zeros((5, 32, 32))), (28, 28), r'shape \(5, 32, 32\), expected \(n, 28, 28\)'),
+    (idx_bytes(IMAGES.reshape(5, 784)), (28, 28), r'shape \(5, 784\), expected \(n, 28, 28\)'),
+    (idx_bytes(np.zeros((5, 1))), (), r'shape \(5, 1\), expected \(n,\)'),
+    (idx_bytes(np.uint8(3)), (), r'shape \(\), expected \(n,\)'),
+    (idx_bytes(IMAGES)[:-7], (28, 28),
+     r'truncated: shape \(5, 28, 28\) needs 3920 bytes of data after the header, found 3913'),
+    (idx_bytes(IMAGES, shape=(6, 28, 28)), (28, 28), 'truncated: .* needs 4704 bytes'),
+    (idx_bytes(IMAGES) + bytes(3), (28, 28), 'oversized: .* needs 3920 bytes .* found 3923'),
+    (gzip.compress(idx_bytes(np.arange(4), shape=(3,))), (), 'oversized: .* found 4'),
+], ids=['empty', 'png', 'truncated_gzip', 'corrupt_gzip', 'float_dtype', 'truncated_header',
+        '32x32_images', 'flat_images', '2d_labels', '0d_labels', 'truncated', 'fewer_than_declared',
+        'oversized', 'oversized_gzipped'])
+def test_read_idx_rejects_malformed_files_naming_them(tmp_path, data, item_shape, problem):
+  path = tmp_path / 'train-images-idx3-ubyte.gz'
+  path.write_bytes(data)
+  with pytest.raises(ValueError, match=problem) as error:
+    fashion_mnist.read_idx(str(path), item_shape)
+  assert str(error.value).startswith(f'{path}: ')
+
+
+def test_read_split_rejects_different_image_and_label_counts(tmp_path):
+  images, labels = fake_split(5)
+  images_path, labels_path = write_split(tmp_path, images, labels[:4])
+  with pytest.raises(ValueError) as error:
+    fashion_mnist.read_split(str(tmp_path), 'train')
+  assert str(error.value) == f'{images_path} holds 5 images but {labels_path} holds 4 labels'
+
+
+def test_read_split_rejects_labels_out_of_range(tmp_path):
+  _, labels_path = write_split(tmp_path, IMAGES, np.array([0, 9, 10, 255, 3]), 'test')
+  with pytest.raises(ValueError) as error:
+    fashion_mnist.read_split(str(tmp_path), 'test')
+  assert str(error.value) == f'{labels_path}: 2 labels outside 0..9, the first 10 at index 2'
+
+
+def test_bad_idx_files_fail_preparation_naming_the_file(tmp_path):
+  debian_dir = tmp_path / 'debian'
+  debian_dir.mkdir()
+  write_split(debian_dir, *fake_split(), 'train')
+  images_path, _ = write_split(debian_dir, idx_bytes(IMAGES)[:-1], fake_split()[1], 'test')
+  with pytest.raises(ValueError, match=f'{images_path}: truncated'):
+    fashion_mnist.data_sources(str(tmp_path / 'tfds'), str(debian_dir))
+  builder = fashion_mnist.FashionMnistDebian(data_dir=str(tmp_path / 'tfds'))
+  assert not builder.is_prepared()
 
 
 # --- Config errors ------------------------------------------------------------------------

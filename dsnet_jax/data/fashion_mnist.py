@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import os
 from typing import Any, Sequence
+import zlib
 
 from etils import epath
 import numpy as np
@@ -20,6 +22,7 @@ DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 # Split name -> IDX file prefix.
 _PREFIXES = {'train': 'train', 'test': 't10k'}
 NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28, 1)
 MEAN = (0.2860,)
 STD = (0.3530,)
 
@@ -36,22 +39,55 @@ def has_idx_files(debian_dir: str | None) -> bool:
       os.path.isfile(p) for split in _PREFIXES for p in idx_files(debian_dir, split))
 
 
-def read_idx(path: str) -> np.ndarray:
-  """Reads a (gzipped) IDX file of unsigned bytes into an array of its declared shape."""
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
+def read_idx(path: str, item_shape: tuple[int, ...]) -> np.ndarray:
+  """Reads an IDX file of unsigned bytes, gzipped or not, as an array of shape (n, *item_shape).
+
+  Raises:
+    ValueError naming `path`: corrupt gzip data; not an IDX file of unsigned bytes; a shape other
+      than (n, *item_shape); fewer or more bytes of data than the header declares.
+  """
+  with open(path, 'rb') as f:
     data = f.read()
-  zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
-  if zero != 0 or dtype_code != 0x08:
-    raise ValueError(f'{path}: not an IDX file of unsigned bytes')
+  if data[:2] == b'\x1f\x8b':  # gzip's magic number, whatever the file's name
+    try:
+      data = gzip.decompress(data)
+    except (EOFError, OSError, zlib.error) as e:
+      raise ValueError(f'{path}: corrupt gzip data ({e})') from e
+  if len(data) < 4 or data[:2] != b'\0\0':
+    raise ValueError(f'{path}: not an IDX file (starts with {data[:4]!r}, not 0, 0, dtype, ndim)')
+  if data[2] != 0x08:
+    raise ValueError(f'{path}: IDX dtype code {data[2]:#04x}, expected 0x08 (unsigned byte)')
+  ndim, header = data[3], 4 + 4 * data[3]
+  if len(data) < header:
+    raise ValueError(f'{path}: truncated header: {ndim} dimensions need {header} bytes, the file '
+                     f'has {len(data)}')
   shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+  if ndim != 1 + len(item_shape) or shape[1:] != item_shape:
+    expected = str(('n', *item_shape)).replace("'", '')  # e.g. (n, 28, 28)
+    raise ValueError(f'{path}: shape {shape}, expected {expected}')
+  needed, found = math.prod(shape), len(data) - header
+  if found != needed:
+    raise ValueError(f'{path}: {"truncated" if found < needed else "oversized"}: shape {shape} '
+                     f'needs {needed} bytes of data after the header, found {found}')
+  return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
 def read_split(debian_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """A split straight from the IDX files: images (N, 28, 28, 1) uint8, labels (N,) uint8."""
+  """A split straight from the IDX files: images (N, 28, 28, 1) uint8, labels (N,) uint8.
+
+  Raises:
+    ValueError naming the file(s): see `read_idx`; image and label counts differ; a label is not
+      in 0..NUM_CLASSES - 1.
+  """
   images_path, labels_path = idx_files(debian_dir, split)
-  return read_idx(images_path)[..., None], read_idx(labels_path)
+  images, labels = read_idx(images_path, IMAGE_SHAPE[:2]), read_idx(labels_path, ())
+  if len(images) != len(labels):
+    raise ValueError(f'{images_path} holds {len(images)} images but {labels_path} holds '
+                     f'{len(labels)} labels')
+  if (bad := np.flatnonzero(labels >= NUM_CLASSES)).size:
+    raise ValueError(f'{labels_path}: {bad.size} labels outside 0..{NUM_CLASSES - 1}, the first '
+                     f'{labels[bad[0]]} at index {bad[0]}')
+  return images[..., None], labels
 
 
 class FashionMnistDebian(tfds.core.GeneratorBasedBuilder):
@@ -73,7 +109,7 @@ class FashionMnistDebian(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description='Fashion-MNIST (Xiao et al. 2017), 28x28 grayscale, 10 classes.',
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8,
+            'image': tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8,
                                           encoding=tfds.features.Encoding.BYTES),
             'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
         }),
