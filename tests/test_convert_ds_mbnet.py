@@ -163,7 +163,7 @@ def images():
 
 def test_converted_tree_matches_model(variables):
   model = ds_mbnet.Model()
-  abstract, _ = ds_mbnet_torch.abstract_variables(model)
+  abstract, _ = ds_mbnet_torch.model_layout(model)
   chex.assert_trees_all_equal_shapes_and_dtypes(variables, abstract)
   assert sum(x.size for x in jax.tree.leaves(variables['params'])) == 7_676_204
 
@@ -229,6 +229,82 @@ def test_reports_every_mismatch_at_once(state_dict):
   assert error.value.wrong_shape == {'classifier.weight': ((1000, 1152), (10, 1152))}
 
 
+def with_values(state_dict, **changes):
+  """A copy of `state_dict` with `changes` ({key with '.' as '__': (index, value) or array})."""
+  bad = dict(state_dict)
+  for name, change in changes.items():
+    key = name.replace('__', '.')
+    if isinstance(change, tuple):
+      index, value = change
+      bad[key] = bad[key].copy()
+      bad[key][index] = value
+    else:
+      bad[key] = change
+  return bad
+
+
+def test_rejects_bad_values_naming_every_key(state_dict):
+  bad = with_values(
+      state_dict,
+      blocks__3__first_block__bn2__aux_bn__2__running_var=(slice(4), [0.0, -0.0, -1.0, -1e-8]),
+      bn1__aux_bn__0__running_var=(0, -np.inf),
+      bn1__aux_bn__1__running_mean=(3, np.nan),
+      classifier__bias=(slice(2), np.inf),
+      classifier__weight=np.where(np.eye(1000, 1152, dtype=bool), 1e39, 0.0),  # float64
+      conv_stem__weight=np.ones((24, 3, 3, 3), np.int32),
+      bn1__aux_bn__1__weight=np.ones(24, bool),
+      bn1__aux_bn__1__bias=np.zeros(24, np.complex64),
+      blocks__0__first_block__bn1__aux_bn__1__weight=np.full(24, None, object),
+  )
+  with pytest.raises(ds_mbnet_torch.StateDictMismatchError) as error:
+    ds_mbnet_torch.convert_state_dict(bad)
+  assert error.value.bad_values == {
+      'blocks.3.first_block.bn2.aux_bn.2.running_var': '4 values <= 0',
+      'bn1.aux_bn.0.running_var': '1 values not finite in float32, 1 values <= 0',
+      'bn1.aux_bn.1.running_mean': '1 values not finite in float32',
+      'classifier.bias': '2 values not finite in float32',
+      'classifier.weight': '1000 values not finite in float32',
+      'conv_stem.weight': 'dtype int32, not floating point',
+      'bn1.aux_bn.1.weight': 'dtype bool, not floating point',
+      'bn1.aux_bn.1.bias': 'dtype complex64, not floating point',
+      'blocks.0.first_block.bn1.aux_bn.1.weight': 'dtype object, not floating point',
+  }
+  assert not (error.value.missing or error.value.unexpected or error.value.wrong_shape)
+  assert ('bad values: blocks.3.first_block.bn2.aux_bn.2.running_var: 4 values <= 0'
+          in str(error.value))
+
+
+def test_rejects_a_0d_tensor_by_shape_and_dtype(state_dict):
+  bad = with_values(state_dict, classifier__bias=np.array(3, np.int64))
+  with pytest.raises(ds_mbnet_torch.StateDictMismatchError) as error:
+    ds_mbnet_torch.convert_state_dict(bad)
+  assert error.value.wrong_shape == {'classifier.bias': ((1000,), ())}
+  assert error.value.bad_values == {'classifier.bias': 'dtype int64, not floating point'}
+
+
+@pytest.mark.parametrize('dtype', [np.float16, jax.numpy.bfloat16])
+def test_half_precision_state_dict_converts_to_float32(state_dict, dtype):
+  half = {k: v.astype(dtype) if v.dtype == np.float32 else v for k, v in state_dict.items()}
+  expected = ds_mbnet_torch.convert_state_dict(
+      {k: v.astype(np.float32) if v.dtype == dtype else v for k, v in half.items()})
+  converted = ds_mbnet_torch.convert_state_dict(half)
+  chex.assert_trees_all_equal_dtypes(converted, expected)
+  chex.assert_trees_all_equal(converted, expected)
+
+
+def test_cli_writes_nothing_for_bad_values(state_dict, tmp_path):
+  npz = tmp_path / 'ds_mbnet.npz'
+  bad = with_values(state_dict, bn1__aux_bn__1__running_mean=(0, np.nan),
+                    conv_stem__weight=np.zeros((24, 3, 3, 3), np.int64))
+  np.savez(npz, **bad)
+  out = tmp_path / 'checkpoint'
+  with pytest.raises(ds_mbnet_torch.StateDictMismatchError,
+                     match=r'(?s)bn1\.aux_bn\.1\.running_mean: 1 values not finite.*'
+                     r'conv_stem\.weight: dtype int64'):
+    ds_mbnet_torch.main([f'--input={npz}', f'--out={out}'])
+  assert not out.exists()
+
+
 def test_select_state_dict():
   plain, ema = {'module.w': 1}, {'module.w': 2}
   checkpoint = {'epoch': 3, 'state_dict': plain, 'state_dict_ema': ema}
@@ -252,13 +328,17 @@ def test_npz_and_cli_round_trip(state_dict, variables, tmp_path, capsys):
   ds_mbnet_torch.main([f'--input={npz}', f'--out={out}', '--weights=plain'])
   assert 'converted 604 tensors (dropped 234 num_batches_tracked): 7,676,204 params' in (
       capsys.readouterr().out)
-  abstract, _ = ds_mbnet_torch.abstract_variables(ds_mbnet.Model())
+  abstract, _ = ds_mbnet_torch.model_layout(ds_mbnet.Model())
   with checkpointing.Checkpointer(out) as ckpt:
-    restored, _ = ckpt.restore(abstract)
+    restored, meta, _ = ckpt.restore(abstract)
   chex.assert_trees_all_equal(restored, variables)
+  assert meta['variables_key'] == '' and meta['model_name'] == 'ds_mbnet'
 
   with pytest.raises(FileExistsError, match='not empty'):
     ds_mbnet_torch.main([f'--input={npz}', f'--out={out}'])
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(FileExistsError, match='a_file is not a directory'):
+    ds_mbnet_torch.main([f'--input={npz}', f'--out={tmp_path / "a_file"}'])
 
 
 def test_load_torch_checkpoint(tmp_path):
@@ -269,6 +349,16 @@ def test_load_torch_checkpoint(tmp_path):
               'state_dict_ema': {'module.w': torch.ones(2)}}, path)
   np.testing.assert_array_equal(ds_mbnet_torch.load_state_dict(path)['w'], [1, 1])
   np.testing.assert_array_equal(ds_mbnet_torch.load_state_dict(path, 'plain')['w'], [0, 0])
+
+
+def test_load_torch_checkpoint_keeps_integer_dtypes_and_widens_half_floats(tmp_path):
+  torch = pytest.importorskip('torch')
+  path = tmp_path / 'checkpoint.pth.tar'
+  torch.save({'w': torch.ones(2, dtype=torch.int32), 'b': torch.ones(2, dtype=torch.bfloat16),
+              'h': torch.ones(2, dtype=torch.float16)}, path)
+  loaded = ds_mbnet_torch.load_state_dict(path)
+  assert {k: v.dtype for k, v in loaded.items()} == {'w': np.int32, 'b': np.float32,
+                                                     'h': np.float32}
 
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is not None, reason='torch is installed')

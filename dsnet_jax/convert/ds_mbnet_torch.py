@@ -7,7 +7,8 @@ writes an orbax checkpoint of `ds_mbnet.Model()`'s variables (step 0, items `par
 `batch_stats`). Layouts: convs OIHW -> HWIO (depthwise (C, 1, 3, 3) -> (3, 3, 1, C)); the SE and
 gate 1x1 convs and the classifier become Dense kernels (in, out); BatchNorm `aux_bn.{i}` running
 statistics become row i of our (n_widths, max_width) statistics (padded with mean 0, var 1), the
-shared affine is the last `aux_bn`'s weight and bias; `num_batches_tracked` is dropped.
+shared affine is the last `aux_bn`'s weight and bias; `num_batches_tracked` is dropped. Nothing
+is written unless every tensor is floating point and finite, and every running variance positive.
 """
 from __future__ import annotations
 
@@ -50,18 +51,21 @@ Source = tuple[dict[str, Shape], Callable[[list[np.ndarray]], np.ndarray]]
 
 
 class StateDictMismatchError(ValueError):
-  """Keys or shapes of a state dict do not match the model; names every offending key."""
+  """Keys, shapes or values of a state dict do not fit the model; names every offending key."""
 
   def __init__(self, missing: Mapping[str, Shape], unexpected: Sequence[str],
-               wrong_shape: Mapping[str, tuple[Shape, Shape]]):
+               wrong_shape: Mapping[str, tuple[Shape, Shape]],
+               bad_values: Mapping[str, str] | None = None):
     self.missing = dict(missing)
     self.unexpected = list(unexpected)
     self.wrong_shape = dict(wrong_shape)
+    self.bad_values = dict(bad_values or {})
     lines = ['the state dict does not match the model:']
     lines += [f'  missing: {k} {s}' for k, s in self.missing.items()]
     lines += [f'  unexpected: {k}' for k in self.unexpected]
     lines += [f'  wrong shape: {k}: expected {e}, got {g}'
               for k, (e, g) in self.wrong_shape.items()]
+    lines += [f'  bad values: {k}: {p}' for k, p in self.bad_values.items()]
     super().__init__('\n'.join(lines))
 
 
@@ -105,7 +109,23 @@ def _source(collection: str, path: tuple[str, ...], leaf: jax.ShapeDtypeStruct,
   raise NotImplementedError(f'no PyTorch source known for {collection}/{"/".join(path)}')
 
 
-def abstract_variables(model: ds_mbnet.DSMBNet
+def _value_problems(key: str, value: np.ndarray) -> str | None:
+  """What is wrong with the values of the tensor `key`, or None: not floating point (float16 and
+  bfloat16 are fine: the model's variables are float32), not finite in float32, or (a running
+  variance) not positive."""
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    return f'dtype {value.dtype}, not floating point'
+  with np.errstate(over='ignore'):
+    value = value.astype(np.float32)
+  problems = []
+  if nonfinite := np.count_nonzero(~np.isfinite(value)):
+    problems.append(f'{nonfinite} values not finite in float32')
+  if key.endswith('.running_var') and (nonpositive := np.count_nonzero(value <= 0)):
+    problems.append(f'{nonpositive} values <= 0')
+  return ', '.join(problems) or None
+
+
+def model_layout(model: ds_mbnet.DSMBNet
                        ) -> tuple[dict[str, Any], dict[tuple[str, ...], tuple[int, ...]]]:
   """`model`'s COLLECTIONS as ShapeDtypeStructs, and the widths of each SlicedBatchNorm by path."""
   norm_widths = {}
@@ -134,9 +154,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: ds_mbnet.DSMBNet | 
   Returns:
     {'params': ..., 'batch_stats': ...} of NumPy arrays in the model's dtypes and shapes.
   Raises:
-    StateDictMismatchError: listing every missing, unexpected and mis-shaped key.
+    StateDictMismatchError: listing every missing, unexpected and mis-shaped key, and every
+      tensor that is not floating point, not finite, or (a running variance) not positive.
   """
-  abstract, norm_widths = abstract_variables(ds_mbnet.Model() if model is None else model)
+  abstract, norm_widths = model_layout(ds_mbnet.Model() if model is None else model)
   leaves = traverse_util.flatten_dict(abstract)
   sources = {path: _source(path[0], path[1:], leaf, norm_widths) for path, leaf in leaves.items()}
   expected = {k: s for keys, _ in sources.values() for k, s in keys.items()}
@@ -144,13 +165,13 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: ds_mbnet.DSMBNet | 
              for p, widths in norm_widths.items() for i in range(len(widths))}
   missing = {k: s for k, s in expected.items() if k not in state_dict}
   unexpected = [k for k in state_dict if k not in expected and k not in dropped]
-  wrong_shape = {k: (s, tuple(np.shape(state_dict[k]))) for k, s in expected.items()
-                 if k in state_dict and tuple(np.shape(state_dict[k])) != s}
-  if missing or unexpected or wrong_shape:
-    raise StateDictMismatchError(missing, unexpected, wrong_shape)
-  variables = {
-      path: np.asarray(build([np.asarray(state_dict[k]) for k in keys]), leaves[path].dtype)
-      for path, (keys, build) in sources.items()}
+  arrays = {k: np.asarray(state_dict[k]) for k in expected if k in state_dict}
+  wrong_shape = {k: (expected[k], a.shape) for k, a in arrays.items() if a.shape != expected[k]}
+  bad_values = {k: p for k, a in arrays.items() if (p := _value_problems(k, a))}
+  if missing or unexpected or wrong_shape or bad_values:
+    raise StateDictMismatchError(missing, unexpected, wrong_shape, bad_values)
+  variables = {path: np.asarray(build([arrays[k] for k in keys]), leaves[path].dtype)
+               for path, (keys, build) in sources.items()}
   return traverse_util.unflatten_dict(variables)
 
 
@@ -174,6 +195,15 @@ def select_state_dict(checkpoint: Mapping[str, Any], weights: str = 'ema') -> di
   return {k.removeprefix('module.'): v for k, v in checkpoint.items()}
 
 
+def _numpy(value: Any) -> np.ndarray:
+  """A tensor or array as a NumPy array: floating-point tensors as float32 (NumPy has no
+  bfloat16), other dtypes as they are, so that `convert_state_dict` sees e.g. integer weights."""
+  if not hasattr(value, 'detach'):
+    return np.asarray(value)
+  value = value.detach().cpu()
+  return (value.float() if value.is_floating_point() else value).numpy()
+
+
 def load_state_dict(path: str | os.PathLike, weights: str = 'ema') -> dict[str, np.ndarray]:
   """Reads a state dict from a PyTorch checkpoint (.pth.tar, .pth; needs torch) or an .npz."""
   if os.fspath(path).endswith('.npz'):
@@ -188,18 +218,20 @@ def load_state_dict(path: str | os.PathLike, weights: str = 'ema') -> dict[str, 
     # Training checkpoints also pickle the run's argparse.Namespace; allow only that class.
     with torch.serialization.safe_globals([argparse.Namespace]):
       checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-  return {k: v.detach().cpu().float().numpy() if hasattr(v, 'detach') else np.asarray(v)
-          for k, v in select_state_dict(checkpoint, weights).items()}
+  return {k: _numpy(v) for k, v in select_state_dict(checkpoint, weights).items()}
 
 
 def save_checkpoint(variables: Mapping[str, Any], directory: str | os.PathLike) -> str:
   """Writes `variables` as step 0 of a new or empty checkpoint directory (train.py's
   `config.init_checkpoint` and eval.py's `--checkpoint` read it)."""
   directory = os.path.abspath(directory)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise FileExistsError(f'{directory} is not a directory')
   if os.path.isdir(directory) and os.listdir(directory):
     raise FileExistsError(f'{directory} is not empty; refusing to overwrite it')
   with checkpointing.Checkpointer(directory, keep=None) as ckpt:
-    ckpt.save(0, dict(variables), {'source': 'dsnet_jax.convert.ds_mbnet_torch'})
+    ckpt.save(0, dict(variables), {'source': 'dsnet_jax.convert.ds_mbnet_torch',
+                                   'model_name': 'ds_mbnet', 'variables_key': ''})
   return directory
 
 
@@ -223,4 +255,5 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == '__main__':
-  main()
+  from dsnet_jax import cli
+  cli.main_errors(main, StateDictMismatchError, ImportError)()
