@@ -5,11 +5,13 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsnet_jax import train_lib
+from dsnet_jax import cli, train_lib
 
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and eval results go here.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
+flags.DEFINE_list('allow_config_change', [], 'Config keys (or "section." prefixes) that may '
+                  'differ from the workdir\'s checkpoints, e.g. supernet.steps to extend a stage.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -20,8 +22,9 @@ def main(argv):
   if flags.FLAGS.distributed:
     import jax
     jax.distributed.initialize()
-  train_lib.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  train_lib.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
+                               flags.FLAGS.allow_config_change)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(cli.main_errors(main))

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsnet_jax import complexity, inference  # noqa: E402
+from dsnet_jax import complexity, inference, stand_in  # noqa: E402
 from dsnet_jax.models import get_model  # noqa: E402
 
 
@@ -108,10 +108,10 @@ def main(argv=None):
 
   gate_chooses = bool(args.variables)
   if gate_chooses:
-    from dsnet_jax.export import restore_variables  # orbax, only for a checkpoint.
-    variables = restore_variables(model, args.variables, image_shape)
+    from dsnet_jax import rundir  # orbax, only for a checkpoint.
+    variables = rundir.restore_variables(args.variables, model, image_shape).variables
   else:
-    variables = inference.random_variables(model, image_shape)  # Speed ignores values.
+    variables = stand_in.random_variables(model, image_shape)  # Speed ignores values.
   variables = jax.device_put(variables)
   if args.images:
     pool = np.load(args.images).astype(np.float32)
@@ -163,34 +163,34 @@ def main(argv=None):
   # Programs.
   # One plain jitted program per static route (no static arguments to hash per call).
   static_fns = {r.name: jax.jit(lambda v, x, r=r: model.apply(v, x, route=r)) for r in statics}
-  masked_fn = jax.jit(lambda v, x, w: model.apply(v, x, w, method='masked'))
+  masked_fn = jax.jit(lambda v, x, w: model.apply_gated(v, x, lambda _: w)[0])
   onehot = jax.device_put(jax.nn.one_hot(routes, len(space)))
   onehot_single = [jax.device_put(w[None]) for w in jax.nn.one_hot(single_routes, len(space))]
   single_images = jax.device_put(images[:args.singles])
   throughput = {f'route {r.name}': (lambda r=r: static_fns[r.name](variables, images_dev))
                 for r in statics}
   forced = None if gate_chooses else routes
-  throughput['routed'] = lambda: predictor.predict(images_dev, routes=forced)[0]
+  throughput['routed'] = lambda: predictor.predict(images_dev, routing_indices=forced)[0]
   # Pure routing cost: the routed path with every example on one route vs that static route.
   same_route = np.zeros(batch, np.int32)
   throughput[f'routed, all on {space[0].name}'] = (
-      lambda: predictor.predict(images_dev, routes=same_route)[0])
+      lambda: predictor.predict(images_dev, routing_indices=same_route)[0])
   # The same two programs with no routing between them: no argmax sync, grouping or gathers.
-  prefix_fn = jax.jit(lambda v, x: model.apply(v, x, method='prefix')[0])
-  suffix_fn = jax.jit(lambda v, f: model.apply(v, f, space[0], method='suffix'))
+  prefix_fn = jax.jit(lambda v, x: model.apply_prefix(v, x)[0])
+  suffix_fn = jax.jit(lambda v, h: model.apply_suffix(v, h, space[0]))
   split = f'prefix + suffix {space[0].name}, no routing'
   throughput[split] = lambda: suffix_fn(variables, prefix_fn(variables, images_dev))
-  throughput['masked'] = lambda: masked_fn(variables, images_dev, onehot)[0]
+  throughput['masked'] = lambda: masked_fn(variables, images_dev, onehot)
   latency = {f'route {r.name}': singles(lambda x, _, r=r: static_fns[r.name](variables, x),
                                         single_images) for r in statics}
-  latency['routed'] = singles(lambda x, r: predictor.predict_one(x[0], route=r)[0],
+  latency['routed'] = singles(lambda x, r: predictor.predict_one(x[0], routing_index=r)[0],
                               single_images, None if gate_chooses else single_routes)
   latency[f'routed, all on {space[0].name}'] = singles(
-      lambda x, _: predictor.predict_one(x[0], route=0)[0], single_images)
+      lambda x, _: predictor.predict_one(x[0], routing_index=0)[0], single_images)
   latency[split] = singles(lambda x, _: suffix_fn(variables, prefix_fn(variables, x)),
                            single_images)
   latency['masked'] = singles(
-      lambda x, i: masked_fn(variables, x, onehot_single[i])[0], single_images,
+      lambda x, i: masked_fn(variables, x, onehot_single[i]), single_images,
       np.arange(args.singles))
 
   t_batch = timed_round_robin(throughput, args.runs)

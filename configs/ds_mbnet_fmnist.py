@@ -1,7 +1,7 @@
 """The demo: a DS-MBNet-shaped supernet for 28x28 Fashion-MNIST, both stages on a 2-core CPU.
 
 Same mechanics as the ImageNet DS-MBNet (SE in every block, no residuals, gate in the first
-block of stage 3, per-width BN statistics), with widths and strides sized for 28x28 inputs.
+block of group 3, per-width BN statistics), with widths and strides sized for 28x28 inputs.
 
     python train.py --config=configs/ds_mbnet_fmnist.py --workdir=workdir/ds_mbnet_fmnist
 """
@@ -13,9 +13,9 @@ def get_config(arg=None):
   config = config_lib.fashion_mnist_recipe(config_lib.defaults())
   config.model = dict(
       num_classes=10, in_channels=1, stem_widths=(16, 24), stem_stride=2,
-      stage_widths=((24, 32), (32, 48), (48, 64),
+      group_widths=((24, 32), (32, 48), (48, 64),
                     tuple(range(32, 129, 16)), tuple(range(64, 257, 32))),
-      stage_depths=(1, 1, 1, 2, 1), stage_strides=(1, 1, 2, 1, 2), routing_space=(0, 1, 2, 3),
+      group_depths=(1, 1, 1, 2, 1), group_strides=(1, 1, 2, 1, 2), routing_space=(0, 1, 2, 3),
       dropout_rate=0.1)
   config.data.num_threads = 2
   config.supernet.steps = 1000

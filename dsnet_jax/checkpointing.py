@@ -13,13 +13,21 @@ previous step as the latest (tests/test_checkpointing.py kills one to check).
 `state` uses orbax's PyTree handler rather than the Standard one: same files on disk, but
 orbax 0.12 restores a subset (eval's params and batch_stats) only through
 `PyTreeRestore(partial_restore=True)`, and a manager binds one handler type per item.
+
+Nothing worse than the last good step: a state with a NaN or Inf is refused before anything
+is written (`NonFiniteStateError`), a restore that cannot read a step falls back to the one
+before it (`restore(..., fallback=True)`), naming the unreadable step in one line, and a save
+that cannot write raises `CheckpointSaveError` at once, the OS error last.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -29,6 +37,20 @@ PyTree = Any
 
 class CheckpointMismatchError(ValueError):
   """The stored state does not match the restore target (keys, shapes or dtypes)."""
+
+
+class NonFiniteStateError(FloatingPointError):
+  """A state to save holds NaN or Inf; nothing was written."""
+
+
+class CheckpointSaveError(OSError):
+  """Writing a step failed (e.g. a read-only or missing directory); the OS error ends the
+  message. orbax may leave background threads waiting after such a failure, so command-line
+  entry points exit with `os._exit` on it (`dsnet_jax.cli`)."""
+
+
+class UnreadableCheckpointError(OSError):
+  """No step of a checkpoint directory could be read."""
 
 
 def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding | PyTree | None = None) -> PyTree:
@@ -57,15 +79,16 @@ def _describe(x) -> str:
 class Checkpointer:
   """Saves and restores (state, meta) steps under `directory`, keeping the latest `keep`.
 
-  Step lists are read when the Checkpointer opens and updated by its own saves.
+  Step lists are read when the Checkpointer opens and updated by its own saves. With
+  `create=False` a missing directory is not created (it simply has no steps).
   """
 
-  def __init__(self, directory: str | os.PathLike, keep: int | None = 3):
+  def __init__(self, directory: str | os.PathLike, keep: int | None = 3, create: bool = True):
     path = epath.Path(directory)
     self.directory = path if path.is_absolute() else path.absolute()  # tensorstore needs it.
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
         item_handlers={'state': ocp.PyTreeCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
 
@@ -75,10 +98,27 @@ class Checkpointer:
 
     As in orbax, a step at or below the latest is skipped (returns False) unless `force`;
     an existing step is never overwritten (`force` then raises StepAlreadyExistsError).
+    Raises:
+      NonFiniteStateError: a floating leaf holds NaN or Inf (nothing is written).
+      CheckpointSaveError: the directory cannot be written.
     """
-    saved = self._manager.save(int(step), force=force, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(dict(meta or {}))))
-    self._manager.wait_until_finished()
+    bad = non_finite_leaves(state)
+    if bad:
+      latest = self.latest_step()
+      kept = 'no step was saved' if latest is None else f'the last saved step is {latest}'
+      raise NonFiniteStateError(
+          f'not saving step {step} to {self.directory}: non-finite values in '
+          f'{", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}; {kept}')
+    try:
+      _check_writable(self.directory)
+      saved = self._manager.save(int(step), force=force, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(dict(meta or {}))))
+      self._manager.wait_until_finished()
+    except (OSError, ValueError) as e:
+      if isinstance(e, ValueError) and 'already exists' in str(e):
+        raise
+      raise CheckpointSaveError(
+          f'saving step {step} to {self.directory} failed: {type(e).__name__}: {e}') from e
     return saved
 
   def all_steps(self) -> list[int]:
@@ -87,28 +127,71 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
-    """Restores (state, meta) at `step` (default: latest) into `target`'s structure.
+  def restore(self, target: PyTree, step: int | None = None, *, partial: bool = False,
+              fallback: bool = False, log=print) -> tuple[PyTree, dict[str, Any], int]:
+    """Restores (state, meta, step) at `step` (default: latest) into `target`'s structure.
 
-    `target` holds ShapeDtypeStructs (their shardings are used) or concrete arrays.
+    Args:
+      target: ShapeDtypeStructs (their shardings are used) or concrete arrays; or a function
+        of the step's meta returning them (errors it raises propagate).
+      step: the step to read; None reads the latest.
+      partial: restore only `target`'s top-level items (e.g. {'params', 'batch_stats'}) of
+        a larger state; within them the stored tree must match exactly.
+      fallback: when a step cannot be read (a truncated or missing file), say so in one line
+        through `log` and try the step before it, down to the oldest.
+    Raises:
+      CheckpointMismatchError: the stored tree differs from `target` (never falls back).
+      UnreadableCheckpointError: no step could be read.
     """
-    step = self._resolve(step)
-    target = self._checked_target(step, target, partial=False)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=self._restore_args(target, partial=False), meta=ocp.args.JsonRestore()))
-    return restored['state'], restored['meta']
+    steps = [self._resolve(step)]
+    if fallback:
+      steps += [s for s in reversed(self.all_steps()) if s < steps[0]]
+    errors = []
 
-  def restore_items(self, target: PyTree, step: int | None = None) -> PyTree:
-    """Restores only the subtree in `target`, e.g. {'params': ..., 'batch_stats': ...}."""
-    step = self._resolve(step)
-    target = self._checked_target(step, target, partial=True)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=self._restore_args(target, partial=True)))
-    return restored['state']
+    def unreadable(s, error):
+      errors.append(f'step {s}: {_first_line(error)}')
+      if not fallback:
+        raise error
+      earlier = [x for x in steps if x < s]
+      log(f'checkpoint {self.directory / str(s)} is unreadable ({_first_line(error)}); '
+          + (f'falling back to step {earlier[0]}' if earlier else 'no earlier step'))
+
+    for s in steps:
+      try:
+        meta = self.restore_meta(s) if callable(target) else None
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_unreadable(e):
+          raise
+        unreadable(s, e)
+        continue
+      wanted = target(meta) if callable(target) else target
+      try:
+        checked = self._checked_target(s, wanted, partial)
+        restored = self._manager.restore(s, args=ocp.args.Composite(
+            state=self._restore_args(checked, partial), meta=ocp.args.JsonRestore()))
+        return restored['state'], restored['meta'], s
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_unreadable(e) or isinstance(e, CheckpointMismatchError):
+          raise
+        unreadable(s, e)
+    raise UnreadableCheckpointError(
+        f'no readable step in {self.directory}: ' + '; '.join(errors) +
+        '. Move the unreadable step folders aside (or use a new workdir).')
 
   def restore_meta(self, step: int | None = None) -> dict[str, Any]:
     step = self._resolve(step)
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def set_aside(self, step: int) -> epath.Path:
+    """Renames the folder of `step` to `<step>.unreadable` (kept, no longer a step)."""
+    source = self.directory / str(step)
+    target = self.directory / f'{step}.unreadable'
+    n = 1
+    while target.exists():
+      target, n = self.directory / f'{step}.unreadable{n}', n + 1
+    source.rename(target)
+    self._manager.reload()
+    return target
 
   def close(self):
     self._manager.close()
@@ -131,7 +214,10 @@ class Checkpointer:
     return step
 
   def _checked_target(self, step: int, target: PyTree, partial: bool) -> PyTree:
-    """`target` as an abstract tree, after checking it against the stored tree."""
+    """`target` as an abstract tree, after checking it against the stored tree.
+
+    A partial target must match the stored tree exactly inside each of its top-level items.
+    """
     items = self._manager.item_metadata(step)
     if items.get('state') is None:
       raise CheckpointMismatchError(
@@ -140,8 +226,11 @@ class Checkpointer:
     target = abstract_like(target)
     wanted = ocp.tree.to_flat_dict(target, sep='/')
     stored = ocp.tree.to_flat_dict(items['state'].tree, sep='/')
+    if partial:
+      top = {key.split('/')[0] for key in wanted}
+      stored = {k: v for k, v in stored.items() if k.split('/')[0] in top}
     problems = []
-    for key in sorted(wanted.keys() | (set() if partial else stored.keys())):
+    for key in sorted(wanted.keys() | stored.keys()):
       if key not in stored:
         problems.append(f'{key}: expected {_describe(wanted[key])}, missing from the checkpoint')
       elif key not in wanted:
@@ -151,8 +240,8 @@ class Checkpointer:
                         f'found {_describe(stored[key])}')
     if problems:
       raise CheckpointMismatchError(
-          f'checkpoint {self.directory / str(step)} does not match the model:\n  '
-          + '\n  '.join(problems))
+          f'checkpoint {self.directory / str(step)} does not match the model '
+          f'({len(problems)} differences):\n  ' + '\n  '.join(problems))
     return target
 
   @staticmethod
@@ -160,3 +249,36 @@ class Checkpointer:
     return ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=partial)
+
+
+def non_finite_leaves(tree: PyTree) -> list[str]:
+  """Paths ('a/b/c') of the floating leaves of `tree` that hold a NaN or Inf (one host sync)."""
+  flat = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if jnp.issubdtype(getattr(x, 'dtype', np.float32), jnp.inexact)]
+  if not flat:
+    return []
+  finite = jax.device_get([jnp.isfinite(x).all() for _, x in flat])
+  return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+          for (path, _), ok in zip(flat, finite) if not ok]
+
+
+def is_unreadable(error: Exception) -> bool:
+  """Whether `error` says a step's files are damaged or missing, rather than a bug or a
+  mismatch: OS and JSON errors, and tensorstore's status errors (ValueErrors whose message
+  starts with a code such as OUT_OF_RANGE or DATA_LOSS)."""
+  if isinstance(error, (OSError, EOFError, json.JSONDecodeError)):
+    return True
+  return isinstance(error, ValueError) and bool(re.match(r'[A-Z_]{6,}: ', str(error)))
+
+
+def _check_writable(directory: epath.Path) -> None:
+  """Raises the OS error now (in this thread) if `directory` cannot take a new step."""
+  directory.mkdir(parents=True, exist_ok=True)
+  probe = directory / f'.write-probe-{os.getpid()}'
+  probe.write_text('')
+  probe.unlink()
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'[:300]

@@ -38,13 +38,12 @@ def route_complexity(model, route, image_shape: tuple[int, ...], with_gate: bool
   """
   route = model.routes[route]
   images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  variables = abstract_variables(model, image_shape)
+  variables = model.abstract_variables(image_shape)
 
   if with_gate:
     def forward(params, rest, x):
-      features, gate_logits = model.apply({'params': params, **rest}, x, method='prefix')
-      logits = model.apply({'params': params, **rest}, features, route, method='suffix')
-      return logits, gate_logits
+      hidden, routing_logits = model.apply_prefix({'params': params, **rest}, x)
+      return model.apply_suffix({'params': params, **rest}, hidden, route), routing_logits
   else:
     def forward(params, rest, x):
       return model.apply({'params': params, **rest}, x, route=route)
@@ -67,13 +66,6 @@ def route_table(model, image_shape: tuple[int, ...]) -> list[dict[str, Any]]:
     c = route_complexity(model, route, image_shape)
     rows.append(dict(route=route.name, widths=list(route.widths), madds=c.madds, params=c.params))
   return rows
-
-
-def abstract_variables(model, image_shape: tuple[int, ...]):
-  """Shapes of the full-size variables, without allocating them."""
-  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  return jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, route=model.routes.largest), images)
 
 
 def xla_flops(fn: Callable, *args) -> float:

@@ -11,6 +11,8 @@ import importlib
 
 import ml_collections
 
+from dsnet_jax import models
+
 STAGES = ('supernet', 'recalibrate', 'gate')
 DATA_KEYS = ('name', 'data_dir', 'debian_dir', 'image_size', 'num_classes', 'augment', 'crop_pct',
              'in_memory', 'num_workers', 'num_threads', 'prefetch', 'channels',
@@ -135,12 +137,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in config.data:
     if key not in DATA_KEYS:
       raise ConfigError(f'unknown config key data.{key}; valid: {", ".join(DATA_KEYS)}')
+  if config.model_name not in models.available_models():
+    raise ConfigError(f'config key model_name={config.model_name!r}: unknown model; available: '
+                      f'{", ".join(models.available_models())}')
   model_cls = importlib.import_module(f'dsnet_jax.models.{config.model_name}').Model
   fields = {f.name for f in dataclasses.fields(model_cls)} - {'parent', 'name'}
   for key in config.model:
     if key not in fields:
       raise ConfigError(f'unknown config key model.{key} for {config.model_name}; valid: '
                         f'{", ".join(sorted(fields))}')
+  try:
+    models.get_model(config.model_name, **config.model).routes  # Builds the route table.
+  except (KeyError, ValueError) as e:
+    raise ConfigError(f'config section model: {e}') from None
   bad_stages = [s for s in config.stages if s not in STAGES]
   if bad_stages or list(config.stages) != sorted(config.stages, key=STAGES.index):
     raise ConfigError(f'config key stages={tuple(config.stages)}: use {STAGES} or an ordered '
@@ -157,6 +166,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.supernet.ema_decay < 1:
     raise ConfigError(f'config key supernet.ema_decay must be in [0, 1), got '
                       f'{config.supernet.ema_decay}')
+
+
+def validate_batch_sizes(config: ml_collections.ConfigDict, num_devices: int,
+                         num_processes: int = 1) -> None:
+  """Raises ConfigError unless both batch sizes split evenly over the devices and hosts."""
+  for key in ('batch_size', 'eval_batch_size'):
+    for count, what in ((num_devices, 'devices of the mesh'), (num_processes, 'processes')):
+      if config[key] % count:
+        raise ConfigError(f'config key {key}={config[key]} is not divisible by the {count} '
+                          f'{what}; use a multiple of {count} (or set num_devices)')
 
 
 def _get(config, path: str):

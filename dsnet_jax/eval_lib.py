@@ -4,14 +4,18 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsnet_jax import config_lib
+from dsnet_jax import rundir as rundir_lib
 from dsnet_jax import sharding
 from dsnet_jax.complexity import route_complexity
+from dsnet_jax.data import input_pipeline
+from dsnet_jax.models import get_model
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'route'))
@@ -24,9 +28,7 @@ def _route_counts(model, variables, batch, route):
 @functools.partial(jax.jit, static_argnames='model')
 def _gated_counts(model, variables, batch):
   """Argmax routing (deterministic) through the masked path: (correct, examples per route)."""
-  features, gate_logits = model.apply(variables, batch['image'], method='prefix')
-  weights = jax.nn.one_hot(jnp.argmax(gate_logits, -1), gate_logits.shape[-1])
-  logits = model.apply(variables, features, weights, method='masked_suffix')
+  logits, _, weights = model.apply_gated(variables, batch['image'])
   correct = ((jnp.argmax(logits, -1) == batch['label']) & batch['mask']).sum()
   return correct, (weights * batch['mask'][:, None]).sum(0).astype(jnp.int32)
 
@@ -45,8 +47,7 @@ def route_accuracy(model, variables, pipeline, route, mesh) -> float:
 def gated_result(model, variables, pipeline, mesh) -> dict[str, Any]:
   """Accuracy, average MAdds (gate included) and route histogram of the gated model."""
   space = model.routes.routing_space
-  madds = np.asarray([route_complexity(model, r, pipeline.image_shape, with_gate=True).madds
-                      for r in space], np.float64)
+  madds = model.routing_madds(pipeline.image_shape)
   results = jax.device_get([_gated_counts(model, variables, b)
                             for b in _eval_batches(pipeline, mesh)])
   correct = sum(int(c) for c, _ in results)
@@ -111,13 +112,37 @@ def evaluate_and_report(model, variables, pipeline, mesh, workdir: str, gated: b
   return report
 
 
-def evaluate_workdir(config, workdir: str, checkpoint: str = '') -> dict[str, Any]:
-  """Restores the latest finished stage of `workdir` (or `checkpoint`) and reports."""
-  from dsnet_jax import train_lib
-  run = train_lib.make_run(config, workdir)
-  directory = checkpoint or train_lib.latest_stage_dir(workdir)
-  variables = train_lib.restore_variables(directory, train_lib.abstract_variables(
-      run.model, run.eval_data.image_shape, run.mesh))
-  print(f'restored {directory}', flush=True)
-  return evaluate_and_report(run.model, variables, run.eval_data, run.mesh, workdir,
-                             gated=os.path.basename(os.path.normpath(directory)) == 'gate')
+def eval_pipeline(config) -> input_pipeline.Pipeline:
+  """The evaluation split's batches for `config` (no training pipeline is built)."""
+  return input_pipeline.make(config.data, input_pipeline.EVAL_SPLITS[config.data.name],
+                             batch_size=config.eval_batch_size, train=False)
+
+
+def evaluate_workdir(config, workdir: str, checkpoint: str = '',
+                     allow_config_changes: Sequence[str] = ()) -> dict[str, Any]:
+  """Restores the latest stage of `workdir` (or the stage folder `checkpoint`) and reports.
+
+  What the checkpoint holds (EMA or raw weights, gated or not, finished or not) is read from
+  its meta, never from folder names. Nothing is created before the restore succeeds.
+  Raises:
+    FileNotFoundError: no such workdir or checkpoint.
+    rundir.ConfigMismatchError: `config` differs from the checkpoint's in what defines the
+      model (rundir.MODEL_KEYS), except `allow_config_changes`.
+    checkpointing.CheckpointMismatchError: the stored arrays do not match the model.
+  """
+  config_lib.validate(config)
+  directory = checkpoint or rundir_lib.RunDir(workdir).latest_stage_dir()
+  input_pipeline.check_available(config.data)
+  mesh = sharding.make_mesh(config.num_devices or None)
+  config_lib.validate_batch_sizes(config, mesh.size, jax.process_count())
+  model = get_model(config.model_name, **config.model)
+  pipeline = eval_pipeline(config)
+  restored = rundir_lib.restore_variables(directory, model, pipeline.image_shape, mesh, config,
+                                          allow_config_changes)
+  print(f'restored {restored.describe()}', flush=True)
+  if not restored.complete:
+    print(f'warning: {directory} is unfinished: evaluating step {restored.step} of '
+          f'{restored.meta.get("total_steps")} as it is', flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  return evaluate_and_report(model, restored.variables, pipeline, mesh, workdir,
+                             gated=restored.gated)

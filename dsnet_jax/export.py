@@ -86,11 +86,11 @@ def _mbnet_static(model: ds_mbnet.DSMBNet, variables, route) -> tuple[dict, dict
   strides = []
   c_in = widths[0]
   index = 0
-  for s, depth in enumerate(model.stage_depths):
-    c_out = widths[s + 1]
+  for g, depth in enumerate(model.group_depths):
+    c_out = widths[g + 1]
     for b in range(depth):
-      name = f'stages_{s}_{b}'
-      block = bound.stages[s][b]
+      name = f'groups_{g}_{b}'
+      block = bound.groups[g][b]
       se_path = (name, 'gate', 'se') if block.num_routes else (name, 'se')
       se = _get(params, se_path)
       static[f'block_{index}'] = {
@@ -192,12 +192,15 @@ class ExportedRoute:
 
 def export_route(model, variables, route, out_dir: str, image_shape: Sequence[int],
                  batch_size: int | None = None, platforms: Sequence[str] = ('cpu', 'cuda'),
-                 verbose: bool = True) -> ExportedRoute:
+                 verbose: bool = True, overwrite: bool = False) -> ExportedRoute:
   """Writes `route` of the supernet as a standalone static model to `out_dir`.
 
   The jax.export program takes any batch size (symbolic `b`) unless `batch_size` fixes one,
   and is lowered for every platform in `platforms` (no device of that kind is needed).
+  Raises:
+    FileExistsError: `out_dir` is a file, or a non-empty directory and not `overwrite`.
   """
+  check_output_dir(out_dir, overwrite)
   params, config = static_route(model, variables, route)
   image_shape = tuple(int(d) for d in image_shape)
   batch = jax.export.symbolic_shape('b')[0] if batch_size is None else batch_size
@@ -225,6 +228,15 @@ def export_route(model, variables, route, out_dir: str, image_shape: Sequence[in
           f'{supernet:,} parameters and {statistics:,} BN statistics ({count / supernet:.1%} '
           f'of its parameters); wrote {out_dir}')
   return ExportedRoute(config, params, exported)
+
+
+def check_output_dir(out_dir: str, overwrite: bool) -> None:
+  """Raises FileExistsError unless `out_dir` is missing, empty, or may be overwritten."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FileExistsError(f'--out {out_dir} is a file, not a directory')
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise FileExistsError(f'--out {out_dir} is not empty; pass --overwrite to replace what it '
+                          'holds')
 
 
 def load_exported(out_dir: str) -> ExportedRoute:
@@ -269,19 +281,19 @@ def main(argv):
   """`python -m dsnet_jax.export --config=C --workdir=DIR --route=R --out=DIR2`."""
   del argv
   from absl import flags
-  from dsnet_jax import train_lib
+  from dsnet_jax import rundir
   from dsnet_jax.models import get_model
   f = flags.FLAGS
   config = f.config
+  check_output_dir(f.out, f.overwrite)
   model = get_model(config.model_name, **config.model)
   size = config.data.get('image_size') or 224
   image_shape = (size, size, config.model.get('in_channels', 3))
-  directory = f.checkpoint or train_lib.latest_stage_dir(f.workdir)
-  variables = train_lib.restore_variables(
-      directory, train_lib.abstract_variables(model, image_shape))
-  print(f'restored {directory}')
-  export_route(model, variables, f.route, f.out, image_shape, batch_size=f.batch_size,
-               platforms=f.platforms)
+  directory = f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir()
+  restored = rundir.restore_variables(directory, model, image_shape, config=config)
+  print(f'restored {restored.describe()}')
+  export_route(model, restored.variables, f.route, f.out, image_shape, batch_size=f.batch_size,
+               platforms=f.platforms, overwrite=f.overwrite)
 
 
 if __name__ == '__main__':
@@ -292,7 +304,9 @@ if __name__ == '__main__':
   flags.DEFINE_string('checkpoint', '', 'A stage checkpoint directory instead of --workdir.')
   flags.DEFINE_string('route', None, "Route to export: 0, 1, ..., 'largest'.")
   flags.DEFINE_string('out', None, 'Output directory (must not exist or be empty).')
+  flags.DEFINE_bool('overwrite', False, 'Replace what a non-empty --out holds.')
   flags.DEFINE_integer('batch_size', None, 'Export for this batch size only (default: any).')
   flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms to lower the forward for.')
   flags.mark_flags_as_required(['config', 'route', 'out'])
-  app.run(main)
+  from dsnet_jax import cli
+  app.run(cli.main_errors(main))

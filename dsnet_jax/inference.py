@@ -5,13 +5,13 @@ One image's path through `RoutedPredictor.predict`:
 1. Its batch is cut into chunks whose sizes are on a fixed *ladder* (powers of two by default;
    only the last chunk is padded). The **prefix** program of each chunk size runs the network
    up to and including the gate, at the routing space's shared prefix widths, writes the
-   features into a device-resident *stage* buffer at the chunk's offset and returns the gate's
+   prefix output (`hidden`) into a device-resident *hidden buffer* at the chunk's offset and returns the gate's
    argmax (deterministic: no Gumbel noise).
 2. The argmaxes of the whole batch come to the host in one transfer: the one host sync.
 3. The host groups the examples by route (stable, so input order inside a group) and cuts
    each group into ladder-sized chunks.
 4. For each chunk, the **suffix** program of (route, chunk size) gathers its rows from the
-   stage (`take` on an index array computed on the host), runs the route's dense slices from
+   hidden buffer (`take` on an index array computed on the host), runs the route's dense slices from
    the gate onward (the prefix is not recomputed) and scatters the logits into their input
    positions of a device-resident *out* buffer (padding rows go out of bounds and are dropped).
 5. The first n rows of the out buffer are copied out: logits in input order.
@@ -19,15 +19,15 @@ One image's path through `RoutedPredictor.predict`:
 Every program is compiled ahead of time and kept in `RoutedPredictor.compiled`, keyed by
 (kind, route name or None, size), so the number of compiles is bounded: one prefix per ladder
 size, one suffix per (route, ladder size), one copy-out per batch size. Step 4 needs no
-per-(prefix size, chunk size) program because the stage and out buffers have fixed shapes.
+per-(prefix size, chunk size) program because the hidden and out buffers have fixed shapes.
 
     predictor = RoutedPredictor(model, variables, image_shape=(224, 224, 3))
     predictor.warmup()
-    logits, route_indices = predictor.predict(images)      # any batch size
+    logits, routing_indices = predictor.predict(images)    # any batch size
     logits = predictor.predict_route(images, 'largest')    # one static route for all
-    logits, route_index = predictor.predict_one(image)     # batch 1, one dispatch
+    logits, routing_index = predictor.predict_one(image)   # batch 1, one dispatch
 
-The stage and out buffers are donated and reused between calls, so one predictor is not
+The hidden and out buffers are donated and reused between calls, so one predictor is not
 meant to be called from several threads at once.
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsnet_jax import routes as routes_lib
+from dsnet_jax.models.gated import check_images
 
 
 class NotGatedError(TypeError):
@@ -128,21 +129,20 @@ class RoutedPredictor:
     self.compiled: dict[tuple[str, str | None, Hashable], jax.stages.Compiled] = {}
 
     one = jax.ShapeDtypeStruct((1, *self.image_shape), self.dtype)
-    features, gate_logits = jax.eval_shape(
-        lambda v, x: model.apply(v, x, method='prefix'), variables, one)
-    if gate_logits.shape != (1, len(self.routing_space)):
-      raise ValueError(f'gate logits {gate_logits.shape} do not match the routing space of '
+    hidden, routing_logits = jax.eval_shape(
+        lambda v, x: model.apply_prefix(v, x), variables, one)
+    if routing_logits.shape != (1, len(self.routing_space)):
+      raise ValueError(f'routing logits {routing_logits.shape} do not match the routing space of '
                        f'{len(self.routing_space)} routes')
-    self._feature_shapes = features
+    self._hidden_shapes = hidden
     logits = jax.eval_shape(
-        lambda v, f: model.apply(v, f, self.routing_space[0], method='suffix'), variables,
-        features)
+        lambda v, h: model.apply_suffix(v, h, self.routing_space[0]), variables, hidden)
     self.num_classes = logits.shape[-1]
     self._logits_dtype = logits.dtype
-    # Rows the stage needs: a padded last prefix chunk may end past the batch.
-    self._stage_rows = max(_padded_end(plan_chunks(n, self.ladder, max_padding))
+    # Rows the hidden buffer needs: a padded last prefix chunk may end past the batch.
+    self._buffer_rows = max(_padded_end(plan_chunks(n, self.ladder, max_padding))
                            for n in range(1, self.max_batch + 1))
-    self._stage = None
+    self._hidden_buffer = None
     self._out = None
 
   # --- public API -------------------------------------------------------------------------
@@ -177,29 +177,33 @@ class RoutedPredictor:
       self._single()
     return self
 
-  def predict(self, images, routes: Sequence[int] | np.ndarray | None = None
+  def predict(self, images, routing_indices: Sequence[int] | np.ndarray | None = None
               ) -> tuple[jax.Array, np.ndarray]:
-    """Routed logits in input order, and each example's route (index into routing_space).
+    """Routed logits in input order, and each example's routing index (its route is
+    `routing_space[index]`).
 
     Args:
-      images: (n, H, W, C), NumPy or JAX, any n >= 1.
-      routes: optional forced routing indices (n,), e.g. to benchmark a given route mix. The
-        gate still runs and its argmax still comes to the host, so the routing cost is paid
-        as in normal use; only the decision is replaced.
+      images: (n, H, W, C) floating point, NumPy or JAX, any n >= 1.
+      routing_indices: optional forced routing indices (n,), e.g. to benchmark a given route
+        mix. The gate still runs and its argmax still comes to the host, so the routing cost
+        is paid as in normal use; only the decision is replaced.
     Returns:
-      (logits (n, num_classes) on device, route indices (n,) int32 on the host).
+      (logits (n, num_classes) on device, routing indices (n,) int32 on the host).
+    Raises:
+      ValueError: images not (n, H, W, C) of the predictor's image shape, or not floating.
     """
     images = self._check_images(images)
     n = images.shape[0]
-    if routes is not None:
-      routes = np.asarray(routes, np.int32).reshape(-1)
-      if routes.shape != (n,) or routes.min() < 0 or routes.max() >= len(self.routing_space):
-        raise ValueError(f'forced routes need {n} indices in [0, {len(self.routing_space)}), '
-                         f'got {routes}')
+    if routing_indices is not None:
+      routing_indices = np.asarray(routing_indices, np.int32).reshape(-1)
+      if (routing_indices.shape != (n,) or routing_indices.min() < 0
+          or routing_indices.max() >= len(self.routing_space)):
+        raise ValueError(f'forced routing indices need {n} values in '
+                         f'[0, {len(self.routing_space)}), got {routing_indices}')
     logits, chosen = [], []
     for start in range(0, n, self.max_batch):
       stop = min(start + self.max_batch, n)
-      forced = None if routes is None else routes[start:stop]
+      forced = None if routing_indices is None else routing_indices[start:stop]
       part = images if (start, stop) == (0, n) else images[start:stop]
       part_logits, part_routes = self._predict_pass(part, forced)
       logits.append(part_logits)
@@ -224,20 +228,29 @@ class RoutedPredictor:
         offset += valid
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs)
 
-  def predict_one(self, image, route: int | None = None) -> tuple[jax.Array, jax.Array]:
+  def predict_one(self, image, routing_index: int | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
     """Batch-1 routed inference in one program (no padding, no host sync).
 
     The gate's choice selects the route's suffix on the device (`lax.switch`).
     Args:
-      image: (H, W, C) or (1, H, W, C).
-      route: optional forced routing index, as in `predict`.
+      image: (H, W, C) or (1, H, W, C), floating point.
+      routing_index: optional forced routing index, as in `predict`.
     Returns:
       (logits (num_classes,), routing index as a device scalar).
+    Raises:
+      ValueError: any other shape (e.g. channels-first) or dtype.
     """
-    image = self._check_images(image.reshape((1, *self.image_shape)))
-    if route is not None and not 0 <= route < len(self.routing_space):
-      raise ValueError(f'forced route {route} is not in [0, {len(self.routing_space)})')
-    force = np.int32(-1 if route is None else route)
+    if np.ndim(image) == len(self.image_shape):
+      image = image[None]
+    image = self._check_images(image)
+    if image.shape[0] != 1:
+      raise ValueError(f'predict_one takes one image, got a batch of {image.shape[0]}; use '
+                       'predict')
+    if routing_index is not None and not 0 <= routing_index < len(self.routing_space):
+      raise ValueError(f'forced routing index {routing_index} is not in '
+                       f'[0, {len(self.routing_space)})')
+    force = np.int32(-1 if routing_index is None else routing_index)
     return self._single()(self.variables, image, force)
 
   # --- one pass of at most max_batch examples ----------------------------------------------
@@ -249,8 +262,8 @@ class RoutedPredictor:
     gate_choices, offset = [], 0
     for size, valid in plan:
       chunk = images if valid == n else images[offset:offset + valid]
-      self._stage, choice = self._prefix(size)(
-          self.variables, _padded(chunk, size), self._stage, np.int32(offset))
+      self._hidden_buffer, choice = self._prefix(size)(
+          self.variables, _padded(chunk, size), self._hidden_buffer, np.int32(offset))
       gate_choices.append(choice)
       offset += valid
     # The one device->host transfer per pass: the gate's decisions.
@@ -267,14 +280,14 @@ class RoutedPredictor:
         src = np.concatenate([rows, np.full(pad, rows[-1], np.int32)])
         # Padding rows scatter out of bounds (dropped); distinct, so indices stay unique.
         dst = np.concatenate([rows, self.max_batch + np.arange(pad, dtype=np.int32)])
-        self._out = self._suffix(route, size)(self.variables, self._stage, src, self._out, dst)
+        self._out = self._suffix(route, size)(self.variables, self._hidden_buffer, src, self._out, dst)
         start += valid
     return self._copy_out(n)(self._out), chosen
 
   def _ensure_buffers(self):
-    if self._stage is None or any(x.is_deleted() for x in jax.tree.leaves(self._stage)):
-      self._stage = jax.tree.map(
-          lambda f: jnp.zeros((self._stage_rows, *f.shape[1:]), f.dtype), self._feature_shapes)
+    if self._hidden_buffer is None or any(x.is_deleted() for x in jax.tree.leaves(self._hidden_buffer)):
+      self._hidden_buffer = jax.tree.map(
+          lambda f: jnp.zeros((self._buffer_rows, *f.shape[1:]), f.dtype), self._hidden_shapes)
     if self._out is None or self._out.is_deleted():
       self._out = jnp.zeros((self.max_batch, self.num_classes), self._logits_dtype)
 
@@ -288,9 +301,9 @@ class RoutedPredictor:
   def _images_spec(self, size):
     return jax.ShapeDtypeStruct((size, *self.image_shape), self.dtype)
 
-  def _stage_spec(self):
-    return jax.tree.map(lambda f: jax.ShapeDtypeStruct((self._stage_rows, *f.shape[1:]), f.dtype),
-                        self._feature_shapes)
+  def _buffer_spec(self):
+    return jax.tree.map(lambda f: jax.ShapeDtypeStruct((self._buffer_rows, *f.shape[1:]), f.dtype),
+                        self._hidden_shapes)
 
   def _out_spec(self):
     return jax.ShapeDtypeStruct((self.max_batch, self.num_classes), self._logits_dtype)
@@ -298,27 +311,27 @@ class RoutedPredictor:
   def _prefix(self, size: int):
     model = self.model
 
-    def prefix(variables, images, stage, offset):
-      features, gate_logits = model.apply(variables, images, method='prefix')
-      stage = jax.tree.map(
+    def prefix(variables, images, buffer, offset):
+      hidden, routing_logits = model.apply_prefix(variables, images)
+      buffer = jax.tree.map(
           lambda s, f: jax.lax.dynamic_update_slice_in_dim(s, f.astype(s.dtype), offset, 0),
-          stage, features)
-      return stage, jnp.argmax(gate_logits, axis=-1).astype(jnp.int32)
+          buffer, hidden)
+      return buffer, jnp.argmax(routing_logits, axis=-1).astype(jnp.int32)
 
     return self._compile(('prefix', None, size), prefix, self.variables, self._images_spec(size),
-                         self._stage_spec(), jax.ShapeDtypeStruct((), jnp.int32), donate=(2,))
+                         self._buffer_spec(), jax.ShapeDtypeStruct((), jnp.int32), donate=(2,))
 
   def _suffix(self, route: routes_lib.Route, size: int):
     model = self.model
 
-    def suffix(variables, stage, src, out, dst):
-      features = jax.tree.map(lambda s: jnp.take(s, src, axis=0, mode='clip'), stage)
-      logits = model.apply(variables, features, route, method='suffix')
+    def suffix(variables, buffer, src, out, dst):
+      hidden = jax.tree.map(lambda b: jnp.take(b, src, axis=0, mode='clip'), buffer)
+      logits = model.apply_suffix(variables, hidden, route)
       return out.at[dst].set(logits.astype(out.dtype), mode='drop', indices_are_sorted=True,
                              unique_indices=True)
 
     index = jax.ShapeDtypeStruct((size,), jnp.int32)
-    return self._compile(('suffix', route.name, size), suffix, self.variables, self._stage_spec(),
+    return self._compile(('suffix', route.name, size), suffix, self.variables, self._buffer_spec(),
                          index, self._out_spec(), index, donate=(3,))
 
   def _copy_out(self, n: int):
@@ -337,19 +350,20 @@ class RoutedPredictor:
     model, space = self.model, self.routing_space
 
     def single(variables, image, force):
-      features, gate_logits = model.apply(variables, image, method='prefix')
-      choice = jnp.argmax(gate_logits[0]).astype(jnp.int32)
+      hidden, routing_logits = model.apply_prefix(variables, image)
+      choice = jnp.argmax(routing_logits[0]).astype(jnp.int32)
       choice = jnp.where(force >= 0, force, choice)
       branches = [functools.partial(_suffix_branch, model, route) for route in space]
-      return jax.lax.switch(choice, branches, variables, features)[0], choice
+      return jax.lax.switch(choice, branches, variables, hidden)[0], choice
 
     return self._compile(('single', None, 1), single, self.variables, self._images_spec(1),
                          jax.ShapeDtypeStruct((), jnp.int32))
 
   def _check_images(self, images):
-    if images.ndim != 1 + len(self.image_shape) or tuple(images.shape[1:]) != self.image_shape:
-      raise ValueError(f'images must be (n, {", ".join(map(str, self.image_shape))}), '
-                       f'got {images.shape}')
+    check_images(images, self.image_shape[-1], type(self).__name__)
+    if np.shape(images)[1:] != self.image_shape:
+      raise ValueError(f'images must be (n, {", ".join(map(str, self.image_shape))}) (NHWC), got '
+                       f'shape {np.shape(images)}')
     if images.shape[0] < 1:
       raise ValueError('predict needs at least one image')
     if images.dtype != self.dtype:
@@ -357,8 +371,8 @@ class RoutedPredictor:
     return images
 
 
-def _suffix_branch(model, route, variables, features):
-  return model.apply(variables, features, route, method='suffix')
+def _suffix_branch(model, route, variables, hidden):
+  return model.apply_suffix(variables, hidden, route)
 
 
 def _padded_end(plan: list[tuple[int, int]]) -> int:
@@ -374,62 +388,3 @@ def _padded(images, size: int):
   if isinstance(images, np.ndarray):
     return np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
   return jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
-
-
-# --- stand-in variables for speed runs and tests -----------------------------------------------
-
-def random_variables(model, image_shape: Sequence[int], seed: int = 0):
-  """Random variables of the model's full shapes, without compiling its init.
-
-  Speed does not depend on the values. Kernels are He-normal on their fan-in (all axes but
-  the last), scales U(0.5, 1.5), other 1-D parameters N(0, 0.1); BatchNorm running means
-  N(0, 0.1) and variances U(0.5, 1.5). Such statistics do not match the activations, so deep
-  nets give nearly input-independent outputs: use `calibrate_batch_stats` where values matter.
-  """
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
-                         route=model.routes.largest))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = str(getattr(path[-1], 'key', path[-1]))
-    if name == 'var':
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name == 'scale':
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif leaf.ndim <= 1 or name == 'mean':
-      value = rng.normal(0.0, 0.1, leaf.shape)
-    else:
-      value = rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def calibrate_batch_stats(model, variables, images, routes: Sequence[Any], seed: int = 0):
-  """Sets the running statistics that `routes` read to the batch statistics of `images`.
-
-  One train-mode forward per route from zeroed statistics: a BatchNorm update with momentum
-  m then holds m * batch statistic in exactly the entries the route touched. The momentum is
-  recovered from a second update (s1 = (2 - m) * s0), so no layer constant is assumed.
-  """
-  stats = variables['batch_stats']
-
-  @functools.partial(jax.jit, static_argnames='route')
-  def update(variables, route):
-    _, new = model.apply(variables, images, route=route, train=True, mutable=['batch_stats'],
-                         rngs={'dropout': jax.random.key(seed)})
-    return new['batch_stats']
-
-  for route in routes:
-    zeros = jax.tree.map(jnp.zeros_like, stats)
-    s0 = update({**variables, 'batch_stats': zeros}, route=model.routes[route])
-    s1 = update({**variables, 'batch_stats': s0}, route=model.routes[route])
-
-    def merge(old, s0, s1):
-      touched = s0 != 0
-      momentum = 2.0 - jnp.where(touched, s1, 1.0) / jnp.where(touched, s0, 1.0)
-      return jnp.where(touched, s0 / jnp.where(touched, momentum, 1.0), old)
-
-    stats = jax.tree.map(merge, stats, s0, s1)
-  return {**variables, 'batch_stats': stats}

@@ -45,8 +45,13 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(config, total_steps: int, params) -> optax.GradientTransformation:
-  """The optax transformation of `config.optimizer` for `total_steps` steps over `params`."""
+def make_optimizer(config, total_steps: int, params, frozen: str | None = None
+                   ) -> optax.GradientTransformation:
+  """The optax transformation of `config.optimizer` for `total_steps` steps over `params`.
+
+  `frozen`: a regex of parameter paths that never change, whatever `param_groups` says (a
+  stage's parameters that get no gradient: weight decay would still move them).
+  """
   schedule = learning_rate_schedule(config, total_steps)
   if config.name == 'sgd':
     base = optax.chain(
@@ -57,7 +62,7 @@ def make_optimizer(config, total_steps: int, params) -> optax.GradientTransforma
                        weight_decay=config.weight_decay, mask=_decay_mask)
   else:
     raise ValueError(f"config.optimizer.name={config.name!r}; valid: 'sgd', 'adamw'")
-  groups = tuple(config.param_groups)
+  groups = ((frozen, None),) * bool(frozen) + tuple(config.param_groups)
   transforms = {FROZEN: optax.set_to_zero()}
   for i, (_, multiplier) in enumerate(groups):
     if multiplier is not None:
@@ -74,5 +79,6 @@ def trainable_count(params, param_groups) -> int:
 
 
 def ema_update(ema, new, decay: float):
-  """ema <- decay * ema + (1 - decay) * new, leaf by leaf."""
-  return jax.tree.map(lambda e, n: decay * e + (1.0 - decay) * n, ema, new)
+  """ema <- decay * ema + (1 - decay) * new, leaf by leaf, written as ema + (1 - decay) *
+  (new - ema) so that a leaf equal to its EMA (a frozen parameter) stays bit-identical."""
+  return jax.tree.map(lambda e, n: e + (1.0 - decay) * (n - e), ema, new)

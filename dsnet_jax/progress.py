@@ -1,8 +1,8 @@
-"""Progress lines on stdout and metrics appended to workdir/metrics.jsonl."""
+"""Progress lines on stdout and metrics appended to a JSON-lines file (the workdir's
+metrics.jsonl)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -13,8 +13,8 @@ import numpy as np
 class ProgressLogger:
   """Logs `step, loss, images/s, ETA` for one stage; every record also goes to metrics.jsonl."""
 
-  def __init__(self, workdir: str, stage: str, total_steps: int, batch_size: int):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+  def __init__(self, path: str, stage: str, total_steps: int, batch_size: int):
+    self.path = path
     self.stage, self.total_steps, self.batch_size = stage, total_steps, batch_size
     self._last_time, self._last_step = None, None
 
@@ -45,6 +45,8 @@ class ProgressLogger:
 
 
 def _to_python(value):
+  if isinstance(value, dict):
+    return {k: _to_python(v) for k, v in value.items()}
   value = np.asarray(value)
   return value.item() if value.ndim == 0 else value.tolist()
 

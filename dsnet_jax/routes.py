@@ -1,6 +1,6 @@
 """Routes: the hashable width specs a dynamic model runs at, and host-side route draws.
 
-A `Route` names one sub-network: the width every sliceable stage runs at. It is passed
+A `Route` names one sub-network: the width every sliceable group runs at. It is passed
 to `model.apply(..., route=...)` as a static Python value, so each route is its own
 compiled program ("slice bucket"). A `RouteTable` is a model's ordered set of routes plus
 its *routing space*, the subset the gate chooses from.
@@ -21,8 +21,8 @@ class Route:
 
   Attributes:
     name: key in the model's route table ('0', '1', ..., 'largest').
-    widths: one entry per sliceable stage; ints (channels) for CNNs, small tuples for ViT
-      stages. Hashable, so a Route can be a static jit argument.
+    widths: one entry per sliceable group (the stem counts as one); ints (channels) for CNNs,
+      small tuples for ViT groups. Hashable, so a Route can be a static jit argument.
   """
   name: str
   widths: tuple[Hashable, ...]

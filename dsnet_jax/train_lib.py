@@ -1,9 +1,17 @@
 """`train_and_evaluate(config, workdir)`: Stage I supernet, BN recalibration, Stage II gate.
 
-Each stage checkpoints under workdir/checkpoints/<stage>; a finished stage is marked complete
-in its checkpoint metadata and skipped on resume, an unfinished one resumes at its latest
-step. Every random choice (routes, dropout, Gumbel noise, batch order, augmentation) is a
+Each stage checkpoints under the run directory (`rundir`); a stage is finished when its latest
+step reaches the configured total, and a finished stage is skipped on resume. Stages are
+chained lazily from the last: a finished stage returns its own variables without touching the
+stages before it, an unfinished one resumes from its own checkpoint, and only a stage that
+starts fresh asks the stage before it for its output. Before any work the workdir is locked
+(one run per workdir) and every existing checkpoint is checked against the current config
+and against the checkpoint it was computed from, so nothing resumes into a different run.
+
+Every random choice (routes, dropout, Gumbel noise, batch order, augmentation) is a
 function of (config.seed, step), so a resumed run continues exactly as an unbroken one.
+A stage changes only what it trains: Stage I never moves the routing head (it gets no
+gradient there), Stage II moves nothing else (`config.gate.optimizer.param_groups`).
 
 Stage I compiles one gradient program per route (route is static), never one per route
 combination: a step draws its sandwich on the host, sums the routes' gradients into one
@@ -13,38 +21,66 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dsnet_jax import checkpointing, config_lib, eval_lib, losses, optim, sharding
+from dsnet_jax import bn_calibration, checkpointing, config_lib, eval_lib, losses, optim
 from dsnet_jax import routes as routes_lib
-from dsnet_jax.complexity import route_complexity
+from dsnet_jax import rundir as rundir_lib
+from dsnet_jax import sharding
 from dsnet_jax.data import input_pipeline
 from dsnet_jax.models import get_model
+from dsnet_jax.models.gated import ROUTING_HEAD
 from dsnet_jax.progress import ProgressLogger
+
+Variables = dict[str, Any]
+# What a stage hands the next: its variables and the checkpoint they come from.
+StageOutput = tuple[Variables, dict[str, Any]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """A training stage's state: the model's variables, the optimizer's, and (Stage I) the EMA
+  teacher's variables {'params', 'batch_stats'}."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema: Any = None
+
+  @classmethod
+  def create(cls, variables: Variables, tx, with_ema: bool = False) -> TrainState:
+    return cls(step=jnp.zeros((), jnp.int32), params=variables['params'],
+               batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
+               ema=jax.tree.map(jnp.copy, variables) if with_ema else None)
+
+  @property
+  def variables(self) -> Variables:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
 @dataclasses.dataclass
 class Run:
   """What every stage shares."""
   config: ml_collections.ConfigDict
-  workdir: str
+  rundir: rundir_lib.RunDir
   model: Any
   mesh: jax.sharding.Mesh
   train_data: input_pipeline.Pipeline
   eval_data: input_pipeline.Pipeline
+  allow_changes: tuple[str, ...] = ()
 
   @property
   def table(self) -> routes_lib.RouteTable:
     return self.model.routes
 
-  def checkpointer(self, stage: str) -> checkpointing.Checkpointer:
-    return checkpointing.Checkpointer(os.path.join(self.workdir, 'checkpoints', stage),
-                                      keep=self.config.keep_checkpoints)
+  @property
+  def abstract_variables(self) -> Variables:
+    return rundir_lib.abstract_variables(self.model, self.train_data.image_shape, self.mesh)
 
   def batches(self, start_step: int):
     for batch in self.train_data.batches(start_step):
@@ -53,126 +89,175 @@ class Run:
   def step_key(self, step: int, purpose: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), step), purpose)
 
-  def meta(self, stage: str, complete: bool) -> dict[str, Any]:
-    return {'stage': stage, 'complete': complete, 'seed': self.config.seed,
-            'model_name': self.config.model_name, 'config': self.config.to_json()}
+  def meta(self, stage: str, step: int, total: int, source: dict[str, Any],
+           variables_key: str = '', gated: bool = False) -> dict[str, Any]:
+    """What a checkpoint says of itself (see rundir's docstring)."""
+    return {'stage': stage, 'step': step, 'total_steps': total, 'complete': step >= total,
+            'source': source, 'variables_key': variables_key, 'gated': gated,
+            'seed': self.config.seed, 'model_name': self.config.model_name,
+            'config': self.config.to_json()}
 
 
-def make_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Validates the config and the data before building anything heavy."""
+def make_run(config: ml_collections.ConfigDict, workdir: str,
+             allow_config_changes: Iterable[str] = ()) -> Run:
+  """Validates the config, the data and the batch sizes before building anything heavy."""
   config_lib.validate(config)
   input_pipeline.check_available(config.data)
   mesh = sharding.make_mesh(config.num_devices or None)
+  config_lib.validate_batch_sizes(config, mesh.size, jax.process_count())
   model = get_model(config.model_name, **config.model)
   train_data = input_pipeline.make(config.data, 'train', batch_size=config.batch_size,
                                    train=True, seed=config.seed)
-  eval_split = input_pipeline.EVAL_SPLITS[config.data.name]
-  eval_data = input_pipeline.make(config.data, eval_split, batch_size=config.eval_batch_size,
-                                  train=False)
-  os.makedirs(workdir, exist_ok=True)
-  return Run(config, workdir, model, mesh, train_data, eval_data)
+  eval_data = eval_lib.eval_pipeline(config)
+  return Run(config, rundir_lib.RunDir(workdir), model, mesh, train_data, eval_data,
+             tuple(allow_config_changes))
 
 
-def _init_fn(model, image_shape):
-  images = jnp.zeros((1, *image_shape), jnp.float32)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_changes: Iterable[str] = ()) -> dict[str, Any]:
+  """Runs `config.stages` in order (resuming from `workdir`), then the final evaluation.
 
-  def init(key):
-    variables = model.init(key, images, route=model.routes.largest)
-    return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  return init
+  Args:
+    config: a training config (configs/*.py).
+    workdir: the run directory; created if missing.
+    allow_config_changes: config keys (or 'section.' prefixes) that may differ from those
+      the workdir's checkpoints were written with, e.g. 'supernet.steps' to extend a stage.
+  Raises:
+    config_lib.ConfigError, rundir.ConfigMismatchError, rundir.StaleStageError,
+    rundir.WorkdirLockedError: before any training.
+  """
+  run = make_run(config, workdir, allow_config_changes)
+  with run.rundir.lock():
+    check_resumable(run)
+    output: Callable[[], StageOutput] = functools.partial(init_variables, run)
+    for stage in config.stages:
+      output = functools.partial(STAGES[stage], run, output)
+    variables, _ = output()
+    return eval_lib.evaluate_and_report(run.model, variables, run.eval_data, run.mesh,
+                                        run.rundir.workdir, gated='gate' in config.stages)
 
 
-def abstract_variables(model, image_shape, mesh=None):
-  """Shapes of the full-size variables (replicated over `mesh`, else on one device)."""
-  shapes = jax.eval_shape(_init_fn(model, image_shape), jax.random.key(0))
-  return checkpointing.abstract_like(shapes, mesh and sharding.replicated(mesh))
+def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
+  """The step at which `stage` is finished."""
+  return {'supernet': config.supernet.steps, 'recalibrate': config.recalibrate.num_batches,
+          'gate': config.gate.steps}[stage]
 
 
-def init_variables(run: Run) -> dict[str, Any]:
+def check_resumable(run: Run) -> None:
+  """Refuses, before any work, checkpoints of another config or computed from another input.
+
+  A stage's checkpoint is compared on every key but the run-neutral ones and the sections of
+  later stages; a later stage's checkpoint must have started from the output that the stage
+  before it will have (else it is stale: e.g. the supernet was extended after the gate ran).
+  """
+  previous = None
+  for stage in run.config.stages:
+    status = run.rundir.status(stage)
+    if status.exists and 'config' in status.meta:
+      later = [f'{s}.' for s in rundir_lib.STAGES[rundir_lib.STAGES.index(stage) + 1:]]
+      rundir_lib.check_config(status.meta, run.config, None, run.allow_changes,
+                              f'checkpoints/{stage} in {run.rundir.workdir}',
+                              ignore=(*rundir_lib.RUN_NEUTRAL_KEYS, *later))
+    if status.exists and previous is not None and 'source' in status.meta:
+      step = max(previous.step or 0, stage_steps(run.config, previous.stage))
+      expected = {'stage': previous.stage, 'step': step}
+      if status.meta['source'] != expected:
+        raise rundir_lib.StaleStageError(
+            f'checkpoints/{stage} was computed from {status.meta["source"]}, but this run '
+            f'hands it {expected}: it would go on from a stale input. Move '
+            f'{run.rundir.stage_dir(stage)} (and the stages after it) aside, or use a new '
+            'workdir.')
+    previous = status
+
+
+def init_variables(run: Run) -> StageOutput:
   """Full-size variables, from `config.init_checkpoint` or a fresh init, replicated."""
   if run.config.init_checkpoint:
-    return restore_variables(run.config.init_checkpoint, abstract_variables(
-        run.model, run.train_data.image_shape, run.mesh))
-  init = jax.jit(_init_fn(run.model, run.train_data.image_shape),
+    restored = rundir_lib.restore_variables(
+        run.config.init_checkpoint, run.model, run.train_data.image_shape, run.mesh,
+        config=run.config, allow_changes=run.allow_changes)
+    print(f'initialised from {restored.describe()}', flush=True)
+    return restored.variables, {'init_checkpoint': run.config.init_checkpoint,
+                                'step': restored.step}
+  init = jax.jit(functools.partial(run.model.init_variables,
+                                   image_shape=run.train_data.image_shape),
                  out_shardings=sharding.replicated(run.mesh))
-  return init(jax.random.key(run.config.seed))
+  return init(jax.random.key(run.config.seed)), {'init_seed': run.config.seed}
 
 
-def latest_stage_dir(workdir: str) -> str:
-  """The checkpoint directory of the last stage that saved anything in `workdir`."""
-  for stage in reversed(config_lib.STAGES):
-    directory = os.path.join(workdir, 'checkpoints', stage)
-    with checkpointing.Checkpointer(directory, keep=None) as ckpt:
-      if ckpt.latest_step() is not None:
-        return directory
-  raise FileNotFoundError(f'no checkpoint under {os.path.join(workdir, "checkpoints")}; '
-                          'train first (train.py) or pass --checkpoint')
+def _stage_start(run: Run, stage: str, total: int, abstract_state, fresh_state: Callable,
+                 upstream: Callable[[], StageOutput]):
+  """(state, first step, source) of a stage: its checkpoint's, else fresh from `upstream`.
+
+  Unreadable newer steps are set aside (renamed, never deleted) so the stage can redo them.
+  """
+  with run.rundir.checkpointer(stage, keep=None) as ckpt:
+    if ckpt.latest_step() is not None:
+      state, meta, step = ckpt.restore(abstract_state, fallback=True,
+                                       log=lambda line: print(f'[{stage}] {line}', flush=True))
+      for bad in [s for s in ckpt.all_steps() if s > step]:
+        print(f'[{stage}] step {bad} set aside as {ckpt.set_aside(bad)}', flush=True)
+      print(f'[{stage}] ' + (f'finished at step {step}; skipping' if step >= total
+                             else f'resuming at step {step}'), flush=True)
+      return state, step, meta.get('source')
+  variables, source = upstream()
+  return sharding.replicate(fresh_state(variables), run.mesh), 0, source
 
 
-def restore_variables(directory: str, target) -> dict[str, Any]:
-  """{'params', 'batch_stats'} of a stage checkpoint (the EMA model's for the supernet)."""
-  with checkpointing.Checkpointer(directory, keep=None) as ckpt:
-    if os.path.basename(os.path.normpath(directory)) == 'supernet':
-      return ckpt.restore_items({'ema': target})['ema']
-    return ckpt.restore_items(target)
+def _abstract_state(run: Run, fresh_state: Callable):
+  return checkpointing.abstract_like(jax.eval_shape(fresh_state, run.abstract_variables),
+                                     sharding.replicated(run.mesh))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs `config.stages` in order (resuming from `workdir`), then the final evaluation."""
-  run = make_run(config, workdir)
-  variables = init_variables(run)
-  for stage in config.stages:
-    variables = STAGES[stage](run, variables)
-  return eval_lib.evaluate_and_report(run.model, variables, run.eval_data, run.mesh, workdir,
-                                      gated='gate' in config.stages)
-
-
-def _resume_or_start(run: Run, stage: str, fresh_state: Callable[[], dict], to_variables):
-  """Returns (state, first step) or, for a finished stage, (variables, None)."""
-  with run.checkpointer(stage) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      return fresh_state(), 0
-    state, meta = ckpt.restore(checkpointing.abstract_like(fresh_state()), step)
-  if meta.get('complete'):
-    print(f'[{stage}] complete at step {step}; skipping', flush=True)
-    return to_variables(state), None
-  print(f'[{stage}] resuming at step {step}', flush=True)
-  return state, step
+def _train_steps(run: Run, stage: str, state, start: int, total: int, step_fn: Callable,
+                 checkpoint_meta: Callable[[int], dict], after_step: Callable | None = None):
+  """Runs steps start..total-1 of `step_fn(state, batch, step) -> (state, metrics)`, logging
+  and saving as the config says; `after_step(done, state, logger)` runs after each step."""
+  config = run.config
+  run.rundir.truncate_metrics(stage, start)
+  logger = ProgressLogger(run.rundir.metrics_path, stage, total, config.batch_size)
+  logger.start(start)
+  with run.rundir.checkpointer(stage, keep=config.keep_checkpoints) as ckpt:
+    for step, batch in zip(range(start, total), run.batches(start)):
+      state, metrics = step_fn(state, batch, step)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total:
+        logger.log(done, metrics)
+      if after_step:
+        after_step(done, state, logger)
+      if done % config.checkpoint_every_steps == 0 or done == total:
+        ckpt.save(done, state, checkpoint_meta(done))
+  return state, logger
 
 
 # ----------------------------------------------------------------------------- Stage I
 
 
-def supernet_stage(run: Run, variables: dict[str, Any]) -> dict[str, Any]:
-  """Sandwich rule + in-place bootstrapping from an EMA teacher; returns the EMA variables."""
+def supernet_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
+  """Sandwich rule + in-place bootstrapping from an EMA teacher; hands on the EMA variables."""
   cfg = run.config.supernet
-  tx = optim.make_optimizer(cfg.optimizer, cfg.steps, variables['params'])
+  tx = optim.make_optimizer(cfg.optimizer, cfg.steps, run.abstract_variables['params'],
+                            frozen=ROUTING_HEAD)
+  fresh = functools.partial(TrainState.create, tx=tx, with_ema=True)
+  state, start, source = _stage_start(run, 'supernet', cfg.steps, _abstract_state(run, fresh),
+                                      fresh, upstream)
+  if start < cfg.steps:
+    fns = SupernetFunctions(run.model, tx, cfg, run.mesh)
+    evaluated = [run.table.smallest, run.table.largest]
 
-  def fresh():
-    return sharding.replicate({'step': jnp.zeros((), jnp.int32), **variables,
-                               'opt_state': tx.init(variables['params']),
-                               'ema': jax.tree.map(jnp.copy, variables)}, run.mesh)
+    def step_fn(state, batch, step):
+      return fns.step(state, batch, run.table, run.config.seed, step, run.step_key(step, 0))
 
-  state, start = _resume_or_start(run, 'supernet', fresh, lambda s: s['ema'])
-  if start is None:
-    return state
-  fns = SupernetFunctions(run.model, tx, cfg, run.mesh)
-  logger = ProgressLogger(run.workdir, 'supernet', cfg.steps, run.config.batch_size)
-  logger.start(start)
-  with run.checkpointer('supernet') as ckpt:
-    for step, batch in zip(range(start, cfg.steps), run.batches(start)):
-      state, metrics = fns.step(state, batch, run.table, run.config.seed, step,
-                                run.step_key(step, 0))
-      done = step + 1
-      if done % run.config.log_every_steps == 0 or done == cfg.steps:
-        logger.log(done, metrics)
+    def after_step(done, state, logger):
       if run.config.eval_every_steps and done % run.config.eval_every_steps == 0:
-        _log_eval(run, logger, done, state['ema'], [run.table.smallest, run.table.largest])
-      if done % run.config.checkpoint_every_steps == 0 or done == cfg.steps:
-        ckpt.save(done, state, run.meta('supernet', complete=done == cfg.steps))
-  _log_eval(run, logger, cfg.steps, state['ema'], [run.table.smallest, run.table.largest])
-  return state['ema']
+        _log_eval(run, logger, done, state.ema, evaluated)
+
+    state, logger = _train_steps(
+        run, 'supernet', state, start, cfg.steps, step_fn,
+        lambda done: run.meta('supernet', done, cfg.steps, source, variables_key='ema'),
+        after_step)
+    _log_eval(run, logger, cfg.steps, state.ema, evaluated)
+  return state.ema, {'stage': 'supernet', 'step': max(start, cfg.steps)}
 
 
 class SupernetFunctions:
@@ -213,27 +298,28 @@ class SupernetFunctions:
     (loss, batch_stats), route_grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return jax.tree.map(jnp.add, grads, route_grads), batch_stats, loss
 
-  def _update(self, state, grads, batch_stats):
-    updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
-    params = jax.tree.map(jnp.add, state['params'], updates)
+  def _update(self, state: TrainState, grads, batch_stats) -> TrainState:
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(jnp.add, state.params, updates)
     new = {'params': params, 'batch_stats': batch_stats}
-    return {'step': state['step'] + 1, **new, 'opt_state': opt_state,
-            'ema': optim.ema_update(state['ema'], new, self.cfg.ema_decay)}
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state,
+                         ema=optim.ema_update(state.ema, new, self.cfg.ema_decay))
 
-  def step(self, state, batch, table, seed: int, step: int, key):
+  def step(self, state: TrainState, batch, table, seed: int, step: int, key):
     """One sandwich step; returns the new state and device-side metrics (no host sync)."""
     routes = routes_lib.sandwich_routes(table, seed, step, self.cfg.num_random_routes)
-    teacher = self.teacher(state['ema'], batch, route=table.largest)
+    teacher = self.teacher(state.ema, batch, route=table.largest)
     if self.cfg.ensemble_ib:
-      ensemble = [teacher] + [self.teacher(state['ema'], batch, route=r) for r in routes[1:-1]]
-    grads = self.zeros(state['params'])
-    batch_stats, metrics = state['batch_stats'], {}
+      ensemble = [teacher] + [self.teacher(state.ema, batch, route=r) for r in routes[1:-1]]
+    grads = self.zeros(state.params)
+    batch_stats, metrics = state.batch_stats, {}
     for i, route in enumerate(routes):
       targets = teacher
       if self.cfg.ensemble_ib and route == table.smallest:
         targets = sum(ensemble) / len(ensemble)
       grads, batch_stats, loss = self.route_grad(
-          state['params'], batch_stats, batch, targets, jax.random.fold_in(key, i), grads,
+          state.params, batch_stats, batch, targets, jax.random.fold_in(key, i), grads,
           route=route)
       metrics[f'loss_{"largest" if i == 0 else "smallest" if i == len(routes) - 1 else i}'] = loss
     metrics['loss'] = sum(metrics.values())
@@ -252,120 +338,71 @@ def training_views(batch, mvco: bool) -> list[jax.Array]:
 # --------------------------------------------------------------------- BN recalibration
 
 
-def recalibrate_stage(run: Run, variables: dict[str, Any]) -> dict[str, Any]:
-  with run.checkpointer('recalibrate') as ckpt:
-    if ckpt.latest_step() is not None:
-      print('[recalibrate] complete; skipping', flush=True)
-      restored, _ = ckpt.restore(checkpointing.abstract_like(variables))
-      return restored
-    n = run.config.recalibrate.num_batches
-    variables = recalibrate_bn(run.model, variables, run.batches(0), list(run.table), n)
-    ckpt.save(n, variables, run.meta('recalibrate', complete=True))
-  print(f'[recalibrate] running statistics of {len(run.table)} routes recomputed from '
-        f'{n} batches', flush=True)
-  return variables
-
-
-def recalibrate_bn(model, variables, batches, routes, num_batches: int):
-  """Replaces running statistics by their exact average over `num_batches` training batches,
-  for every route (rows that no route reaches keep their values)."""
-
-  @functools.partial(jax.jit, static_argnames='route')
-  def accumulate(variables, moments, images, route):
-    _, updated = model.apply({**variables, 'bn_moments': moments}, images, route=route,
-                             train=True, mutable=['batch_stats', 'bn_moments'],
-                             rngs={'dropout': jax.random.key(0)})
-    return updated['bn_moments']
-
-  moments = {}
-  for _, batch in zip(range(num_batches), batches):
-    for route in routes:
-      moments = accumulate(variables, moments, batch['image'], route=route)
-
-  def average(stats, mom):
-    count = mom['count'][:, None]
-    touched = mom['var_sum'] > 0
-    return {'mean': jnp.where(touched, mom['mean_sum'] / jnp.maximum(count, 1), stats['mean']),
-            'var': jnp.where(touched, mom['var_sum'] / jnp.maximum(count, 1), stats['var'])}
-
-  batch_stats = _map_bn(average, variables['batch_stats'], moments)
-  return {**variables, 'batch_stats': batch_stats}
-
-
-def _map_bn(fn, stats, moments):
-  """Applies fn to each BN layer's {'mean','var'} and its moments, over nested dicts."""
-  if 'mean' in stats and 'var' in stats and not isinstance(stats['mean'], dict):
-    return fn(stats, moments) if moments else stats
-  return {k: _map_bn(fn, v, moments.get(k, {})) for k, v in stats.items()}
+def recalibrate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
+  """Every route's running statistics set to their exact average over training batches."""
+  n = run.config.recalibrate.num_batches
+  identity = lambda variables: variables
+  variables, step, source = _stage_start(run, 'recalibrate', n,
+                                         _abstract_state(run, identity), identity, upstream)
+  if step < n:
+    variables = bn_calibration.recalibrate(run.model, variables, run.batches(0),
+                                           list(run.table), n)
+    with run.rundir.checkpointer('recalibrate', keep=None) as ckpt:
+      ckpt.save(n, variables, run.meta('recalibrate', n, n, source))
+    print(f'[recalibrate] running statistics of {len(run.table)} routes recomputed from '
+          f'{n} batches', flush=True)
+  return variables, {'stage': 'recalibrate', 'step': max(step, n)}
 
 
 # ---------------------------------------------------------------------------- Stage II
 
 
-def gate_stage(run: Run, variables: dict[str, Any]) -> dict[str, Any]:
+def gate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
   """Sandwich gate sparsification: only the routing head trains; BN in eval mode."""
   cfg = run.config.gate
-  tx = optim.make_optimizer(cfg.optimizer, cfg.steps, variables['params'])
-
-  def fresh():
-    return sharding.replicate({'step': jnp.zeros((), jnp.int32), **variables,
-                               'opt_state': tx.init(variables['params'])}, run.mesh)
-
-  state, start = _resume_or_start(run, 'gate', fresh, _variables)
-  if start is None:
-    return state
-  image_shape = run.train_data.image_shape
-  madds = jnp.asarray([route_complexity(run.model, r, image_shape, with_gate=True).madds
-                       for r in run.table.routing_space], jnp.float32)
-  step_fn = jax.jit(functools.partial(gate_train_step, run.model, tx, cfg),
-                    donate_argnums=(0,), out_shardings=sharding.replicated(run.mesh))
-  logger = ProgressLogger(run.workdir, 'gate', cfg.steps, run.config.batch_size)
-  logger.start(start)
-  with run.checkpointer('gate') as ckpt:
-    for step, batch in zip(range(start, cfg.steps), run.batches(start)):
-      state, metrics = step_fn(state, madds, batch, run.step_key(step, 1))
-      done = step + 1
-      if done % run.config.log_every_steps == 0 or done == cfg.steps:
-        logger.log(done, metrics)
-      if done % run.config.checkpoint_every_steps == 0 or done == cfg.steps:
-        ckpt.save(done, state, run.meta('gate', complete=done == cfg.steps))
-  return _variables(state)
+  tx = optim.make_optimizer(cfg.optimizer, cfg.steps, run.abstract_variables['params'])
+  fresh = functools.partial(TrainState.create, tx=tx)
+  state, start, source = _stage_start(run, 'gate', cfg.steps, _abstract_state(run, fresh),
+                                      fresh, upstream)
+  if start < cfg.steps:
+    madds = jnp.asarray(run.model.routing_madds(run.train_data.image_shape), jnp.float32)
+    compiled = jax.jit(functools.partial(gate_train_step, run.model, tx, cfg),
+                       donate_argnums=(0,), out_shardings=sharding.replicated(run.mesh))
+    state, _ = _train_steps(
+        run, 'gate', state, start, cfg.steps,
+        lambda state, batch, step: compiled(state, madds, batch, run.step_key(step, 1)),
+        lambda done: run.meta('gate', done, cfg.steps, source, gated=True))
+  return state.variables, {'stage': 'gate', 'step': max(start, cfg.steps)}
 
 
-def _variables(state):
-  return {'params': state['params'], 'batch_stats': state['batch_stats']}
-
-
-def gate_train_step(model, tx, cfg, state, route_madds, batch, key):
+def gate_train_step(model, tx, cfg, state: TrainState, route_madds, batch, key):
   """One SGS step: targets from the smallest route, Gumbel straight-through routing."""
   images, labels = batch['image'], batch['label']
-  batch_stats = state['batch_stats']
   space = model.routes.routing_space
-  num_routes = len(space)
-  smallest = model.apply({'params': state['params'], 'batch_stats': batch_stats}, images,
-                         route=space[0])
-  targets = losses.gate_targets(jnp.argmax(smallest, -1) == labels, num_routes)
+  smallest = model.apply(state.variables, images, route=space[0])
+  targets = losses.gate_targets(jnp.argmax(smallest, -1) == labels, len(space))
 
   def loss_fn(params):
-    v = {'params': params, 'batch_stats': batch_stats}
-    features, gate_logits = model.apply(v, images, method='prefix')
-    weights = losses.gumbel_straight_through(key, gate_logits, cfg.gumbel_tau)
-    logits = model.apply(v, features, weights, method='masked_suffix')
+    logits, routing_logits, weights = model.apply_gated(
+        {'params': params, 'batch_stats': state.batch_stats}, images,
+        lambda routing_logits: losses.gumbel_straight_through(key, routing_logits,
+                                                               cfg.gumbel_tau))
     mean_madds = (weights @ route_madds).mean()
-    gate_ce = losses.gate_cross_entropy(gate_logits, targets, cfg.double_softmax)
+    gate_ce = losses.gate_cross_entropy(routing_logits, targets, cfg.double_softmax)
     ce = losses.cross_entropy(logits, labels)
     penalty = losses.madds_penalty(mean_madds, cfg.madds_weight, cfg.madds_scale,
                                    cfg.madds_target or None)
     loss = cfg.gate_ce_weight * gate_ce + cfg.ce_weight * ce + penalty
+    histogram = jax.lax.stop_gradient(weights).sum(0)
     return loss, dict(gate_ce=gate_ce, ce=ce, madds_penalty=penalty, mean_madds=mean_madds,
-                      route_histogram=jax.lax.stop_gradient(weights).sum(0),
-                      gate_accuracy=(jnp.argmax(gate_logits, -1) == targets).mean(),
+                      route_histogram={r.name: histogram[i] for i, r in enumerate(space)},
+                      gate_accuracy=(jnp.argmax(routing_logits, -1) == targets).mean(),
                       accuracy=(jnp.argmax(logits, -1) == labels).mean())
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = jax.tree.map(jnp.add, state['params'], updates)
-  return ({**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state},
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(jnp.add, state.params, updates)
+  return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
           {'loss': loss, **metrics})
 
 

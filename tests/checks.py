@@ -1,9 +1,14 @@
-"""Assertions every gated model's tests share."""
+"""Assertions every gated model's tests share, and the tiny training config."""
+import importlib.util
+import pathlib
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+ROOT = pathlib.Path(__file__).parents[1]
 
 
 def assert_one_compile_per_route(model, variables, images, routes, unseen_route):
@@ -54,3 +59,18 @@ def train_mode_gradients(model, variables, images, route):
                             mutable=['batch_stats'])
     return jnp.sum(logits ** 2)
   return jax.jit(jax.grad(loss))(variables['params'])
+
+
+def tiny_config(**overrides):
+  spec = importlib.util.spec_from_file_location('tiny', ROOT / 'configs/tiny.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.unlock()
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config

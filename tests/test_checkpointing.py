@@ -33,7 +33,8 @@ def test_round_trip_keeps_structure_values_and_meta(tmp_path):
     assert ckpt.latest_step() is None
     assert ckpt.save(7, state, META)
   with checkpointing.Checkpointer(tmp_path / 'ckpt') as ckpt:  # Fresh, as a resumed run.
-    restored, meta = ckpt.restore(jax.eval_shape(lambda: state))
+    restored, meta, step = ckpt.restore(jax.eval_shape(lambda: state))
+    assert step == 7
     assert ckpt.restore_meta() == meta == META
   chex.assert_trees_all_equal(restored, state)  # Also checks the optax NamedTuple survives.
   chex.assert_trees_all_equal_dtypes(restored, state)
@@ -46,7 +47,7 @@ def test_keep_n_and_restore_a_specific_step(tmp_path):
       ckpt.save(step, make_state(float(step), step), {'step': step})
     assert ckpt.all_steps() == [2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ['2', '3']
-    state, meta = ckpt.restore(make_state(), step=2)  # Concrete arrays as the target.
+    state, meta, _ = ckpt.restore(make_state(), step=2)  # Concrete arrays as the target.
     assert meta == {'step': 2} and int(state['step']) == 2
     np.testing.assert_array_equal(state['batch_stats']['bn']['mean'], np.full(8, 2.0))
     with pytest.raises(FileNotFoundError, match=r'no checkpoint for step 1 .*steps: \[2, 3\]'):
@@ -59,7 +60,7 @@ def test_existing_steps_are_never_overwritten(tmp_path):
     assert not ckpt.save(5, make_state(9.0), META)  # Skipped, as orbax does.
     with pytest.raises(ValueError, match='already exists'):
       ckpt.save(5, make_state(9.0), META, force=True)
-    state, _ = ckpt.restore(make_state())
+    state, _, _ = ckpt.restore(make_state())
   np.testing.assert_array_equal(state['params']['bn']['scale'], np.ones(8))
   np.testing.assert_array_equal(state['batch_stats']['bn']['mean'], np.full(8, 1.0))
 
@@ -69,7 +70,7 @@ def test_partial_restore_reads_only_the_requested_items(tmp_path):
   with checkpointing.Checkpointer(tmp_path) as ckpt:
     ckpt.save(1, state, META)
     wanted = {k: state[k] for k in ('params', 'batch_stats')}
-    restored = ckpt.restore_items(jax.eval_shape(lambda: wanted))
+    restored, _, _ = ckpt.restore(jax.eval_shape(lambda: wanted), partial=True)
   assert set(restored) == {'params', 'batch_stats'}
   chex.assert_trees_all_equal(restored, wanted)
 
@@ -93,7 +94,7 @@ def test_mismatch_names_every_offending_key(tmp_path):
     assert 'batch_stats/bn/mean: expected (8,) bfloat16, found (8,) float32' in message
     assert 'batch_stats/bn/var: found (8,) float32, not in the model' in message
     with pytest.raises(checkpointing.CheckpointMismatchError, match='params/head/bias'):
-      ckpt.restore_items({'params': target['params']})  # Partial: extra stored keys are fine.
+      ckpt.restore({'params': target['params']}, partial=True)
 
 
 def test_missing_directory_or_checkpoint_is_a_clear_error(tmp_path):
@@ -109,7 +110,7 @@ def test_a_foreign_layout_is_named(tmp_path):
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({'w': jnp.ones(2)})))
   with checkpointing.Checkpointer(tmp_path) as ckpt:
     with pytest.raises(checkpointing.CheckpointMismatchError, match=r"no `state` item .*'params'"):
-      ckpt.restore_items({'params': {'w': jnp.ones(2)}})
+      ckpt.restore({'params': {'w': jnp.ones(2)}}, partial=True)
 
 
 def test_restore_lands_on_the_target_sharding(tmp_path):
@@ -121,7 +122,7 @@ def test_restore_lands_on_the_target_sharding(tmp_path):
     split = NamedSharding(mesh, P(None, None, None, sharding.DATA))
     shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
     shardings['params']['conv']['kernel'] = split
-    restored, _ = ckpt.restore(checkpointing.abstract_like(state, shardings))
+    restored, _, _ = ckpt.restore(checkpointing.abstract_like(state, shardings))
   assert restored['params']['conv']['kernel'].sharding == split
   assert restored['params']['bn']['scale'].sharding == sharding.replicated(mesh)
   chex.assert_trees_all_equal(restored, state)
@@ -153,8 +154,91 @@ def test_a_killed_save_leaves_the_previous_step_latest(tmp_path):
   target = {'w': jax.ShapeDtypeStruct((4,), jnp.float32)}
   with checkpointing.Checkpointer(tmp_path) as ckpt:
     assert ckpt.all_steps() == [1]
-    state, meta = ckpt.restore(target)
+    state, meta, _ = ckpt.restore(target)
     np.testing.assert_array_equal(state['w'], np.ones(4))
     assert meta == {'step': 1}
     assert ckpt.save(2, {'w': jnp.full(4, 3.0)}, {'step': 2})  # The resumed run redoes step 2.
     assert ckpt.restore(target)[1] == {'step': 2}
+
+
+def test_partial_restore_is_exact_inside_the_requested_items(tmp_path):
+  """A model with fewer arrays than the checkpoint must not restore the ones it has."""
+  state = make_state()
+  state['params']['extra_block'] = {'kernel': jnp.ones((2, 2))}
+  state['batch_stats']['extra_bn'] = {'mean': jnp.zeros(4)}
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, state, META)
+    target = {k: jax.eval_shape(lambda: make_state()[k]) for k in ('params', 'batch_stats')}
+    with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+      ckpt.restore(target, partial=True)
+  message = str(error.value)
+  assert '(2 differences)' in message
+  assert 'params/extra_block/kernel: found (2, 2) float32, not in the model' in message
+  assert 'batch_stats/extra_bn/mean: found (4,) float32, not in the model' in message
+  assert 'opt_state' not in message  # Items outside the target are not compared.
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+def test_non_finite_state_is_never_saved(tmp_path, bad):
+  with checkpointing.Checkpointer(tmp_path, keep=3) as ckpt:
+    ckpt.save(1, make_state(1.0, step=1), META)
+    state = make_state(1.0, step=2)
+    state['batch_stats']['bn']['mean'] = state['batch_stats']['bn']['mean'].at[3].set(bad)
+    with pytest.raises(checkpointing.NonFiniteStateError,
+                       match=r'not saving step 2 .*batch_stats/bn/mean; the last saved step is 1'):
+      ckpt.save(2, state, META)
+    assert ckpt.all_steps() == [1]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1']
+
+
+def _truncate_an_array_file(step_dir):
+  files = [p for p in step_dir.rglob('*') if p.is_file() and 'd' in p.parent.name
+           and p.stat().st_size > 0]
+  assert files, sorted(str(p) for p in step_dir.rglob('*'))
+  for f in files:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_an_unreadable_latest_step_falls_back_in_one_line(tmp_path):
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, make_state(float(step), step), {'step': step})
+  _truncate_an_array_file(tmp_path / '2')
+  lines = []
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    state, meta, step = ckpt.restore(make_state(), fallback=True, log=lines.append)
+    assert (step, meta) == (1, {'step': 1})
+    np.testing.assert_array_equal(state['batch_stats']['bn']['mean'], np.full(8, 1.0))
+    assert len(lines) == 1 and '2 is unreadable' in lines[0] and 'falling back to step 1' in lines[0]
+    assert '\n' not in lines[0]
+    with pytest.raises(Exception):  # Without fallback the bad step is an error.
+      ckpt.restore(make_state())
+    assert ckpt.set_aside(2).name == '2.unreadable'
+    assert ckpt.all_steps() == [1]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2.unreadable']  # Nothing deleted.
+  _truncate_an_array_file(tmp_path / '1')
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpointing.UnreadableCheckpointError, match='no readable step'):
+      ckpt.restore(make_state(), fallback=True, log=lines.append)
+
+
+_FAILED_SAVE = textwrap.dedent('''
+    import sys
+    import jax.numpy as jnp
+    from dsnet_jax import checkpointing, cli
+
+    def main():
+      checkpointing.Checkpointer(sys.argv[1]).save(1, {'w': jnp.ones(4)})
+    cli.main_errors(main)()
+''')
+
+
+def test_a_failed_save_exits_at_once_with_the_os_error_last(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  run = subprocess.run([sys.executable, '-c', _FAILED_SAVE, str(blocker)], env=env,
+                       capture_output=True, text=True, timeout=60)
+  assert run.returncode == 1
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: saving step 1 to ') and 'FileExistsError' in last, run.stderr

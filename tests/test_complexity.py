@@ -62,8 +62,8 @@ def test_params_of_largest_route_match_the_released_checkpoint():
 
 def test_small_model_counts_by_hand():
   model = ds_mbnet.Model(num_classes=10, stem_widths=(4, 8), stem_stride=1,
-                         stage_widths=((8, 16), (8, 16), (16, 24), (16, 24, 32), (32, 40, 48)),
-                         stage_depths=(1, 1, 1, 2, 1), stage_strides=(1, 2, 1, 2, 1),
+                         group_widths=((8, 16), (8, 16), (16, 24), (16, 24, 32), (32, 40, 48)),
+                         group_depths=(1, 1, 1, 2, 1), group_strides=(1, 2, 1, 2, 1),
                          in_channels=1, routing_space=(0, 2))
   full = (8, 16, 16, 24, 32, 48)
   for route in model.routes:
@@ -75,7 +75,7 @@ def test_small_model_counts_by_hand():
 @pytest.mark.parametrize('route', [0, 'largest'])
 def test_xla_cost_analysis_agrees_roughly(route):
   model = ds_mbnet.Model()
-  variables = complexity.abstract_variables(model, (224, 224, 3))
+  variables = model.abstract_variables((224, 224, 3))
   images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   flops = complexity.xla_flops(lambda v, x: model.apply(v, x, route=route), variables, images)
   madds = complexity.route_complexity(model, route, (224, 224, 3)).madds

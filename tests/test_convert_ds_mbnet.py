@@ -18,8 +18,8 @@ from dsnet_jax.models import ds_mbnet
 # Every key and PyTorch shape of the authors' released DS-MBNet state dict.
 KEYS_FILE = pathlib.Path(__file__).parent / 'testdata/ds_mbnet_state_dict_keys.txt'
 ROUTES = (*range(14), 'largest')
-STAGE_DEPTHS = (1, 2, 2, 6, 2)
-STAGE_STRIDES = (1, 2, 2, 2, 2)
+GROUP_DEPTHS = (1, 2, 2, 6, 2)  # Blocks in each of blocks.0..4.
+GROUP_STRIDES = (1, 2, 2, 2, 2)
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -124,19 +124,19 @@ def reference_forward(sd, images_nchw, route, calibrate=None):
   """Logits and the gate's routing logits of the authors' DS-MBNet at `route`, in float64.
 
   With a Generator `calibrate`, first sets each running statistic that `route` uses (in `sd`)
-  to the statistics of its input, randomly perturbed: features stay O(1) and logits depend on
+  to the statistics of its input, randomly perturbed: activations stay O(1) and logits depend on
   the input, so the tolerance means something (with random statistics the signal dies out
   and the logits are the same for every image).
   """
-  (stem, stem_index), *stages = route_widths(route)
+  (stem, stem_index), *groups = route_widths(route)
   x = conv2d(images_nchw.astype(np.float64), sd['conv_stem.weight'][:stem, :3], 2)
   x = silu(batch_norm(x, sd, 'bn1', stem_index, calibrate))
   in_index = stem_index
-  for s, ((width, index), depth, stride) in enumerate(zip(stages, STAGE_DEPTHS, STAGE_STRIDES)):
+  for g, ((width, index), depth, stride) in enumerate(zip(groups, GROUP_DEPTHS, GROUP_STRIDES)):
     for b in range(depth):
-      prefix = f'blocks.{s}.first_block' if b == 0 else f'blocks.{s}.residual_blocks.{b - 1}'
+      prefix = f'blocks.{g}.first_block' if b == 0 else f'blocks.{g}.residual_blocks.{b - 1}'
       x, z = block(x, sd, prefix, stride if b == 0 else 1, in_index, width, index, calibrate)
-      if (s, b) == (3, 0):
+      if (g, b) == (3, 0):
         routing_logits = z @ sd[f'{prefix}.gate.gate.0.weight'][:, :, 0, 0].T
       in_index = index
   logits = x.mean((2, 3)) @ sd['classifier.weight'][:, :x.shape[1]].T + sd['classifier.bias']

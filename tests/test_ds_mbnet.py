@@ -59,15 +59,15 @@ def test_gradients_outside_the_slice_are_zero(model_and_variables):
   grads = checks.train_mode_gradients(model, variables, images(2), route=0)
   slices = [
       (grads['stem_conv']['kernel'], np.s_[..., :16]),
-      (grads['stages_0_0']['conv_dw']['kernel'], np.s_[..., :16]),
-      (grads['stages_3_1']['conv_pw']['kernel'], np.s_[:, :, :224, :224]),
-      (grads['stages_4_1']['bn2']['scale'], np.s_[:736]),
-      (grads['stages_4_1']['se']['conv_reduce']['kernel'], np.s_[:736, :]),
+      (grads['groups_0_0']['conv_dw']['kernel'], np.s_[..., :16]),
+      (grads['groups_3_1']['conv_pw']['kernel'], np.s_[:, :, :224, :224]),
+      (grads['groups_4_1']['bn2']['scale'], np.s_[:736]),
+      (grads['groups_4_1']['se']['conv_reduce']['kernel'], np.s_[:736, :]),
       (grads['classifier']['kernel'], np.s_[:736]),
   ]
   checks.assert_gradients_only_inside(slices)
   # The gate's routing head is not on a static route's loss.
-  assert np.all(np.asarray(grads['stages_3_0']['gate']['routing_head']['kernel']) == 0)
+  assert np.all(np.asarray(grads['groups_3_0']['gate']['routing_head']['kernel']) == 0)
 
 
 def test_batchnorm_updates_only_its_width_row(model_and_variables):
@@ -75,8 +75,8 @@ def test_batchnorm_updates_only_its_width_row(model_and_variables):
   x = images(4)
   _, updated = jax.jit(lambda v, x: model.apply(v, x, route=2, train=True,
                                                 mutable=['batch_stats']))(variables, x)
-  old = variables['batch_stats']['stages_3_2']['bn2']
-  new = updated['batch_stats']['stages_3_2']['bn2']
+  old = variables['batch_stats']['groups_3_2']['bn2']
+  new = updated['batch_stats']['groups_3_2']['bn2']
   row = 2  # Width 288 is row 2 of (224, 256, ..., 640).
   for name in ('mean', 'var'):
     changed = np.asarray(new[name] != old[name])

@@ -13,8 +13,8 @@ from dsnet_jax import complexity
 from dsnet_jax.models import ds_resnet
 
 IMAGE = (32, 32, 3)
-TINY = dict(num_classes=10, stem_features=8, stage_features=(4, 8, 8, 16),
-            stage_depths=(1, 1, 2, 2), gate_stage=2, prefix_ratio=0.5,
+TINY = dict(num_classes=10, stem_features=8, group_inner_features=(4, 8, 8, 16),
+            group_depths=(1, 1, 2, 2), gate_group=2, prefix_ratio=0.5,
             route_ratios=(0.5, 0.75, 1.0), channel_multiple=2, routing_space=(0, 1, 2))
 RESNET50 = (64, (64, 256), (128, 512), (256, 1024), (512, 2048))
 
@@ -89,9 +89,9 @@ def test_sliced_equals_masked_for_mixed_routes(model_and_variables):
 def test_prefix_suffix_compose_to_call(model_and_variables):
   model, _, variables, forward = model_and_variables
   x = images(6)
-  features, gate_logits = jax.jit(lambda v, x: model.apply(v, x, method='prefix'))(variables, x)
-  assert features.shape == (6, 4, 4, 16) and gate_logits.shape == (6, 3)
-  logits = jax.jit(lambda v, f: model.apply(v, f, 2, method='suffix'))(variables, features)
+  hidden, gate_logits = jax.jit(lambda v, x: model.apply(v, x, method='prefix'))(variables, x)
+  assert hidden.shape == (6, 4, 4, 16) and gate_logits.shape == (6, 3)
+  logits = jax.jit(lambda v, h: model.apply(v, h, 2, method='suffix'))(variables, hidden)
   np.testing.assert_allclose(logits, forward(variables, x, route=2), atol=1e-6)
 
 
@@ -106,32 +106,32 @@ def test_gradients_outside_the_slice_are_zero(model_and_variables):
   # Route 0: stem 4, layer1 (2, 8), layer2 (4, 16), layer3 (4, 16), layer4 (8, 32).
   slices = [
       (grads['stem_conv']['kernel'], np.s_[..., :4]),
-      (grads['stages_0_0']['conv1']['kernel'], np.s_[:, :, :4, :2]),
-      (grads['stages_0_0']['shortcut_conv']['kernel'], np.s_[:, :, :4, :8]),
-      (grads['stages_1_0']['conv3']['kernel'], np.s_[:, :, :4, :16]),
-      (grads['stages_2_0']['conv1']['kernel'], np.s_[:, :, :16, :4]),
-      (grads['stages_2_1']['conv2']['kernel'], np.s_[:, :, :4, :4]),
-      (grads['stages_2_0']['gate']['se']['conv_reduce']['kernel'], np.s_[:16, :]),
-      (grads['stages_3_1']['bn3']['scale'], np.s_[:32]),
+      (grads['groups_0_0']['conv1']['kernel'], np.s_[:, :, :4, :2]),
+      (grads['groups_0_0']['shortcut_conv']['kernel'], np.s_[:, :, :4, :8]),
+      (grads['groups_1_0']['conv3']['kernel'], np.s_[:, :, :4, :16]),
+      (grads['groups_2_0']['conv1']['kernel'], np.s_[:, :, :16, :4]),
+      (grads['groups_2_1']['conv2']['kernel'], np.s_[:, :, :4, :4]),
+      (grads['groups_2_0']['gate']['se']['conv_reduce']['kernel'], np.s_[:16, :]),
+      (grads['groups_3_1']['bn3']['scale'], np.s_[:32]),
       (grads['classifier']['kernel'], np.s_[:32]),
   ]
   checks.assert_gradients_only_inside(slices)
-  assert np.all(np.asarray(grads['stages_2_0']['gate']['routing_head']['kernel']) == 0)
+  assert np.all(np.asarray(grads['groups_2_0']['gate']['routing_head']['kernel']) == 0)
 
 
 def test_fresh_block_is_relu_of_its_shortcut(model_and_variables):
   model, fresh, _, _ = model_and_variables
   for name, params in fresh['params'].items():
-    if name.startswith('stages_'):
+    if name.startswith('groups_'):
       assert np.all(np.asarray(params['bn3']['scale']) == 0), name
   x = jax.nn.relu(jax.random.normal(jax.random.key(3), (2, 4, 4, 16)))  # A block output (>= 0).
 
   @jax.jit
   def blocks(v, x):
     def run(m, x):
-      projection = m.stages[3][0]
+      projection = m.groups[3][0]
       shortcut = jax.nn.relu(projection.shortcut_bn(projection.shortcut_conv(x, 32), False))
-      return m.stages[2][1](x, 4, 16, False), projection(x, 8, 32, False), shortcut
+      return m.groups[2][1](x, 4, 16, False), projection(x, 8, 32, False), shortcut
     return model.apply(v, x, method=run)
   identity, projected, shortcut = blocks(fresh, x)
   np.testing.assert_array_equal(identity, x)
@@ -140,22 +140,22 @@ def test_fresh_block_is_relu_of_its_shortcut(model_and_variables):
 
 # --- MAdds ----------------------------------------------------------------------------------
 
-def hand_madds(widths, image, depths, in_channels=3, classes=1000, gate_stage=2, gate_in=0,
+def hand_madds(widths, image, depths, in_channels=3, classes=1000, gate_group=2, gate_in=0,
                gate_reduced=0):
   """A plain bottleneck ResNet's multiply-adds, layer by layer (reference convention).
 
-  widths: (stem, (inner, out) per stage); strides 1, 2, 2, 2. `gate_reduced` > 0 adds the
-  gate's attention head (pool, reduce, expand) at the input of the gate stage's first block.
+  widths: (stem, (inner, out) per group); strides 1, 2, 2, 2. `gate_reduced` > 0 adds the
+  gate's attention head (pool, reduce, expand) at the input of the gate group's first block.
   """
   h = image // 2
   total = in_channels * widths[0] * 7 * 7 * h * h   # stem conv 7x7/2
   h //= 2                                            # max pool 3x3/2: no multiply-adds
   c = widths[0]
-  for s, ((inner, out), depth) in enumerate(zip(widths[1:], depths)):
+  for g, ((inner, out), depth) in enumerate(zip(widths[1:], depths)):
     for b in range(depth):
-      if (s, b) == (gate_stage, 0) and gate_reduced:
+      if (g, b) == (gate_group, 0) and gate_reduced:
         total += c * h * h + c * gate_reduced + gate_reduced * c
-      stride = 2 if (b == 0 and s > 0) else 1
+      stride = 2 if (b == 0 and g > 0) else 1
       h_out = math.ceil(h / stride)
       total += c * inner * h * h                     # conv1 1x1
       total += inner * inner * 9 * h_out * h_out     # conv2 3x3 (stride)
@@ -186,7 +186,7 @@ def test_tiny_madds_per_route_by_hand():
   model = tiny_model()
   for route in model.routes:
     got = complexity.route_complexity(model, route, IMAGE).madds
-    assert got == hand_madds(route.widths, 32, TINY['stage_depths'], classes=10, gate_reduced=8)
+    assert got == hand_madds(route.widths, 32, TINY['group_depths'], classes=10, gate_reduced=8)
 
 
 # --- NumPy reference (NCHW) -----------------------------------------------------------------
@@ -221,7 +221,7 @@ def np_maxpool(x):
                           for i in range(3) for j in range(3)]), axis=0)
 
 
-def np_forward(variables, table, route, x_nhwc, depths, gate_stage):
+def np_forward(variables, table, route, x_nhwc, depths, gate_group):
   relu = lambda v: np.maximum(v, 0)
   params, stats = variables['params'], variables['batch_stats']
   all_widths = [r.widths for r in table]
@@ -231,22 +231,22 @@ def np_forward(variables, table, route, x_nhwc, depths, gate_stage):
   x = np_conv(x, params['stem_conv']['kernel'][..., :w[0]], 2, 3)
   x = np_maxpool(relu(np_bn(x, params['stem_bn'], stats['stem_bn'], w[0],
                             widths_of(lambda v: v[0]))))
-  for s, depth in enumerate(depths):
-    inner, out = w[s + 1]
-    inner_widths = widths_of(lambda v: v[s + 1][0])
-    out_widths = widths_of(lambda v: v[s + 1][1])
+  for g, depth in enumerate(depths):
+    inner, out = w[g + 1]
+    inner_widths = widths_of(lambda v: v[g + 1][0])
+    out_widths = widths_of(lambda v: v[g + 1][1])
     for b in range(depth):
-      name = f'stages_{s}_{b}'
+      name = f'groups_{g}_{b}'
       p, st = params[name], stats[name]
       c = x.shape[1]
-      if (s, b) == (gate_stage, 0):
+      if (g, b) == (gate_group, 0):
         se = p['gate']['se']
         z = relu(x.mean((2, 3)) @ np.asarray(se['conv_reduce']['kernel'], np.float64)[:c]
                  + np.asarray(se['conv_reduce']['bias'], np.float64))
         a = 1 / (1 + np.exp(-(z @ np.asarray(se['conv_expand']['kernel'], np.float64)[:, :c]
                               + np.asarray(se['conv_expand']['bias'], np.float64)[:c])))
         x = x * a[:, :, None, None]
-      stride = 2 if (b == 0 and s > 0) else 1
+      stride = 2 if (b == 0 and g > 0) else 1
       y = relu(np_bn(np_conv(x, p['conv1']['kernel'][:, :, :c, :inner], 1, 0), p['bn1'],
                      st['bn1'], inner, inner_widths))
       y = relu(np_bn(np_conv(y, p['conv2']['kernel'][:, :, :inner, :inner], stride, 1),
@@ -269,7 +269,7 @@ def test_matches_numpy_reference(model_and_variables, route):
   x = images(6)  # The shape the other tests compiled.
   got = forward(variables, x, route=route)
   want = np_forward(jax.device_get(variables), model.routes, model.routes[route], x,
-                    TINY['stage_depths'], TINY['gate_stage'])
+                    TINY['group_depths'], TINY['gate_group'])
   err = np.abs(np.asarray(got, np.float64) - want).max()
   print(f'route {route}: max |jax - numpy| = {err:.2e}')
   assert err < 1e-4

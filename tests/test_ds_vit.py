@@ -12,7 +12,7 @@ from dsnet_jax.routes import UnknownRouteError
 
 IMAGE = (32, 32, 3)
 TINY = dict(variant=None, width=48, depth=4, num_heads=3, mlp_dim=96, patch_size=8,
-            image_size=32, num_classes=10, stage_depths=(1, 1, 1, 1),
+            image_size=32, num_classes=10, group_depths=(1, 1, 1, 1),
             level_fractions=(1 / 3, 2 / 3, 1.0), routing_space=(0, 2, 4, 6))
 HEAD_DIM = 16
 TOKENS = (32 // 8) ** 2 + 1
@@ -91,9 +91,9 @@ def test_sliced_equals_masked_for_mixed_routes(model_and_variables):
       lambda route: forward(model, variables, x, route=route.name))
   assert np.abs(np.asarray(masked)).max() > 1e-1  # Not trivially small.
   # prefix + suffix is the sliced forward.
-  features, prefix_logits = model.apply(variables, x, method='prefix')
+  hidden, prefix_logits = model.apply(variables, x, method='prefix')
   np.testing.assert_allclose(prefix_logits, gate_logits, atol=1e-6)
-  np.testing.assert_allclose(model.apply(variables, features, '2', method='suffix'),
+  np.testing.assert_allclose(model.apply(variables, hidden, '2', method='suffix'),
                              forward(model, variables, x, route='2'), atol=1e-5)
 
 
@@ -129,7 +129,7 @@ def test_gradients_outside_the_slice_are_zero(model_and_variables):
   def loss(params):
     return jnp.sum(model.apply({'params': params}, images(), route=2) ** 2)
   grads = jax.jit(jax.grad(loss))(variables['params'])
-  # Route 2: stages at (16, 1, 32), (16, 1, 32), (32, 2, 64), (32, 2, 64); head at width 32.
+  # Route 2: groups at (16, 1, 32), (16, 1, 32), (32, 2, 64), (32, 2, 64); head at width 32.
   slices = [
       (grads['blocks_1']['mlp']['fc1']['kernel'], np.s_[:16, :32]),
       (grads['blocks_1']['mlp']['fc2']['kernel'], np.s_[:32, :16]),
@@ -189,7 +189,7 @@ def numpy_forward(params, x, widths):
     y = _gelu(_dense(_layer_norm(s, bp['norm2']), bp['mlp']['fc1'], mlp))
     s = s + _dense(y, bp['mlp']['fc2'], d)
     x = np.concatenate([s, x[..., d:]], -1)
-    if i == 0:  # The gate's attention head, after stage 0.
+    if i == 0:  # The gate's attention head, after group 0.
       gp = p['gate']
       z = np.maximum(_dense(_layer_norm(x[:, 0, :d], gp['norm']), gp['reduce'], GATE_REDUCED), 0)
       x = x / (1 + np.exp(-_dense(z, gp['expand'], 48)))[:, None, :]
@@ -239,7 +239,7 @@ def hand_madds(widths, image, patch, channels_in, width, classes, head_dim, gate
 
 def test_madds_match_hand_count_on_tiny_model():
   model = ds_vit.Model(**TINY)
-  for route in model.routes:  # One block per stage.
+  for route in model.routes:  # One block per group.
     got = complexity.route_complexity(model, route, IMAGE).madds
     assert got == hand_madds(route.widths, 32, 8, 3, 48, 10, HEAD_DIM, GATE_REDUCED), route
   plain = complexity.route_complexity(model, 0, IMAGE)
@@ -264,7 +264,7 @@ def test_s16_route_table():
 @pytest.mark.parametrize('route', [0, 'largest'])
 def test_xla_cost_analysis_agrees_roughly(route):
   model = ds_vit.Model(**TINY)
-  variables = complexity.abstract_variables(model, IMAGE)
+  variables = model.abstract_variables(IMAGE)
   x = jax.ShapeDtypeStruct((1, *IMAGE), jnp.float32)
   flops = complexity.xla_flops(lambda v, x: model.apply(v, x, route=route), variables, x)
   madds = complexity.route_complexity(model, route, IMAGE).madds

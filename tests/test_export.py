@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from dsnet_jax import checkpointing, export, inference
+from dsnet_jax import bn_calibration, checkpointing, export, stand_in
 from dsnet_jax.models import ds_mbnet, get_model
 
 IMAGE = (32, 32, 3)
@@ -21,9 +21,9 @@ def images(n, seed=0):
 @pytest.fixture(scope='module')
 def setup():
   model = ds_mbnet.Model(num_classes=10)
-  variables = inference.random_variables(model, IMAGE)
+  variables = stand_in.random_variables(model, IMAGE)
   # Real activation statistics, so that a wrong BN row or fold shows in the logits.
-  variables = inference.calibrate_batch_stats(model, variables, images(8), [2, 'largest'])
+  variables = bn_calibration.calibrate_to_batch(model, variables, images(8), [2, 'largest'])
   return model, variables
 
 
@@ -91,7 +91,7 @@ def test_cli_exports_a_route_of_a_training_workdir(tmp_path):
   config = _load_config(root / 'configs/tiny.py')
   model = get_model(config.model_name, **config.model)
   image_shape = (16, 16, 1)
-  variables = inference.random_variables(model, image_shape, seed=3)
+  variables = stand_in.random_variables(model, image_shape, seed=3)
   workdir = tmp_path / 'work'
   with checkpointing.Checkpointer(workdir / 'checkpoints' / 'recalibrate') as ckpt:
     ckpt.save(2, variables, {'stage': 'recalibrate'})
@@ -103,6 +103,14 @@ def test_cli_exports_a_route_of_a_training_workdir(tmp_path):
   x = jax.random.normal(jax.random.key(0), (3, *image_shape))
   supernet = np.asarray(model.apply(variables, x, route=1))
   np.testing.assert_allclose(loaded(x), supernet, rtol=1e-4, atol=3e-5 * np.abs(supernet).max())
+
+  before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+  again = subprocess.run([sys.executable, '-m', 'dsnet_jax.export',
+                          f'--config={root}/configs/tiny.py', f'--workdir={workdir}', '--route=2',
+                          f'--out={out}', '--platforms=cpu'], cwd=root, capture_output=True,
+                         text=True)
+  assert again.returncode != 0 and 'is not empty; pass --overwrite' in again.stderr
+  assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
 def _load_config(path):

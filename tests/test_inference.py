@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsnet_jax import inference
+from dsnet_jax import bn_calibration, inference, stand_in
 from dsnet_jax.models import ds_mbnet
 from dsnet_jax.routes import UnknownRouteError
 
@@ -28,10 +28,10 @@ def images(n, seed=0):
 @pytest.fixture(scope='module')
 def setup():
   model = ds_mbnet.Model(num_classes=10)
-  variables = inference.random_variables(model, IMAGE)
+  variables = stand_in.random_variables(model, IMAGE)
   # Statistics of real activations, so that outputs and gate choices depend on the input.
-  variables = inference.calibrate_batch_stats(model, variables, images(8),
-                                              [0, 1, 2, 3, 'largest'])
+  variables = bn_calibration.calibrate_to_batch(model, variables, images(8),
+                                                [0, 1, 2, 3, 'largest'])
   predictor = inference.RoutedPredictor(model, variables, IMAGE, ladder=LADDER,
                                           max_padding=0.25).warmup()
   alone = jax.jit(lambda v, x, route: model.apply(v, x, route=route), static_argnames='route')
@@ -72,15 +72,15 @@ def test_forced_route_mix_keeps_input_order(setup):
   model, variables, predictor, alone = setup
   x = images(8)[1:]  # The calibration images: well-scaled logits.
   forced = np.array([3, 0, 2, 1, 1, 3, 0])
-  logits, routes = predictor.predict(x, routes=forced)
+  logits, routes = predictor.predict(x, routing_indices=forced)
   np.testing.assert_array_equal(routes, forced)
   for i, r in enumerate(forced):
     assert_close(logits[i], alone(variables, x[i:i + 1], route=int(r))[0])
   perm = np.random.default_rng(0).permutation(7)
-  permuted, _ = predictor.predict(x[perm], routes=forced[perm])
+  permuted, _ = predictor.predict(x[perm], routing_indices=forced[perm])
   assert_close(permuted, np.asarray(logits)[perm])
   # JAX inputs take the same path.
-  on_device, _ = predictor.predict(jnp.asarray(x), routes=forced)
+  on_device, _ = predictor.predict(jnp.asarray(x), routing_indices=forced)
   assert_close(on_device, logits)
 
 
@@ -94,14 +94,14 @@ def test_compiles_are_bounded(setup):
   rng = np.random.default_rng(2)
   calls = [(n, rng.integers(0, num_routes, n)) for n in (9, 3, 5, 1, 2, 6)]
   for n, forced in calls:
-    predictor.predict(images(n), routes=forced)
+    predictor.predict(images(n), routing_indices=forced)
   predictor.predict(images(5))
   new = set(predictor.compiled) - before
   # After warmup only copy-outs of pass sizes off the ladder (2, 3) may still compile.
   assert new <= {('copy_out', None, 2), ('copy_out', None, 3)}, new
   count = predictor.num_compiles
   for n, forced in calls:
-    predictor.predict(images(n, seed=5), routes=forced[::-1])
+    predictor.predict(images(n, seed=5), routing_indices=forced[::-1])
   assert predictor.num_compiles == count
   assert count <= (num_routes + 2) * len(LADDER) + 1 + max(LADDER)
 
@@ -114,7 +114,7 @@ def test_predict_one_and_predict_route(setup):
     one, route = predictor.predict_one(x[i])
     assert int(route) == routes[i]
     assert_close(one, logits[i])
-    forced, route = predictor.predict_one(x[i], route=2)
+    forced, route = predictor.predict_one(x[i], routing_index=2)
     assert int(route) == 2
     assert_close(forced, alone(variables, x[i:i + 1], route=2)[0])
   for route in ('largest', 2):
@@ -125,8 +125,8 @@ def test_clear_errors(setup):
   model, variables, predictor, _ = setup
   with pytest.raises(UnknownRouteError, match=r'unknown route 14; valid routes: 0, .*, largest'):
     predictor.predict_route(images(1), 14)
-  with pytest.raises(ValueError, match=r'forced routes need 2 indices in \[0, 4\)'):
-    predictor.predict(images(2), routes=[0, 4])
+  with pytest.raises(ValueError, match=r'forced routing indices need 2 values in \[0, 4\)'):
+    predictor.predict(images(2), routing_indices=[0, 4])
   with pytest.raises(ValueError, match=r'images must be \(n, 32, 32, 3\)'):
     predictor.predict(np.zeros((2, 16, 16, 3), np.float32))
   with pytest.raises(inference.NotGatedError, match='Dense is not a gated model.*routing space'):
@@ -139,3 +139,30 @@ def test_clear_errors(setup):
       return x
   with pytest.raises(inference.NotGatedError, match='no prefix / suffix method'):
     inference.RoutedPredictor(RoutesOnly(), {}, IMAGE)
+
+
+@pytest.mark.parametrize('image, message', [
+    (np.zeros((3, 32, 32), np.float32), r'\(1, 3, 32, 32\); it looks channels-first'),
+    (np.zeros((32, 32, 3), np.uint8), 'must be floating point'),
+    (np.zeros((2, 32, 32, 3), np.float32), 'takes one image, got a batch of 2'),
+    (np.zeros((32, 3), np.float32), r'must be \(batch, H, W, 3\)'),
+])
+def test_predict_one_checks_the_image_instead_of_reshaping_it(setup, image, message):
+  _, _, predictor, _ = setup
+  with pytest.raises(ValueError, match=message):
+    predictor.predict_one(image)
+
+
+@pytest.mark.parametrize('entry', ['predict', 'predict_route', 'apply', 'masked', 'prefix'])
+def test_every_entry_point_refuses_channels_first_and_integer_images(setup, entry):
+  model, variables, predictor, _ = setup
+  onehot = jax.nn.one_hot(jnp.zeros(2, int), 4)
+  call = {'predict': predictor.predict,
+          'predict_route': lambda x: predictor.predict_route(x, 1),
+          'apply': lambda x: model.apply(variables, x, route=1),
+          'masked': lambda x: model.apply(variables, x, onehot, method=model.masked),
+          'prefix': lambda x: model.apply_prefix(variables, x)}[entry]
+  with pytest.raises(ValueError, match='channels-first'):
+    call(np.zeros((2, 3, 32, 32), np.float32))
+  with pytest.raises(ValueError, match='floating point'):
+    call(np.zeros((2, 32, 32, 3), np.uint8))

@@ -61,7 +61,7 @@ def test_ema_update():
 
 
 def test_progress_appends_jsonl_and_stops_on_nan(tmp_path, capsys):
-  logger = ProgressLogger(str(tmp_path), 'supernet', total_steps=10, batch_size=4)
+  logger = ProgressLogger(str(tmp_path / 'metrics.jsonl'), 'supernet', total_steps=10, batch_size=4)
   logger.start(0)
   logger.log(5, {'loss': jnp.float32(1.5), 'route_histogram': jnp.array([1.0, 3.0])})
   line = capsys.readouterr().out

@@ -1,32 +1,15 @@
 """Two-stage training end to end on the tiny config: stages, resume, sharding, compiles."""
-import importlib.util
+import functools
 import json
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsnet_jax import config_lib, eval_lib, losses, optim, sharding, train_lib
-
-ROOT = pathlib.Path(__file__).parents[1]
-
-
-def tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location('tiny', ROOT / 'configs/tiny.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.unlock()
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
+from checks import tiny_config
+from dsnet_jax import bn_calibration, config_lib, eval_lib, losses, optim, sharding, train_lib
 
 
 def leaves_equal(a, b):
@@ -58,7 +41,8 @@ def test_all_stages_end_to_end_and_eval_workdir(tmp_path, capsys):
 def test_resume_after_a_kill_equals_straight_run(tmp_path, monkeypatch):
   config = tiny_config(num_devices=1, stages=('supernet',), checkpoint_every_steps=2)
   run = train_lib.make_run(config, str(tmp_path / 'straight'))
-  straight = train_lib.supernet_stage(run, train_lib.init_variables(run))
+  upstream = functools.partial(train_lib.init_variables, run)
+  straight, _ = train_lib.supernet_stage(run, upstream)
 
   real_step = train_lib.SupernetFunctions.step
 
@@ -68,10 +52,12 @@ def test_resume_after_a_kill_equals_straight_run(tmp_path, monkeypatch):
     return real_step(self, state, batch, table, seed, step, key)
   monkeypatch.setattr(train_lib.SupernetFunctions, 'step', dying_step)
   run = train_lib.make_run(config, str(tmp_path / 'resumed'))
+  upstream = functools.partial(train_lib.init_variables, run)
   with pytest.raises(KeyboardInterrupt):
-    train_lib.supernet_stage(run, train_lib.init_variables(run))
+    train_lib.supernet_stage(run, upstream)
   monkeypatch.setattr(train_lib.SupernetFunctions, 'step', real_step)
-  resumed = train_lib.supernet_stage(run, train_lib.init_variables(run))
+  resumed, source = train_lib.supernet_stage(run, upstream)
+  assert source == {'stage': 'supernet', 'step': 4}
   assert leaves_equal(straight, resumed)
 
 
@@ -82,14 +68,13 @@ def test_sharded_step_equals_single_device(tmp_path):
     config = tiny_config(num_devices=devices, stages=('supernet',))
     config.supernet.steps = 2
     run = train_lib.make_run(config, str(tmp_path / str(devices)))
-    variables = train_lib.init_variables(run)
+    variables, _ = train_lib.init_variables(run)
     tx = optim.make_optimizer(config.supernet.optimizer, 2, variables['params'])
     fns = train_lib.SupernetFunctions(run.model, tx, config.supernet, run.mesh)
-    state = {'step': jnp.zeros((), jnp.int32), **variables,
-             'opt_state': tx.init(variables['params']), 'ema': jax.tree.map(jnp.copy, variables)}
+    state = train_lib.TrainState.create(variables, tx, with_ema=True)
     batch = next(run.batches(0))
     state, metrics = fns.step(state, batch, run.table, 0, 0, run.step_key(0, 0))
-    results.append(jax.device_get((state['params'], state['batch_stats'], metrics['loss'])))
+    results.append(jax.device_get((state.params, state.batch_stats, metrics['loss'])))
     if devices == 8:
       assert len(batch['image'].sharding.device_set) == 8
   (p1, s1, l1), (p8, s8, l8) = results
@@ -102,12 +87,10 @@ def test_sharded_step_equals_single_device(tmp_path):
 def test_compiles_bounded_by_routes_not_combinations(tmp_path):
   config = tiny_config(num_devices=1)
   run = train_lib.make_run(config, str(tmp_path))
-  variables = train_lib.init_variables(run)
+  variables, _ = train_lib.init_variables(run)
   tx = optim.make_optimizer(config.supernet.optimizer, 10, variables['params'])
   fns = train_lib.SupernetFunctions(run.model, tx, config.supernet, run.mesh)
-  state = sharding.replicate({'step': jnp.zeros((), jnp.int32), **variables,
-                             'opt_state': tx.init(variables['params']),
-                             'ema': jax.tree.map(jnp.copy, variables)}, run.mesh)
+  state = sharding.replicate(train_lib.TrainState.create(variables, tx, with_ema=True), run.mesh)
   drawn = set()
   for step, batch in zip(range(6), run.batches(0)):
     drawn.update(train_lib.routes_lib.sandwich_routes(run.table, 0, step, 2))
@@ -121,10 +104,10 @@ def test_compiles_bounded_by_routes_not_combinations(tmp_path):
 
 def test_recalibration_sets_exact_cumulative_averages(tmp_path):
   run = train_lib.make_run(tiny_config(num_devices=1), str(tmp_path))
-  variables = train_lib.init_variables(run)
+  variables, _ = train_lib.init_variables(run)
   batches = [next(run.batches(s)) for s in range(2)]
   route = run.table[0]
-  new = train_lib.recalibrate_bn(run.model, variables, iter(batches), [route], 2)
+  new = bn_calibration.recalibrate(run.model, variables, iter(batches), [route], 2)
   stem_out = [np.asarray(run.model.apply(variables, b['image'], 4,
                                          method=lambda m, x, w: m.stem_conv(x, w)))
               for b in batches]
@@ -160,8 +143,8 @@ def test_sgs_targets_and_gate_losses_on_a_hand_made_batch():
 def test_gate_stage_trains_only_the_routing_head(tmp_path):
   config = tiny_config(num_devices=1, stages=('gate',))
   run = train_lib.make_run(config, str(tmp_path))
-  variables = train_lib.init_variables(run)
-  trained = train_lib.gate_stage(run, variables)
+  variables, _ = train_lib.init_variables(run)
+  trained, _ = train_lib.gate_stage(run, lambda: (variables, {'init_seed': 0}))
   flat_old = dict(jax.tree_util.tree_flatten_with_path(variables['params'])[0])
   for path, new in jax.tree_util.tree_flatten_with_path(trained['params'])[0]:
     changed = not np.array_equal(new, flat_old[path])

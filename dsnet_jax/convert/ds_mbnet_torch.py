@@ -33,8 +33,8 @@ from dsnet_jax.models import ds_mbnet
 _MODULE_RENAMES = (
     (r'^stem_conv', 'conv_stem'),
     (r'^stem_bn', 'bn1'),
-    (r'^stages_(\d+)_0/', r'blocks.\1.first_block/'),
-    (r'^stages_(\d+)_(\d+)/', lambda m: f'blocks.{m[1]}.residual_blocks.{int(m[2]) - 1}/'),
+    (r'^groups_(\d+)_0/', r'blocks.\1.first_block/'),
+    (r'^groups_(\d+)_(\d+)/', lambda m: f'blocks.{m[1]}.residual_blocks.{int(m[2]) - 1}/'),
     # The authors name the SE `gate`; in the gate block it is also the gate's attention head.
     (r'(^|/)(gate/)?se/', r'\1gate/'),
     (r'/gate/routing_head$', '/gate/gate.0'),
@@ -70,7 +70,7 @@ class StateDictMismatchError(ValueError):
 
 
 def torch_module_name(path: Sequence[str]) -> str:
-  """The authors' name of our module at `path`, e.g. ('stages_3_1', 'se', 'conv_reduce') ->
+  """The authors' name of our module at `path`, e.g. ('groups_3_1', 'se', 'conv_reduce') ->
   'blocks.3.residual_blocks.0.gate.conv_reduce'."""
   name = '/'.join(path)
   for pattern, repl in _MODULE_RENAMES:
@@ -135,7 +135,7 @@ def model_layout(model: ds_mbnet.DSMBNet
       norm_widths[context.module.path] = tuple(context.module.widths)
     return f(*args, **kwargs)
 
-  size = model.stem_stride * math.prod(model.stage_strides)
+  size = model.stem_stride * math.prod(model.group_strides)
   images = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
   with nn.intercept_methods(record):
     variables = jax.eval_shape(

@@ -21,7 +21,7 @@ class SlicedBatchNorm(nn.Module):
 
   BN recalibration makes the collection `bn_moments` mutable: each training-mode call then
   also adds its batch mean / unbiased variance to per-row sums and counts, from which
-  `train_lib` sets exact cumulative averages (PyTorch's momentum=None).
+  `bn_calibration` sets exact cumulative averages (PyTorch's momentum=None).
   """
   widths: Sequence[int]
   momentum: float = 0.1

@@ -142,7 +142,7 @@ class TokenGate(nn.Module):
 
   z = relu(W_red(LN(cls[:width]))) is shared by both heads. The attention head rescales every
   channel of every token, SE-style: tokens * sigmoid(W_exp(z)) over the full width (the later
-  stages may read any prefix of the stream). The routing head is a bias-free linear z -> R
+  groups may read any prefix of the stream). The routing head is a bias-free linear z -> R
   logits. W_red is sliced on its input; W_exp and the routing head are never sliced.
   """
   features: int

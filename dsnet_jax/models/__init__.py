@@ -15,5 +15,8 @@ def get_model(name: str, **kwargs):
 
 
 def available_models() -> list[str]:
+  """Names `get_model` can build: the modules under models/ that export a `Model`."""
   import pkgutil
-  return sorted(m.name for m in pkgutil.iter_modules(__path__))
+  names = [m.name for m in pkgutil.iter_modules(__path__)]
+  return sorted(n for n in names
+                if hasattr(importlib.import_module(f'dsnet_jax.models.{n}'), 'Model'))

@@ -1,8 +1,8 @@
 """DS-MBNet: the authors' dynamic MobileNetV1 supernet (reference section 2).
 
-stem 3x3 conv -> 5 stages of depthwise-separable blocks (dw3x3 -> BN -> SiLU -> SE -> pw1x1 ->
+stem 3x3 conv -> 5 groups of depthwise-separable blocks (dw3x3 -> BN -> SiLU -> SE -> pw1x1 ->
 BN -> SiLU), no residuals -> global average pool -> dropout (largest route only) -> linear.
-The double-headed gate replaces the SE of the gate stage's first block. Everything before it
+The double-headed gate replaces the SE of the gate group's first block. Everything before it
 runs at the routing space's (shared) prefix widths; the route fixes every later width.
 
     model = Model()
@@ -24,30 +24,30 @@ from dsnet_jax.layers import (Conv, Dense, DoubleHeadedGate, MaskedWidth, Sliced
                               SqueezeExcite, Width, channels, global_avg_pool)
 from dsnet_jax.models.gated import GatedSupernet
 
-STAGE3_WIDTHS = tuple(range(224, 641, 32))
-STAGE4_WIDTHS = tuple(range(736, 1153, 32))
+GROUP3_WIDTHS = tuple(range(224, 641, 32))
+GROUP4_WIDTHS = tuple(range(736, 1153, 32))
 
 
 @functools.lru_cache(maxsize=None)
-def build_route_table(stem_widths: tuple[int, ...], stage_widths: tuple[tuple[int, ...], ...],
-                      gate_stage: int, routing_space: tuple[int | str, ...]
+def build_route_table(stem_widths: tuple[int, ...], group_widths: tuple[tuple[int, ...], ...],
+                      gate_group: int, routing_space: tuple[int | str, ...]
                       ) -> routes_lib.RouteTable:
   """Routes 0..n-1 and 'largest'.
 
-  Stages before the gate stage list (route width, largest width); the gate stage and later
+  Groups before the gate group list (route width, largest width); the gate group and later
   list one width per numbered route (n of them), the last being the largest's.
   """
-  dynamic = stage_widths[gate_stage:]
+  dynamic = group_widths[gate_group:]
   n = len(dynamic[0])
-  for s, widths in enumerate((stem_widths, *stage_widths[:gate_stage])):
+  for g, widths in enumerate((stem_widths, *group_widths[:gate_group])):
     if len(widths) != 2:
-      raise ValueError(f'stage {s - 1} before the gate needs (route width, largest width), '
+      raise ValueError(f'group {g - 1} before the gate needs (route width, largest width), '
                        f'got {widths}')
   if any(len(w) != n for w in dynamic):
-    raise ValueError(f'stages from the gate on need {n} widths each, got {dynamic}')
-  prefix = (stem_widths[0], *(w[0] for w in stage_widths[:gate_stage]))
+    raise ValueError(f'groups from the gate on need {n} widths each, got {dynamic}')
+  prefix = (stem_widths[0], *(w[0] for w in group_widths[:gate_group]))
   numbered = [routes_lib.Route(str(i), prefix + tuple(w[i] for w in dynamic)) for i in range(n)]
-  largest = routes_lib.Route(routes_lib.LARGEST, (stem_widths[-1], *(w[-1] for w in stage_widths)))
+  largest = routes_lib.Route(routes_lib.LARGEST, (stem_widths[-1], *(w[-1] for w in group_widths)))
   return routes_lib.RouteTable([*numbered, largest], routing_space)
 
 
@@ -74,7 +74,7 @@ class Block(nn.Module):
     self.bn2 = SlicedBatchNorm(self.widths)
 
   def front(self, x, train: bool, in_width: Width | None = None):
-    """dw -> BN -> SiLU -> SE/gate. Returns (features, gate logits or None)."""
+    """dw -> BN -> SiLU -> SE/gate. Returns (hidden, gate logits or None)."""
     x = nn.silu(self.bn1(self.conv_dw(x), train, _masked(in_width)))
     if self.num_routes:
       return self.gate(x)
@@ -99,11 +99,11 @@ class DSMBNet(GatedSupernet):
   in_channels: int = 3
   stem_widths: tuple[int, ...] = (16, 24)
   stem_stride: int = 2
-  stage_widths: tuple[tuple[int, ...], ...] = (
-      (32, 88), (48, 168), (96, 264), STAGE3_WIDTHS, STAGE4_WIDTHS)
-  stage_depths: tuple[int, ...] = (1, 2, 2, 6, 2)
-  stage_strides: tuple[int, ...] = (1, 2, 2, 2, 2)
-  gate_stage: int = 3
+  group_widths: tuple[tuple[int, ...], ...] = (
+      (32, 88), (48, 168), (96, 264), GROUP3_WIDTHS, GROUP4_WIDTHS)
+  group_depths: tuple[int, ...] = (1, 2, 2, 6, 2)
+  group_strides: tuple[int, ...] = (1, 2, 2, 2, 2)
+  gate_group: int = 3
   routing_space: tuple[int | str, ...] = (0, 1, 2, 3)
   se_ratio: float = 0.25
   dropout_rate: float = 0.2
@@ -111,69 +111,69 @@ class DSMBNet(GatedSupernet):
 
   @property
   def routes(self) -> routes_lib.RouteTable:
-    return build_route_table(tuple(self.stem_widths), tuple(map(tuple, self.stage_widths)),
-                             self.gate_stage, tuple(self.routing_space))
+    return build_route_table(tuple(self.stem_widths), tuple(map(tuple, self.group_widths)),
+                             self.gate_group, tuple(self.routing_space))
 
   def setup(self):
     n_routes = len(self.routes.routing_space)
     self.stem_conv = Conv(self.in_channels, max(self.stem_widths), 3, self.stem_stride,
                           dtype=self.dtype)
     self.stem_bn = SlicedBatchNorm(self.stem_widths)
-    stages, in_widths = [], tuple(self.stem_widths)
-    for s, (widths, depth, stride) in enumerate(
-        zip(self.stage_widths, self.stage_depths, self.stage_strides)):
+    groups, in_widths = [], tuple(self.stem_widths)
+    for g, (widths, depth, stride) in enumerate(
+        zip(self.group_widths, self.group_depths, self.group_strides)):
       blocks = []
       for b in range(depth):
         blocks.append(Block(
             max(in_widths), max(widths), in_widths, tuple(widths),
             stride=stride if b == 0 else 1,
             se_reduced=max(1, round(self.se_ratio * max(in_widths))),
-            num_routes=n_routes if (s, b) == (self.gate_stage, 0) else 0,
+            num_routes=n_routes if (g, b) == (self.gate_group, 0) else 0,
             dtype=self.dtype))
         in_widths = tuple(widths)
-      stages.append(blocks)
-    self.stages = stages
+      groups.append(blocks)
+    self.groups = groups
     self.dropout = nn.Dropout(self.dropout_rate)
-    self.classifier = Dense(max(self.stage_widths[-1]), self.num_classes, dtype=self.dtype)
+    self.classifier = Dense(max(self.group_widths[-1]), self.num_classes, dtype=self.dtype)
 
   def prefix(self, images, train: bool = False, route=None):
     """Stem up to the gate (inclusive), at `route`'s widths (default: the routing space's).
 
-    Returns (features rescaled by the gate's attention head, routing logits).
+    Returns (hidden rescaled by the gate's attention head, routing logits).
     """
     route = self.routes.routing_space[0] if route is None else self.routes[route]
     widths = route.widths
     x = self._stem(images, widths[0], train)
-    for s in range(self.gate_stage):
-      for block in self.stages[s]:
-        x = block(x, widths[s + 1], train)
-    return self.stages[self.gate_stage][0].front(x, train)
+    for g in range(self.gate_group):
+      for block in self.groups[g]:
+        x = block(x, widths[g + 1], train)
+    return self.groups[self.gate_group][0].front(x, train)
 
-  def suffix(self, features, route, train: bool = False):
+  def suffix(self, hidden, route, train: bool = False):
     """From the gate block's pointwise conv to the logits, at `route`'s widths."""
     route = self.routes[route]
     drop = train and route == self.routes.largest
-    return self._suffix(features, route.widths[self.gate_stage + 1:], train, drop)
+    return self._suffix(hidden, route.widths[self.gate_group + 1:], train, drop)
 
-  def masked_suffix(self, features, route_weights):
+  def masked_suffix(self, hidden, route_weights):
     """`suffix` for per-example route weights (batch, R), computed at the widest choice."""
     space = self.routes.routing_space
     widths = tuple(
         MaskedWidth(route_weights, tuple(r.widths[i] for r in space))
-        for i in range(self.gate_stage + 1, len(self.stage_widths) + 1))
-    return self._suffix(features, widths, False, False)
+        for i in range(self.gate_group + 1, len(self.group_widths) + 1))
+    return self._suffix(hidden, widths, False, False)
 
   def _stem(self, images, width: int, train: bool):
     return nn.silu(self.stem_bn(self.stem_conv(images.astype(self.dtype or images.dtype), width),
                                 train))
 
   def _suffix(self, x, widths: Sequence[Width], train: bool, drop: bool):
-    """Runs the stages from the gate on; widths[k] is stage gate_stage + k's width."""
-    gs = self.gate_stage
-    x = self.stages[gs][0].back(x, widths[0], train)
+    """Runs the groups from the gate on; widths[k] is group gate_group + k's width."""
+    gg = self.gate_group
+    x = self.groups[gg][0].back(x, widths[0], train)
     in_width = widths[0]
     for k, width in enumerate(widths):
-      for b, block in enumerate(self.stages[gs + k]):
+      for b, block in enumerate(self.groups[gg + k]):
         if (k, b) != (0, 0):
           x = block(x, width, train, in_width)
           in_width = width

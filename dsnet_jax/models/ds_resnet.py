@@ -4,21 +4,21 @@ Reference section 6 names DS-ResNet, but no public code builds it: every choice 
 project's, documented here and configurable through the module's fields.
 
 Backbone (torchvision ResNet-50 v1.5): stem 7x7/2 conv 64 (pad 3) -> BN -> ReLU -> 3x3/2 max
-pool (pad 1, as PyTorch pads); stages of bottlenecks [3, 4, 6, 3], each 1x1 -> 3x3 (carrying the
-stage's stride) -> 1x1 with expansion 4, BN after every conv, ReLU after the add; global average
+pool (pad 1, as PyTorch pads); groups of bottlenecks [3, 4, 6, 3], each 1x1 -> 3x3 (carrying the
+group's stride) -> 1x1 with expansion 4, BN after every conv, ReLU after the add; global average
 pool; linear 2048 -> 1000 with bias. No dropout (ResNet-50 has none).
 
 Slicing:
-- A route gives the stem a width and every stage an `(inner, out)` pair: conv1/conv2 of each
+- A route gives the stem a width and every group an `(inner, out)` pair: conv1/conv2 of each
   bottleneck output `inner` channels, conv3 and the shortcut output `out`. Widths are constant
-  within a stage, so identity shortcuts always add equal widths.
-- The first block of every stage has a 1x1 projection + BN shortcut (stride on the projection),
+  within a group, so identity shortcuts always add equal widths.
+- The first block of every group has a 1x1 projection + BN shortcut (stride on the projection),
   because its input and output widths change independently across routes. In ResNet-50 these
   are exactly the blocks that have one, so 'largest' is a plain ResNet-50.
 - Every BN keeps running statistics for each width its layer runs at in the route table.
 - Each block's last BN starts with scale 0, so a fresh block is ReLU(shortcut).
 
-Gate: one double-headed gate at the *input* of the first block of `gate_stage` (default 2, i.e.
+Gate: one double-headed gate at the *input* of the first block of `gate_group` (default 2, i.e.
 layer3). Its squeeze z = relu(W_red(GAP(x))) reads the block's input (the prefix output); the
 attention head rescales that input, which feeds both the residual branch and the projection
 shortcut; the routing head is a bias-free linear z -> R logits. We put it at the block input
@@ -28,8 +28,8 @@ suffix a single tensor. The reduced width is fixed at round(`se_ratio` * full in
 (0.53 M at 224 on 'largest', C = 512); `gate_attention=False` drops it (routing head only), and
 then 'largest' costs exactly a plain ResNet-50.
 
-Routes: numbered routes 0..n-1 run the stem and the stages before the gate at `prefix_ratio`
-(0.5) of full width, and the stages from the gate on at `route_ratios[i]` (default i/16 for
+Routes: numbered routes 0..n-1 run the stem and the groups before the gate at `prefix_ratio`
+(0.5) of full width, and the groups from the gate on at `route_ratios[i]` (default i/16 for
 i = 4..16, i.e. 0.25, 0.3125, ..., 1.0: 13 routes); channels are rounded to multiples of
 `channel_multiple` (8). 'largest' runs every layer at full width (the Stage I teacher). The
 routing space is the 4 slimmest routes. MAdds at 224 (reference convention; a max pool does no
@@ -87,38 +87,39 @@ def round_width(ratio: float, full: int, multiple: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def build_route_table(stem_features: int, stage_features: tuple[int, ...], expansion: int,
-                      gate_stage: int, prefix_ratio: float,
+def build_route_table(stem_features: int, group_inner_features: tuple[int, ...], expansion: int,
+                      gate_group: int, prefix_ratio: float,
                       route_ratios: tuple[float | tuple[float, ...], ...],
                       channel_multiple: int, routing_space: tuple[int | str, ...]
                       ) -> routes_lib.RouteTable:
-  """Routes 0..n-1 and 'largest'; widths = (stem, (inner, out) per stage).
+  """Routes 0..n-1 and 'largest'; widths = (stem, (inner, out) per group).
 
-  `route_ratios[i]` is route i's width ratio for every stage from the gate on, or a tuple with
-  one ratio per such stage. Stages before the gate run at `prefix_ratio` on numbered routes.
+  `route_ratios[i]` is route i's width ratio for every group from the gate on, or a tuple with
+  one ratio per such group. Groups before the gate run at `prefix_ratio` on numbered routes.
   """
-  if not 0 <= gate_stage < len(stage_features):
-    raise ValueError(f'gate_stage {gate_stage} is not one of the {len(stage_features)} stages')
-  n_dynamic = len(stage_features) - gate_stage
+  if not 0 <= gate_group < len(group_inner_features):
+    raise ValueError(f'gate_group {gate_group} is not one of the {len(group_inner_features)} '
+                     'groups')
+  n_dynamic = len(group_inner_features) - gate_group
 
-  def stage(s: int, ratio: float) -> tuple[int, int]:
-    inner = stage_features[s]
+  def group(g: int, ratio: float) -> tuple[int, int]:
+    inner = group_inner_features[g]
     return (round_width(ratio, inner, channel_multiple),
             round_width(ratio, expansion * inner, channel_multiple))
 
   prefix = (round_width(prefix_ratio, stem_features, channel_multiple),
-            *(stage(s, prefix_ratio) for s in range(gate_stage)))
+            *(group(g, prefix_ratio) for g in range(gate_group)))
   numbered = []
   for i, ratios in enumerate(route_ratios):
     ratios = (ratios,) * n_dynamic if isinstance(ratios, (int, float)) else tuple(ratios)
     if len(ratios) != n_dynamic:
-      raise ValueError(f'route {i}: {n_dynamic} stages from the gate on, got ratios {ratios}')
-    dynamic = tuple(stage(gate_stage + k, r) for k, r in enumerate(ratios))
+      raise ValueError(f'route {i}: {n_dynamic} groups from the gate on, got ratios {ratios}')
+    dynamic = tuple(group(gate_group + k, r) for k, r in enumerate(ratios))
     numbered.append(routes_lib.Route(str(i), prefix + dynamic))
   largest = routes_lib.Route(routes_lib.LARGEST,
-                             (stem_features, *((f, expansion * f) for f in stage_features)))
+                             (stem_features, *((f, expansion * f) for f in group_inner_features)))
   table = routes_lib.RouteTable([*numbered, largest], routing_space)
-  if len({r.widths[:gate_stage + 1] for r in table.routing_space}) != 1:
+  if len({r.widths[:gate_group + 1] for r in table.routing_space}) != 1:
     raise ValueError('routes in the routing space must share the widths before the gate, since '
                      f'the gate runs before the route is known: {table.routing_space}')
   return table
@@ -167,7 +168,7 @@ class Bottleneck(nn.Module):
       x = self.shortcut_bn(self.shortcut_conv(x, channels(width)), train, _masked(width))
     elif x.shape[-1] != y.shape[-1]:
       raise ValueError(f'{self.name}: identity shortcut of width {x.shape[-1]} cannot add to '
-                       f'width {y.shape[-1]}; widths must be constant within a stage')
+                       f'width {y.shape[-1]}; widths must be constant within a group')
     return nn.relu(y + x)
 
   def __call__(self, x, inner: Width, width: Width, train: bool):
@@ -189,11 +190,11 @@ class DSResNet(GatedSupernet):
   num_classes: int = 1000
   in_channels: int = 3
   stem_features: int = 64
-  stage_features: tuple[int, ...] = RESNET50_INNER  # inner (bottleneck) width per stage
-  stage_depths: tuple[int, ...] = RESNET50_DEPTHS
-  stage_strides: tuple[int, ...] = (1, 2, 2, 2)
+  group_inner_features: tuple[int, ...] = RESNET50_INNER  # inner (bottleneck) width per group
+  group_depths: tuple[int, ...] = RESNET50_DEPTHS
+  group_strides: tuple[int, ...] = (1, 2, 2, 2)
   expansion: int = 4
-  gate_stage: int = 2
+  gate_group: int = 2
   prefix_ratio: float = 0.5
   route_ratios: tuple[float | tuple[float, ...], ...] = DEFAULT_ROUTE_RATIOS
   channel_multiple: int = 8
@@ -205,7 +206,7 @@ class DSResNet(GatedSupernet):
   @property
   def routes(self) -> routes_lib.RouteTable:
     return build_route_table(
-        self.stem_features, tuple(self.stage_features), self.expansion, self.gate_stage,
+        self.stem_features, tuple(self.group_inner_features), self.expansion, self.gate_group,
         self.prefix_ratio, tuple(r if isinstance(r, (int, float)) else tuple(r)
                                  for r in self.route_ratios),
         self.channel_multiple, tuple(self.routing_space))
@@ -214,15 +215,15 @@ class DSResNet(GatedSupernet):
     table = self.routes
     self.stem_conv = Conv(self.in_channels, self.stem_features, 7, 2, dtype=self.dtype)
     self.stem_bn = SlicedBatchNorm(_layer_widths(table, lambda w: w[0]))
-    stages, in_features = [], self.stem_features
-    for s, (inner, depth, stride) in enumerate(
-        zip(self.stage_features, self.stage_depths, self.stage_strides)):
+    groups, in_features = [], self.stem_features
+    for g, (inner, depth, stride) in enumerate(
+        zip(self.group_inner_features, self.group_depths, self.group_strides)):
       features = self.expansion * inner
-      inner_widths = _layer_widths(table, lambda w: w[s + 1][0])
-      widths = _layer_widths(table, lambda w: w[s + 1][1])
+      inner_widths = _layer_widths(table, lambda w: w[g + 1][0])
+      widths = _layer_widths(table, lambda w: w[g + 1][1])
       blocks = []
       for b in range(depth):
-        gate = (s, b) == (self.gate_stage, 0)
+        gate = (g, b) == (self.gate_group, 0)
         blocks.append(Bottleneck(
             in_features, inner, features, inner_widths, widths,
             stride=stride if b == 0 else 1, projection=b == 0,
@@ -230,36 +231,36 @@ class DSResNet(GatedSupernet):
             gate_reduced=max(1, round(self.se_ratio * in_features)) if gate else 0,
             gate_attention=self.gate_attention, dtype=self.dtype))
         in_features = features
-      stages.append(blocks)
-    self.stages = stages
+      groups.append(blocks)
+    self.groups = groups
     self.classifier = Dense(in_features, self.num_classes, dtype=self.dtype)
 
   def prefix(self, images, train: bool = False, route=None):
-    """Stem and the stages before the gate, then the gate, at `route`'s widths (default: the
+    """Stem and the groups before the gate, then the gate, at `route`'s widths (default: the
     routing space's). Returns (gate block input rescaled by the attention head, routing logits).
     """
     route = self.routes.routing_space[0] if route is None else self.routes[route]
     widths = route.widths
     x = self._stem(images, widths[0], train)
-    for s in range(self.gate_stage):
-      inner, width = widths[s + 1]
-      for block in self.stages[s]:
+    for g in range(self.gate_group):
+      inner, width = widths[g + 1]
+      for block in self.groups[g]:
         x = block(x, inner, width, train)
-    return self.stages[self.gate_stage][0].front(x)
+    return self.groups[self.gate_group][0].front(x)
 
-  def suffix(self, features, route, train: bool = False):
+  def suffix(self, hidden, route, train: bool = False):
     """From the gate block's conv1 to the logits, at `route`'s widths."""
     route = self.routes[route]
-    return self._suffix(features, route.widths[self.gate_stage + 1:], train)
+    return self._suffix(hidden, route.widths[self.gate_group + 1:], train)
 
-  def masked_suffix(self, features, route_weights):
+  def masked_suffix(self, hidden, route_weights):
     """`suffix` for per-example route weights (batch, R), computed at the widest choice."""
     space = self.routes.routing_space
     widths = tuple(
-        tuple(MaskedWidth(route_weights, tuple(r.widths[s + 1][part] for r in space))
+        tuple(MaskedWidth(route_weights, tuple(r.widths[g + 1][part] for r in space))
               for part in (0, 1))
-        for s in range(self.gate_stage, len(self.stage_features)))
-    return self._suffix(features, widths, False)
+        for g in range(self.gate_group, len(self.group_inner_features)))
+    return self._suffix(hidden, widths, False)
 
   def _stem(self, images, width: int, train: bool):
     x = self.stem_conv(images.astype(self.dtype or images.dtype), width)
@@ -268,10 +269,10 @@ class DSResNet(GatedSupernet):
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
   def _suffix(self, x, widths: Sequence[tuple[Width, Width]], train: bool):
-    """Runs the stages from the gate on; widths[k] is stage gate_stage + k's (inner, out)."""
-    gs = self.gate_stage
+    """Runs the groups from the gate on; widths[k] is group gate_group + k's (inner, out)."""
+    gg = self.gate_group
     for k, (inner, width) in enumerate(widths):
-      for b, block in enumerate(self.stages[gs + k]):
+      for b, block in enumerate(self.groups[gg + k]):
         if (k, b) == (0, 0):
           x = block.back(x, inner, width, train)  # Its front (the gate) ran in `prefix`.
         else:

@@ -10,23 +10,23 @@ the embedding width, with **dynamic idle slicing**: the residual stream stays fu
 block at width d reads x[..., :d] (LayerNorm over those d channels, scale/bias sliced) and adds
 its output to x[..., :d] only; channels d.. pass through unchanged.
 
-Blocks are grouped into stages (S/16: 4 stages of 3 blocks). A route's `widths` holds one
-(embed_width, num_heads, mlp_dim) tuple per stage. Our choices:
+Blocks are split into groups (S/16: 4 groups of 3 blocks). A route's `widths` holds one
+(embed_width, num_heads, mlp_dim) tuple per group. Our choices:
 - Width levels: fractions 2/6, 3/6, 4/6, 5/6, 1 of the full (width, heads, MLP) sizes. For S/16
   that is (128, 2, 512), (192, 3, 768), (256, 4, 1024), (320, 5, 1280), (384, 6, 1536).
-- Stage 0 (before the gate) runs every numbered route at the lowest level. Routes 0, 1, ... walk
-  the later stages up one level at a time, deepest stage first, keeping widths non-decreasing
+- Group 0 (before the gate) runs every numbered route at the lowest level. Routes 0, 1, ... walk
+  the later groups up one level at a time, deepest group first, keeping widths non-decreasing
   with depth: (0,0,0), (0,0,1), (0,1,1), (1,1,1), (1,1,2), ..., (4,4,4): 13 routes for S/16.
-  'largest' runs every stage, stage 0 included, at full size; it is the only route with drop
+  'largest' runs every group, group 0 included, at full size; it is the only route with drop
   path (rate 0.1, linear in depth as in DeiT) and dropout (0 by default) in training.
-- Routing space: routes 0, 3, 6, 9, the routes whose later stages share one level (0..3).
-- The gate (`TokenGate`) sits after stage 0 and reads the class token at stage 0's width: a
+- Routing space: routes 0, 3, 6, 9, the routes whose later groups share one level (0..3).
+- The gate (`TokenGate`) sits after group 0 and reads the class token at group 0's width: a
   LayerNorm, then z = relu(W_red cls) with reduced width round(0.25 * width); the attention head
   multiplies every token's channels (full width) by sigmoid(W_exp z); the routing head is a
   bias-free linear z -> R logits.
 - The final LN and the head run at the widest embedding width of the route (max over its
-  stages), so the head sees every channel any block updated (past it, the class token holds only
-  its embedding, the same for every image); for the numbered routes that is the last stage's.
+  groups), so the head sees every channel any block updated (past it, the class token holds only
+  its embedding, the same for every image); for the numbered routes that is the last group's.
 - Initialisation follows DeiT (truncated normal 0.02 for linears, position embedding and class
   token; LayerNorm eps 1e-6); the gate's linears use the authors' SE init.
 
@@ -95,7 +95,7 @@ def decode_variant(variant: str | None, **overrides) -> ViTSize:
 
 
 class BlockWidths(NamedTuple):
-  """One stage's widths: ints on the sliced path, MaskedWidths on the masked path."""
+  """One group's widths: ints on the sliced path, MaskedWidths on the masked path."""
   embed: Width
   heads: Width
   mlp: Width
@@ -109,12 +109,12 @@ def width_levels(size: ViTSize, fractions: Sequence[float]) -> tuple[tuple[int, 
 
 
 @functools.lru_cache(maxsize=None)
-def build_route_table(levels: tuple[tuple[int, int, int], ...], num_stages: int,
+def build_route_table(levels: tuple[tuple[int, int, int], ...], num_groups: int,
                       routing_space: tuple[int | str, ...]) -> routes_lib.RouteTable:
-  """Numbered routes climbing `levels` one stage at a time (deepest first), plus 'largest'."""
-  if num_stages < 2:
-    raise ValueError('DS-ViT needs at least 2 stages: one before the gate, one after')
-  index = [0] * (num_stages - 1)
+  """Numbered routes climbing `levels` one group at a time (deepest first), plus 'largest'."""
+  if num_groups < 2:
+    raise ValueError('DS-ViT needs at least 2 groups: one before the gate, one after')
+  index = [0] * (num_groups - 1)
   chain = [tuple(index)]
   while min(index) < len(levels) - 1:
     lowest = min(index)
@@ -122,10 +122,10 @@ def build_route_table(levels: tuple[tuple[int, int, int], ...], num_stages: int,
     chain.append(tuple(index))
   numbered = [routes_lib.Route(str(n), (levels[0], *(levels[i] for i in c)))
               for n, c in enumerate(chain)]
-  largest = routes_lib.Route(routes_lib.LARGEST, (levels[-1],) * num_stages)
+  largest = routes_lib.Route(routes_lib.LARGEST, (levels[-1],) * num_groups)
   table = routes_lib.RouteTable([*numbered, largest], routing_space)
   if len({r.widths[0] for r in table.routing_space}) != 1:
-    raise ValueError('the routing space must share the widths before the gate (stage 0)')
+    raise ValueError('the routing space must share the widths before the gate (group 0)')
   return table
 
 
@@ -181,7 +181,7 @@ class DSViT(GatedSupernet):
   image_size: int = 224
   num_classes: int = 1000
   in_channels: int = 3
-  stage_depths: tuple[int, ...] | None = None  # Default: 4 equal stages.
+  group_depths: tuple[int, ...] | None = None  # Blocks per group. Default: 4 equal groups.
   level_fractions: tuple[float, ...] = (2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0)
   routing_space: tuple[int | str, ...] = (0, 3, 6, 9)
   gate_reduction: float = 0.25
@@ -196,18 +196,18 @@ class DSViT(GatedSupernet):
                           patch_size=self.patch_size)
 
   @property
-  def stages(self) -> tuple[int, ...]:
-    """Blocks per stage."""
+  def resolved_group_depths(self) -> tuple[int, ...]:
+    """Blocks per group: `group_depths`, or 4 equal groups when it is None."""
     depth = self.size.depth
-    stages = self.stage_depths or (depth // 4,) * 4
-    if sum(stages) != depth:
-      raise ValueError(f'stage depths {stages} do not sum to the depth {depth}')
-    return tuple(stages)
+    depths = self.group_depths or (depth // 4,) * 4
+    if sum(depths) != depth:
+      raise ValueError(f'group depths {depths} do not sum to the depth {depth}')
+    return tuple(depths)
 
   @property
   def routes(self) -> routes_lib.RouteTable:
     return build_route_table(width_levels(self.size, tuple(self.level_fractions)),
-                             len(self.stages), tuple(self.routing_space))
+                             len(self.resolved_group_depths), tuple(self.routing_space))
 
   def setup(self):
     size = self.size
@@ -229,33 +229,33 @@ class DSViT(GatedSupernet):
                       dtype=self.dtype)
 
   def prefix(self, images, train: bool = False, route=None):
-    """Tokens through stage 0 and the gate, at `route`'s stage-0 widths (default: the routing
+    """Tokens through group 0 and the gate, at `route`'s group-0 widths (default: the routing
     space's). Returns (tokens (batch, tokens, width) rescaled by the gate's attention head,
     routing logits (batch, R))."""
     route = self.routes.routing_space[0] if route is None else self.routes[route]
     deterministic = not (train and route == self.routes.largest)
     x = self._embed(images)
     widths = BlockWidths(*route.widths[0])
-    for block in self._stage_blocks(0):
+    for block in self._group_blocks(0):
       x = block(x, widths, deterministic)
     return self.gate(x, widths.embed)
 
-  def suffix(self, features, route, train: bool = False):
-    """From stage 1 to the logits, at `route`'s widths."""
+  def suffix(self, hidden, route, train: bool = False):
+    """From group 1 to the logits, at `route`'s widths."""
     route = self.routes[route]
     deterministic = not (train and route == self.routes.largest)
     widths = [BlockWidths(*w) for w in route.widths[1:]]
     final = max(w[0] for w in route.widths)
-    return self._suffix(features, widths, final, deterministic)
+    return self._suffix(hidden, widths, final, deterministic)
 
-  def masked_suffix(self, features, route_weights):
+  def masked_suffix(self, hidden, route_weights):
     """`suffix` for per-example route weights (batch, R), computed at the widest choice."""
     space = self.routes.routing_space
-    choices = lambda s, i: tuple(r.widths[s][i] for r in space)
-    widths = [BlockWidths(*(MaskedWidth(route_weights, choices(s, i)) for i in range(3)))
-              for s in range(1, len(self.stages))]
+    choices = lambda g, i: tuple(r.widths[g][i] for r in space)
+    widths = [BlockWidths(*(MaskedWidth(route_weights, choices(g, i)) for i in range(3)))
+              for g in range(1, len(self.resolved_group_depths))]
     final = MaskedWidth(route_weights, tuple(max(w[0] for w in r.widths) for r in space))
-    return self._suffix(features, widths, final, True)
+    return self._suffix(hidden, widths, final, True)
 
   def _embed(self, images):
     expected = (self.image_size, self.image_size, self.in_channels)
@@ -265,15 +265,16 @@ class DSViT(GatedSupernet):
     cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     return jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
 
-  def _stage_blocks(self, stage: int):
-    start = sum(self.stages[:stage])
-    return self.blocks[start:start + self.stages[stage]]
+  def _group_blocks(self, group: int):
+    depths = self.resolved_group_depths
+    start = sum(depths[:group])
+    return self.blocks[start:start + depths[group]]
 
   def _suffix(self, x, widths: Sequence[BlockWidths], final: Width, deterministic: bool):
-    """Stages 1.. (widths[k] is stage k+1's), then the final LN and head at width `final`."""
-    for k, stage_widths in enumerate(widths):
-      for block in self._stage_blocks(k + 1):
-        x = block(x, stage_widths, deterministic)
+    """Groups 1.. (widths[k] is group k+1's), then the final LN and head at width `final`."""
+    for k, block_widths in enumerate(widths):
+      for block in self._group_blocks(k + 1):
+        x = block(x, block_widths, deterministic)
     masked = final if isinstance(final, MaskedWidth) else None
     cls = self.norm(x[:, 0, :channels(final)], masked)
     return self.head(cls).astype(jnp.float32)

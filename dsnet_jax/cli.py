@@ -1,0 +1,39 @@
+"""What the command-line entry points share: errors a user can fix end in one line, not a
+traceback, and a failed checkpoint save ends the process at once."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from dsnet_jax import checkpointing, config_lib, rundir
+from dsnet_jax.routes import UnknownRouteError
+
+# Errors whose message says what to fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (config_lib.ConfigError, rundir.ConfigMismatchError, rundir.StaleStageError,
+               rundir.WorkdirLockedError, checkpointing.CheckpointMismatchError,
+               checkpointing.UnreadableCheckpointError, checkpointing.NonFiniteStateError,
+               UnknownRouteError, FileNotFoundError, FileExistsError, FloatingPointError)
+
+
+def main_errors(main, *more_user_errors: type[Exception]):
+  """Wraps an absl or argparse `main`: USER_ERRORS (and `more_user_errors`) print
+  `error: ...` and exit 1.
+
+  A CheckpointSaveError exits through `os._exit(1)`, its message the last line: orbax's
+  background threads, left waiting by the failed save, would otherwise hold the exit for
+  minutes.
+  """
+  @functools.wraps(main)
+  def wrapped(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except checkpointing.CheckpointSaveError as e:
+      sys.stdout.flush()
+      print(f'error: {e}', file=sys.stderr, flush=True)
+      os._exit(1)
+    except (*USER_ERRORS, *more_user_errors) as e:
+      sys.stdout.flush()
+      print(f'error: {e}', file=sys.stderr, flush=True)
+      sys.exit(1)
+  return wrapped

@@ -1,0 +1,266 @@
+"""The run directory: the one module that knows a workdir's layout and what its checkpoints hold.
+
+    workdir/
+      checkpoints/<stage>/<step>/   orbax steps of one training stage (supernet, recalibrate,
+                                    gate); `<step>.unreadable` folders were set aside
+      metrics.jsonl                  progress and evaluation records of every stage
+      eval.json, eval.png            the last evaluation
+      .lock                          held by the one training process (its PID inside)
+
+A checkpoint's meta says what it holds, so nothing depends on folder names: `stage` (the stage
+that wrote it), `variables_key` (where {'params', 'batch_stats'} sit in the state: 'ema' for
+the supernet's EMA teacher, '' for the top level), `gated` (the routing head was trained),
+`complete`, `step` / `total_steps`, `source` (the checkpoint the stage started from) and the
+run's `config` (JSON). Checkpoints from outside (the importer) carry `variables_key` ''.
+
+Every reader here probes without creating folders, and restores are exact: a checkpoint that
+does not match the model, or whose saved config differs from the current one in what changes
+the model or the run, is refused with the list of differences.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import jax
+
+from dsnet_jax import checkpointing, sharding
+
+STAGES = ('supernet', 'recalibrate', 'gate')
+# Config keys that change neither the model nor the numbers a run computes.
+RUN_NEUTRAL_KEYS = ('stages', 'num_devices', 'eval_batch_size', 'log_every_steps',
+                    'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                    'data.data_dir', 'data.debian_dir', 'data.in_memory', 'data.num_workers',
+                    'data.num_threads', 'data.prefetch')
+# The config keys that define the evaluated model and its evaluation data.
+MODEL_KEYS = ('model_name', 'model.', 'data.name', 'data.image_size', 'data.num_classes',
+              'data.channels', 'data.crop_pct')
+
+
+class ConfigMismatchError(ValueError):
+  """The current config differs from the one a checkpoint was written with."""
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another process is training in this workdir."""
+
+
+class StaleStageError(RuntimeError):
+  """A later stage's checkpoint was computed from an earlier stage that is to change."""
+
+
+def abstract_variables(model, image_shape: Sequence[int], mesh=None) -> dict[str, Any]:
+  """Shapes of the full-size {'params', 'batch_stats'}, replicated over `mesh` (else on one
+  device): the restore target of every checkpoint."""
+  shapes = model.abstract_variables(tuple(image_shape))
+  return checkpointing.abstract_like(shapes, mesh and sharding.replicated(mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """Variables read from a checkpoint, and what its meta says of them."""
+  variables: dict[str, Any]
+  meta: dict[str, Any]
+  step: int
+  directory: str
+
+  @property
+  def gated(self) -> bool:
+    return bool(self.meta.get('gated', self.meta.get('stage') == 'gate'))
+
+  @property
+  def complete(self) -> bool:
+    return bool(self.meta.get('complete', True))
+
+  def describe(self) -> str:
+    stage = self.meta.get('stage') or self.meta.get('source') or 'imported'
+    total = self.meta.get('total_steps')
+    state = '' if self.complete else f', UNFINISHED (step {self.step} of {total})'
+    return f'{self.directory} step {self.step} ({stage}{state})'
+
+
+def variables_key(meta: dict[str, Any]) -> str:
+  """Where a checkpoint's variables sit in its state ('' = top level)."""
+  return meta.get('variables_key', 'ema' if meta.get('stage') == 'supernet' else '')
+
+
+def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence[int],
+                      mesh=None, config=None, allow_changes: Iterable[str] = (),
+                      log=print) -> Restored:
+  """The {'params', 'batch_stats'} a checkpoint directory holds, read as its meta says.
+
+  Falls back to the previous step when the latest cannot be read (one line through `log`).
+  Raises:
+    FileNotFoundError: no checkpoint in `directory`.
+    checkpointing.CheckpointMismatchError: the stored arrays differ from the model's.
+    ConfigMismatchError: `config` differs from the saved one in MODEL_KEYS (except
+      `allow_changes`).
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoint directory {directory}')
+  variables = abstract_variables(model, image_shape, mesh)
+
+  def target(meta):
+    if config is not None and 'config' in meta:
+      check_config(meta, config, MODEL_KEYS, allow_changes, f'checkpoint {directory}')
+    key = variables_key(meta)
+    return {key: variables} if key else variables
+
+  with checkpointing.Checkpointer(directory, keep=None, create=False) as ckpt:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    state, meta, step = ckpt.restore(target, partial=True, fallback=True, log=log)
+  key = variables_key(meta)
+  return Restored(state[key] if key else state, meta, step, directory)
+
+
+# --- config comparison ----------------------------------------------------------------------
+
+def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flat(value, f'{prefix}{key}.'))
+    return out or {prefix[:-1]: {}}
+  return {prefix[:-1]: tree}
+
+
+def config_differences(saved: dict[str, Any], current, keys: Sequence[str] | None = None,
+                       ignore: Iterable[str] = ()) -> list[str]:
+  """'key: saved -> current' for each differing key (dotted paths).
+
+  `keys` limits the comparison to those keys and key prefixes ending in '.'; `ignore` drops
+  keys and prefixes (e.g. 'gate.').
+  """
+  old = _flat(json.loads(saved) if isinstance(saved, str) else saved)
+  new = _flat(json.loads(current.to_json()) if hasattr(current, 'to_json') else current)
+
+  def matches(key, patterns):
+    return any(key == p or (p.endswith('.') and key.startswith(p)) for p in patterns)
+
+  ignore = tuple(ignore)
+  lines = []
+  for key in sorted(old.keys() | new.keys()):
+    if (keys is not None and not matches(key, keys)) or matches(key, ignore):
+      continue
+    if old.get(key, '<unset>') != new.get(key, '<unset>'):
+      lines.append(f'{key}: {old.get(key, "<unset>")!r} -> {new.get(key, "<unset>")!r}')
+  return lines
+
+
+def check_config(meta: dict[str, Any], config, keys: Sequence[str] | None,
+                 allow_changes: Iterable[str], what: str, ignore: Iterable[str] = ()) -> None:
+  """Raises ConfigMismatchError listing how `config` differs from `meta['config']`."""
+  allow = tuple(allow_changes)
+  differences = config_differences(meta['config'], config, keys, (*ignore, *allow))
+  if differences:
+    raise ConfigMismatchError(
+        f'{what} was written with a different config ({len(differences)} differences):\n  '
+        + '\n  '.join(differences) +
+        '\nUse the config it was written with, a new workdir, or allow the keys that may '
+        'differ (train.py/eval.py --allow_config_change=KEY,...).')
+
+
+# --- the workdir ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StageStatus:
+  """What a stage's checkpoint folder holds now (read from the latest step's meta)."""
+  stage: str
+  step: int | None
+  meta: dict[str, Any]
+
+  @property
+  def exists(self) -> bool:
+    return self.step is not None
+
+
+class RunDir:
+  """A training workdir. Reading never creates anything; `lock()` and checkpointers for
+  saving do."""
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.workdir = os.path.abspath(os.fspath(workdir))
+
+  @property
+  def metrics_path(self) -> str:
+    return os.path.join(self.workdir, 'metrics.jsonl')
+
+  def stage_dir(self, stage: str) -> str:
+    return os.path.join(self.workdir, 'checkpoints', stage)
+
+  def checkpointer(self, stage: str, keep: int | None) -> checkpointing.Checkpointer:
+    """The stage's checkpointer for saving (creates the folder)."""
+    return checkpointing.Checkpointer(self.stage_dir(stage), keep=keep)
+
+  def status(self, stage: str) -> StageStatus:
+    directory = self.stage_dir(stage)
+    if not os.path.isdir(directory):
+      return StageStatus(stage, None, {})
+    with checkpointing.Checkpointer(directory, keep=None, create=False) as ckpt:
+      step = ckpt.latest_step()
+      try:
+        meta = ckpt.restore_meta(step) if step is not None else {}
+      except Exception:  # pylint: disable=broad-except  # Unreadable: the restore falls back.
+        meta = {}
+      return StageStatus(stage, step, meta)
+
+  def latest_stage_dir(self) -> str:
+    """The checkpoint folder of the last stage (in training order) that saved a step."""
+    if not os.path.isdir(self.workdir):
+      raise FileNotFoundError(f'no workdir {self.workdir}')
+    for stage in reversed(STAGES):
+      if self.status(stage).exists:
+        return self.stage_dir(stage)
+    raise FileNotFoundError(f'no checkpoint under {os.path.join(self.workdir, "checkpoints")}; '
+                            'train first (train.py) or pass --checkpoint')
+
+  @contextlib.contextmanager
+  def lock(self) -> Iterator[None]:
+    """Holds `workdir/.lock` (an flock, released even on kill -9) while training.
+
+    Raises:
+      WorkdirLockedError: another process holds it (its PID is named).
+    """
+    os.makedirs(self.workdir, exist_ok=True)
+    path = os.path.join(self.workdir, '.lock')
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors='replace').strip() or 'unknown'
+        raise WorkdirLockedError(
+            f'{self.workdir} is in use by another training process (PID {holder}); one run '
+            'per workdir') from None
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+      yield
+    finally:
+      os.close(fd)  # Releases the flock.
+
+  def truncate_metrics(self, stage: str, after_step: int) -> None:
+    """Drops `stage`'s records past `after_step` (a resumed stage logs those steps again)."""
+    if not os.path.exists(self.metrics_path) or jax.process_index() != 0:
+      return
+    with open(self.metrics_path) as f:
+      lines = f.readlines()
+    kept = [line for line in lines if not _record_after(line, stage, after_step)]
+    if len(kept) != len(lines):
+      tmp = self.metrics_path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(kept)
+      os.replace(tmp, self.metrics_path)
+
+
+def _record_after(line: str, stage: str, step: int) -> bool:
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return False
+  return record.get('stage') == stage and record.get('step', 0) > step

@@ -1,0 +1,202 @@
+"""The run directory's contract: exact restores, config checks, meta-driven meaning, locks,
+never-worse checkpoints, validation before any work. Each test is a fault once seen."""
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from dsnet_jax import checkpointing, config_lib, eval_lib, optim, rundir, train_lib
+from checks import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def one_device(**overrides):
+  return tiny_config(num_devices=1, **overrides)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A finished tiny run (all stages) and the variables it started from."""
+  workdir = tmp_path_factory.mktemp('trained')
+  report = train_lib.train_and_evaluate(one_device(), str(workdir))
+  init, _ = train_lib.init_variables(train_lib.make_run(one_device(), str(workdir)))
+  return workdir, report, jax.device_get(init)
+
+
+def copy_of(trained, tmp_path):
+  workdir = tmp_path / 'work'
+  shutil.copytree(trained[0], workdir)
+  return workdir
+
+
+def flat(tree):
+  return {optim.param_path(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def restore(directory, config=None):
+  config = config or one_device()
+  model = train_lib.get_model(config.model_name, **config.model)
+  return rundir.restore_variables(directory, model, (16, 16, 1), config=config)
+
+
+def test_eval_with_another_architecture_is_refused(trained, tmp_path):
+  workdir = copy_of(trained, tmp_path)
+  other = one_device(**{'model.group_depths': (1, 1, 1, 1, 1)})
+  with pytest.raises(rundir.ConfigMismatchError, match=r"model.group_depths: \[1, 1, 1, 2, 1\]"):
+    eval_lib.evaluate_workdir(other, str(workdir))
+  # Allowed past the config check, the arrays themselves still have to match, all of them.
+  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    eval_lib.evaluate_workdir(other, str(workdir), allow_config_changes=['model.'])
+  assert 'params/groups_3_1/conv_dw/kernel' in str(error.value)
+  assert 'not in the model' in str(error.value)
+
+
+@pytest.mark.parametrize('key, value', [('supernet.steps', 8), ('seed', 1), ('batch_size', 16),
+                                        ('gate.madds_scale', 1e6)])
+def test_a_finished_workdir_refuses_a_changed_config(trained, tmp_path, key, value):
+  workdir = copy_of(trained, tmp_path)
+  with pytest.raises(rundir.ConfigMismatchError, match=f'{key}: '):
+    train_lib.train_and_evaluate(one_device(**{key: value}), str(workdir))
+
+
+def test_an_allowed_change_extends_a_finished_stage_and_stale_stages_are_refused(
+    trained, tmp_path, capsys):
+  workdir = copy_of(trained, tmp_path)
+  longer = one_device(**{'supernet.steps': 6})
+  with pytest.raises(rundir.StaleStageError, match='checkpoints/recalibrate was computed from'):
+    train_lib.train_and_evaluate(longer, str(workdir), ['supernet.steps'])
+  assert rundir.RunDir(workdir).status('supernet').step == 4  # Refused before any work.
+
+  longer.stages = ('supernet',)
+  train_lib.train_and_evaluate(longer, str(workdir), ['supernet.steps'])
+  assert '[supernet] resuming at step 4' in capsys.readouterr().out
+  assert rundir.RunDir(workdir).status('supernet').meta['complete']
+  assert rundir.RunDir(workdir).status('supernet').step == 6
+
+
+def test_what_a_checkpoint_holds_comes_from_its_meta_not_its_folder(trained, tmp_path):
+  workdir = trained[0]
+  for stage, gated in (('supernet', False), ('gate', True)):
+    copied = tmp_path / f'run1_{stage}'
+    shutil.copytree(workdir / 'checkpoints' / stage, copied)
+    original, renamed = restore(workdir / 'checkpoints' / stage), restore(copied)
+    assert renamed.gated == original.gated == gated
+    for a, b in zip(jax.tree.leaves(original.variables), jax.tree.leaves(renamed.variables)):
+      np.testing.assert_array_equal(a, b)
+  # The supernet's variables are its EMA teacher's, not the raw weights.
+  ema = restore(tmp_path / 'run1_supernet').variables['params']
+  with checkpointing.Checkpointer(tmp_path / 'run1_supernet', create=False) as ckpt:
+    state, _, _ = ckpt.restore({'params': ema}, partial=True)
+  raw, ema = flat(state['params']), flat(ema)
+  assert any(not np.array_equal(raw[k], ema[k]) for k in raw)
+  report = eval_lib.evaluate_workdir(one_device(), str(tmp_path / 'eval_gate'),
+                                     checkpoint=str(tmp_path / 'run1_gate'))
+  assert report['gated'] == trained[1]['gated']
+
+
+def test_each_stage_changes_only_what_it_trains(trained):
+  workdir, _, init = trained
+  supernet = flat(restore(workdir / 'checkpoints' / 'supernet').variables['params'])
+  gate = flat(restore(workdir / 'checkpoints' / 'gate').variables['params'])
+  recalibrated = flat(restore(workdir / 'checkpoints' / 'recalibrate').variables['params'])
+  initial = flat(init['params'])
+  for name, value in supernet.items():
+    routing = 'routing_head' in name
+    assert np.array_equal(value, initial[name]) == routing, name  # Stage I: all but the head.
+    assert np.array_equal(gate[name], recalibrated[name]) != routing, name  # Stage II: the head.
+
+
+def test_batch_size_not_divisible_by_the_devices_fails_before_any_work(tmp_path):
+  for key in ('batch_size', 'eval_batch_size'):
+    config = tiny_config(num_devices=8, **{key: 12})
+    with pytest.raises(config_lib.ConfigError, match=f'{key}=12 is not divisible by the 8 dev'):
+      train_lib.train_and_evaluate(config, str(tmp_path / key))
+    assert not (tmp_path / key).exists()
+
+
+def test_model_name_typo_lists_the_models(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match=r"ds_mbnett.*available: ds_mbnet, ds_resnet, "
+                     r"ds_vit$"):
+    train_lib.train_and_evaluate(one_device(model_name='ds_mbnett'), str(tmp_path))
+
+
+def test_a_nan_run_keeps_its_finite_checkpoints(tmp_path):
+  config = one_device(stages=('supernet',), checkpoint_every_steps=1, keep_checkpoints=3,
+                      log_every_steps=100)
+  config.supernet.steps = 8
+  config.supernet.optimizer.lr = 1e12
+  config.supernet.optimizer.warmup_steps = 0
+  with pytest.raises(FloatingPointError) as error:
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  ckpt_dir = tmp_path / 'checkpoints' / 'supernet'
+  with checkpointing.Checkpointer(ckpt_dir, create=False) as ckpt:
+    steps = ckpt.all_steps()
+    assert steps and f'the last saved step is {steps[-1]}' in str(error.value)
+    for step in steps:
+      state = ckpt._manager.restore(step, args=checkpointing.ocp.args.Composite(
+          state=checkpointing.ocp.args.PyTreeRestore()))['state']
+      assert not checkpointing.non_finite_leaves(state), step
+
+
+def test_an_exploding_gate_is_neither_saved_nor_marked_complete(trained, tmp_path):
+  workdir = copy_of(trained, tmp_path)
+  shutil.rmtree(workdir / 'checkpoints' / 'gate')
+  config = one_device()
+  config.gate.optimizer.lr = 1e30
+  with pytest.raises(checkpointing.NonFiniteStateError, match='not saving step'):
+    train_lib.train_and_evaluate(config, str(workdir), ['gate.optimizer.lr'])
+  assert not rundir.RunDir(workdir).status('gate').exists
+
+
+def _truncate(step_dir):
+  for f in step_dir.rglob('*'):
+    if f.is_file() and 'd' in f.parent.name and f.stat().st_size:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_a_corrupt_latest_step_falls_back_and_resumes_to_the_same_result(trained, tmp_path,
+                                                                          capsys):
+  workdir = copy_of(trained, tmp_path)
+  _truncate(workdir / 'checkpoints' / 'supernet' / '4')  # Finished: later stages never read it.
+  gate_dir = workdir / 'checkpoints' / 'gate'
+  _truncate(gate_dir / '3')
+  capsys.readouterr()
+  report = eval_lib.evaluate_workdir(one_device(), str(workdir))
+  out = capsys.readouterr().out
+  assert 'gate/3 is unreadable' in out and 'falling back to step 2' in out
+  assert 'UNFINISHED (step 2 of 3)' in out and 'warning:' in out
+  assert (gate_dir / '3').exists()  # eval reads, never renames.
+
+  report = train_lib.train_and_evaluate(one_device(), str(workdir))
+  out = capsys.readouterr().out
+  assert 'gate/3 is unreadable' in out and 'step 3 set aside' in out
+  assert '[gate] resuming at step 2' in out and '[supernet]' not in out
+  assert sorted(p.name for p in gate_dir.iterdir()) == ['2', '3', '3.unreadable']
+  assert report['gated'] == trained[1]['gated']
+  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  gate_steps = [r['step'] for r in records if r['stage'] == 'gate' and 'loss' in r]
+  assert len(gate_steps) == len(set(gate_steps))  # The re-run steps are not logged twice.
+
+
+def test_a_second_process_on_a_workdir_is_refused_at_once(tmp_path):
+  import os
+  with rundir.RunDir(tmp_path).lock():
+    with pytest.raises(rundir.WorkdirLockedError, match=f'in use .*PID {os.getpid()}'):
+      train_lib.train_and_evaluate(one_device(), str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_eval_of_a_missing_workdir_creates_nothing(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no workdir'):
+    eval_lib.evaluate_workdir(one_device(), str(tmp_path / 'typo'))
+  assert not (tmp_path / 'typo').exists()
+
+
+def test_a_routing_space_naming_unknown_routes_fails_before_any_work(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match=r'model: unknown route 7; valid routes: 0'):
+    train_lib.train_and_evaluate(one_device(**{'model.routing_space': (0, 7)}), str(tmp_path))
+  assert not list(tmp_path.iterdir())
