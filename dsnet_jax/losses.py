@@ -30,19 +30,28 @@ def gate_targets(smallest_correct: jax.Array, num_routes: int) -> jax.Array:
 
 def gumbel_straight_through(key: jax.Array, logits: jax.Array, tau: float = 1.0) -> jax.Array:
   """Gumbel-softmax sample: an exact one-hot forward, the soft sample's gradient backward."""
-  gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
-  soft = jax.nn.softmax((logits.astype(jnp.float32) + gumbel) / tau)
-  hard = jax.nn.one_hot(jnp.argmax(soft, -1), logits.shape[-1], dtype=soft.dtype)
+  return straight_through(gumbel_perturbed(key, logits), tau)
+
+
+def gumbel_perturbed(key: jax.Array, logits: jax.Array) -> jax.Array:
+  """logits + Gumbel(0, 1) noise, in float32."""
+  return logits.astype(jnp.float32) + jax.random.gumbel(key, logits.shape, jnp.float32)
+
+
+def straight_through(noisy_logits: jax.Array, tau: float = 1.0) -> jax.Array:
+  """One-hot of the argmax forward, softmax(noisy_logits / tau)'s gradient backward."""
+  soft = jax.nn.softmax(noisy_logits / tau)
+  hard = jax.nn.one_hot(jnp.argmax(soft, -1), noisy_logits.shape[-1], dtype=soft.dtype)
   return hard + soft - jax.lax.stop_gradient(soft)
 
 
-def gate_cross_entropy(gate_logits: jax.Array, targets: jax.Array, double_softmax: bool = False
-                       ) -> jax.Array:
+def gate_cross_entropy(gate_logits: jax.Array, targets: jax.Array, double_softmax: bool = False,
+                       label_smoothing: float = 0.0) -> jax.Array:
   """CE of the routing logits against SGS targets. `double_softmax` reproduces the authors'
   quirk of feeding softmax probabilities into the CE."""
   if double_softmax:
     gate_logits = jax.nn.softmax(gate_logits)
-  return cross_entropy(gate_logits, targets)
+  return cross_entropy(gate_logits, targets, label_smoothing)
 
 
 def madds_penalty(mean_madds: jax.Array, weight: float, scale: float,

@@ -44,13 +44,35 @@ class RouteTable:
   Indexing accepts a `Route`, its name, or an int (taken as the name str(int)).
   """
 
-  def __init__(self, routes: Sequence[Route], routing_space: Sequence[str | int]):
+  def __init__(self, routes: Sequence[Route], routing_space: Sequence[str | int],
+               shared_prefix: int = 0):
+    """`shared_prefix`: how many leading widths run before the gate; every route of the
+    routing space must share them (the gate runs before the route is known)."""
     self._routes = {r.name: r for r in routes}
     if len(self._routes) != len(routes):
       raise ValueError(f'duplicate route names in {[r.name for r in routes]}')
     self.routing_space: tuple[Route, ...] = tuple(self[r] for r in routing_space)
     if not self.routing_space:
       raise ValueError('the routing space needs at least one route')
+    self.shared_prefix = shared_prefix
+    self._check_routing_space()
+
+  def _check_routing_space(self):
+    """Raises ValueError naming two routes of the routing space that break its contract."""
+    first, k = self.routing_space[0], self.shared_prefix
+    for route in self.routing_space[1:]:
+      if route.widths[:k] != first.widths[:k]:
+        raise ValueError(
+            f'routes {first.name!r} and {route.name!r} of the routing space run different widths '
+            f'before the gate ({first.widths[:k]} vs {route.widths[:k]}); the gate runs before '
+            'the route is known, so the routes it chooses from must share them')
+    for slimmer, wider in zip(self.routing_space, self.routing_space[1:]):
+      a, b = _flat_widths(slimmer.widths), _flat_widths(wider.widths)
+      if not (all(y >= x for x, y in zip(a, b)) and b != a):
+        raise ValueError(
+            f'the routing space must run from its slimmest route to its widest (SGS targets the '
+            f'first for easy inputs, the last for hard ones): route {wider.name!r} is not wider '
+            f'than {slimmer.name!r}')
 
   def __getitem__(self, key: Route | str | int) -> Route:
     if isinstance(key, Route):
@@ -81,7 +103,7 @@ class RouteTable:
     return self._routes[LARGEST] if LARGEST in self._routes else list(self._routes.values())[-1]
 
   def with_routing_space(self, routing_space: Sequence[str | int]) -> RouteTable:
-    return RouteTable(list(self), routing_space)
+    return RouteTable(list(self), routing_space, self.shared_prefix)
 
   def routing_index(self, route: Route | str | int) -> int:
     """Position of `route` in the routing space (the gate's logit index)."""
@@ -91,6 +113,12 @@ class RouteTable:
           f'route {route.name!r} is not in the routing space '
           f'{[r.name for r in self.routing_space]}')
     return self.routing_space.index(route)
+
+
+def _flat_widths(widths) -> tuple[int, ...]:
+  if isinstance(widths, (tuple, list)):
+    return tuple(w for item in widths for w in _flat_widths(item))
+  return (widths,)
 
 
 def sandwich_routes(table: RouteTable, seed: int, step: int, num_random: int) -> list[Route]:

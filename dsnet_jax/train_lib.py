@@ -73,6 +73,8 @@ class Run:
   train_data: input_pipeline.Pipeline
   eval_data: input_pipeline.Pipeline
   allow_changes: tuple[str, ...] = ()
+  # The training batches of each later stage (config_lib.stage_data).
+  stage_data: dict[str, input_pipeline.Pipeline] = dataclasses.field(default_factory=dict)
 
   @property
   def table(self) -> routes_lib.RouteTable:
@@ -82,8 +84,10 @@ class Run:
   def abstract_variables(self) -> Variables:
     return rundir_lib.abstract_variables(self.model, self.train_data.image_shape, self.mesh)
 
-  def batches(self, start_step: int):
-    for batch in self.train_data.batches(start_step):
+  def batches(self, start_step: int, stage: str = 'supernet'):
+    """Global training batches of `stage` from `start_step` on."""
+    pipeline = self.stage_data.get(stage, self.train_data)
+    for batch in pipeline.batches(start_step):
       yield sharding.global_batch(batch, self.mesh)
 
   def step_key(self, step: int, purpose: int) -> jax.Array:
@@ -106,11 +110,14 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh(config.num_devices or None)
   config_lib.validate_batch_sizes(config, mesh.size, jax.process_count())
   model = get_model(config.model_name, **config.model)
-  train_data = input_pipeline.make(config.data, 'train', batch_size=config.batch_size,
-                                   train=True, seed=config.seed)
+  train_data, *later = (
+      input_pipeline.make(config_lib.stage_data(config, stage), 'train',
+                          batch_size=config.batch_size, train=True, seed=config.seed)
+      for stage in rundir_lib.STAGES)
+  stage_data = dict(zip(rundir_lib.STAGES[1:], later))
   eval_data = eval_lib.eval_pipeline(config)
   return Run(config, rundir_lib.RunDir(workdir), model, mesh, train_data, eval_data,
-             tuple(allow_config_changes))
+             tuple(allow_config_changes), stage_data)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -218,7 +225,7 @@ def _train_steps(run: Run, stage: str, state, start: int, total: int, step_fn: C
   logger = ProgressLogger(run.rundir.metrics_path, stage, total, config.batch_size)
   logger.start(start)
   with run.rundir.checkpointer(stage, keep=config.keep_checkpoints) as ckpt:
-    for step, batch in zip(range(start, total), run.batches(start)):
+    for step, batch in zip(range(start, total), run.batches(start, stage)):
       state, metrics = step_fn(state, batch, step)
       done = step + 1
       if done % config.log_every_steps == 0 or done == total:
@@ -345,7 +352,7 @@ def recalibrate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOut
   variables, step, source = _stage_start(run, 'recalibrate', n,
                                          _abstract_state(run, identity), identity, upstream)
   if step < n:
-    variables = bn_calibration.recalibrate(run.model, variables, run.batches(0),
+    variables = bn_calibration.recalibrate(run.model, variables, run.batches(0, 'recalibrate'),
                                            list(run.table), n)
     with run.rundir.checkpointer('recalibrate', keep=None) as ckpt:
       ckpt.save(n, variables, run.meta('recalibrate', n, n, source))
@@ -358,10 +365,11 @@ def recalibrate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOut
 
 
 def gate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
-  """Sandwich gate sparsification: only the routing head trains; BN in eval mode."""
+  """Sandwich gate sparsification: only the routing head trains; BN in eval mode; hands on
+  the EMA of the variables (`gate.ema_decay`), as the authors report theirs."""
   cfg = run.config.gate
   tx = optim.make_optimizer(cfg.optimizer, cfg.steps, run.abstract_variables['params'])
-  fresh = functools.partial(TrainState.create, tx=tx)
+  fresh = functools.partial(TrainState.create, tx=tx, with_ema=True)
   state, start, source = _stage_start(run, 'gate', cfg.steps, _abstract_state(run, fresh),
                                       fresh, upstream)
   if start < cfg.steps:
@@ -371,25 +379,28 @@ def gate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
     state, _ = _train_steps(
         run, 'gate', state, start, cfg.steps,
         lambda state, batch, step: compiled(state, madds, batch, run.step_key(step, 1)),
-        lambda done: run.meta('gate', done, cfg.steps, source, gated=True))
-  return state.variables, {'stage': 'gate', 'step': max(start, cfg.steps)}
+        lambda done: run.meta('gate', done, cfg.steps, source, variables_key='ema', gated=True))
+  return state.ema, {'stage': 'gate', 'step': max(start, cfg.steps)}
 
 
 def gate_train_step(model, tx, cfg, state: TrainState, route_madds, batch, key):
-  """One SGS step: targets from the smallest route, Gumbel straight-through routing."""
+  """One SGS step: targets from the smallest route, Gumbel straight-through routing, the EMA
+  of the variables updated."""
   images, labels = batch['image'], batch['label']
   space = model.routes.routing_space
   smallest = model.apply(state.variables, images, route=space[0])
   targets = losses.gate_targets(jnp.argmax(smallest, -1) == labels, len(space))
+  gumbel = jax.random.gumbel(key, (images.shape[0], len(space)), jnp.float32)
 
   def loss_fn(params):
     logits, routing_logits, weights = model.apply_gated(
         {'params': params, 'batch_stats': state.batch_stats}, images,
-        lambda routing_logits: losses.gumbel_straight_through(key, routing_logits,
-                                                               cfg.gumbel_tau))
+        lambda routing_logits: losses.straight_through(routing_logits + gumbel, cfg.gumbel_tau))
     mean_madds = (weights @ route_madds).mean()
-    gate_ce = losses.gate_cross_entropy(routing_logits, targets, cfg.double_softmax)
-    ce = losses.cross_entropy(logits, labels)
+    gate_input = routing_logits + gumbel if cfg.gumbel_gate_loss else routing_logits
+    gate_ce = losses.gate_cross_entropy(gate_input, targets, cfg.double_softmax,
+                                        cfg.label_smoothing)
+    ce = losses.cross_entropy(logits, labels, cfg.label_smoothing)
     penalty = losses.madds_penalty(mean_madds, cfg.madds_weight, cfg.madds_scale,
                                    cfg.madds_target or None)
     loss = cfg.gate_ce_weight * gate_ce + cfg.ce_weight * ce + penalty
@@ -402,7 +413,9 @@ def gate_train_step(model, tx, cfg, state: TrainState, route_madds, batch, key):
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(jnp.add, state.params, updates)
-  return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+  ema = optim.ema_update(state.ema, {'params': params, 'batch_stats': state.batch_stats},
+                         cfg.ema_decay)
+  return (state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema),
           {'loss': loss, **metrics})
 
 

@@ -73,7 +73,7 @@ def test_route_tables():
   assert table[12].widths == (32, (32, 128), (64, 256), (256, 1024), (512, 2048))
   tiny = tiny_model().routes
   assert tiny[1].widths == (4, (2, 8), (4, 16), (6, 24), (12, 48))
-  with pytest.raises(ValueError, match='share the widths before the gate'):
+  with pytest.raises(ValueError, match="routes '0' and 'largest' .* different widths before"):
     tiny_model(routing_space=(0, 'largest')).routes
 
 

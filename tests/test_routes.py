@@ -39,3 +39,22 @@ def test_sandwich_draw_is_a_function_of_seed_and_step():
     assert len(d) == 4 and d[0].name == 'largest' and d[-1].name == '0'
     middles.update(r.name for r in d[1:-1])
   assert middles == {str(i) for i in range(1, 14)}
+
+
+@pytest.mark.parametrize('family, kwargs', [
+    ('ds_mbnet', {}),
+    ('ds_resnet', {}),
+    ('ds_vit', dict(variant='Ti/16', image_size=32, patch_size=16)),
+])
+def test_every_family_validates_its_routing_space(family, kwargs):
+  """Routes the gate chooses from share the widths before it and run slimmest to widest."""
+  from dsnet_jax.models import get_model
+  with pytest.raises(ValueError, match=r"routes '0' and 'largest' of the routing space run "
+                     r'different widths before the gate'):
+    get_model(family, routing_space=(0, 'largest'), **kwargs).routes
+  with pytest.raises(ValueError, match=r"route '1' is not wider than '2'"):
+    get_model(family, routing_space=(0, 2, 1), **kwargs).routes
+  with pytest.raises(ValueError, match=r"route '1' is not wider than '1'"):
+    get_model(family, routing_space=(1, 1), **kwargs).routes
+  assert [r.name for r in get_model(family, routing_space=(0, 3), **kwargs).routes
+          .routing_space] == ['0', '3']

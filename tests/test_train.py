@@ -200,3 +200,20 @@ def test_mvco_averages_the_teacher_over_two_views_and_trains_on_both():
   np.testing.assert_allclose(loss, (per_view[0] + per_view[1]) / 2, rtol=1e-5)
   with pytest.raises(ValueError, match='data.views = 2'):
     fns.teacher(variables, {'image': v1}, route='largest')
+
+
+def test_later_stages_never_see_mixed_images_or_second_views(tmp_path):
+  """With mixup, cutmix and two views for the supernet, recalibration and the gate train on
+  the same augmented images as an unmixed single-view config, and nothing else is sent."""
+  mixed = tiny_config(num_devices=1, **{'supernet.mvco': True})
+  mixed.data.update(dict(mixup_alpha=0.8, cutmix_alpha=1.0, views=2))
+  plain = tiny_config(num_devices=1)
+  run, reference = (train_lib.make_run(c, str(tmp_path / str(i)))
+                    for i, c in enumerate((mixed, plain)))
+  supernet_batch = next(run.batches(0))
+  assert {'label_probs', 'image_view1'} <= set(supernet_batch)
+  for stage in ('recalibrate', 'gate'):
+    batch, expected = next(run.batches(3, stage)), next(reference.batches(3, 'supernet'))
+    assert set(batch) == {'image', 'label'}, stage
+    np.testing.assert_array_equal(batch['image'], expected['image'])
+    np.testing.assert_array_equal(batch['label'], expected['label'])

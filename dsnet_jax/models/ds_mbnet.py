@@ -48,7 +48,7 @@ def build_route_table(stem_widths: tuple[int, ...], group_widths: tuple[tuple[in
   prefix = (stem_widths[0], *(w[0] for w in group_widths[:gate_group]))
   numbered = [routes_lib.Route(str(i), prefix + tuple(w[i] for w in dynamic)) for i in range(n)]
   largest = routes_lib.Route(routes_lib.LARGEST, (stem_widths[-1], *(w[-1] for w in group_widths)))
-  return routes_lib.RouteTable([*numbered, largest], routing_space)
+  return routes_lib.RouteTable([*numbered, largest], routing_space, shared_prefix=gate_group + 1)
 
 
 class Block(nn.Module):

@@ -118,11 +118,7 @@ def build_route_table(stem_features: int, group_inner_features: tuple[int, ...],
     numbered.append(routes_lib.Route(str(i), prefix + dynamic))
   largest = routes_lib.Route(routes_lib.LARGEST,
                              (stem_features, *((f, expansion * f) for f in group_inner_features)))
-  table = routes_lib.RouteTable([*numbered, largest], routing_space)
-  if len({r.widths[:gate_group + 1] for r in table.routing_space}) != 1:
-    raise ValueError('routes in the routing space must share the widths before the gate, since '
-                     f'the gate runs before the route is known: {table.routing_space}')
-  return table
+  return routes_lib.RouteTable([*numbered, largest], routing_space, shared_prefix=gate_group + 1)
 
 
 class Bottleneck(nn.Module):

@@ -123,10 +123,7 @@ def build_route_table(levels: tuple[tuple[int, int, int], ...], num_groups: int,
   numbered = [routes_lib.Route(str(n), (levels[0], *(levels[i] for i in c)))
               for n, c in enumerate(chain)]
   largest = routes_lib.Route(routes_lib.LARGEST, (levels[-1],) * num_groups)
-  table = routes_lib.RouteTable([*numbered, largest], routing_space)
-  if len({r.widths[0] for r in table.routing_space}) != 1:
-    raise ValueError('the routing space must share the widths before the gate (group 0)')
-  return table
+  return routes_lib.RouteTable([*numbered, largest], routing_space, shared_prefix=1)
 
 
 class Block(nn.Module):
