@@ -21,9 +21,7 @@ that cannot write raises `CheckpointSaveError` at once, the OS error last.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from typing import Any, Mapping
 
 import jax
@@ -156,12 +154,19 @@ class Checkpointer:
       log(f'checkpoint {self.directory / str(s)} is unreadable ({_first_line(error)}); '
           + (f'falling back to step {earlier[0]}' if earlier else 'no earlier step'))
 
+    # Whatever orbax or tensorstore raise while reading a step's files means that step is
+    # unreadable (their error types vary: ValueError, KeyError, bare Exception, OSError...);
+    # a mismatch with the target and errors of `target` itself are not.
     for s in steps:
       try:
-        meta = self.restore_meta(s) if callable(target) else None
+        meta = self.restore_meta(s)
       except Exception as e:  # pylint: disable=broad-except
-        if not is_unreadable(e):
+        try:
+          self._check_layout(s)  # A foreign layout is a mismatch, not damage.
+        except CheckpointMismatchError:
           raise
+        except Exception:  # pylint: disable=broad-except
+          pass
         unreadable(s, e)
         continue
       wanted = target(meta) if callable(target) else target
@@ -169,18 +174,23 @@ class Checkpointer:
         checked = self._checked_target(s, wanted, partial)
         restored = self._manager.restore(s, args=ocp.args.Composite(
             state=self._restore_args(checked, partial), meta=ocp.args.JsonRestore()))
-        return restored['state'], restored['meta'], s
+        return restored['state'], meta, s
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
-        if not is_unreadable(e) or isinstance(e, CheckpointMismatchError):
-          raise
         unreadable(s, e)
     raise UnreadableCheckpointError(
         f'no readable step in {self.directory}: ' + '; '.join(errors) +
         '. Move the unreadable step folders aside (or use a new workdir).')
 
   def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON meta of `step` (default: latest). Raises ValueError if it is not an object."""
     step = self._resolve(step)
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    if not isinstance(meta, dict):
+      raise ValueError(f'the meta of {self.directory / str(step)} is {type(meta).__name__}, '
+                       'not a JSON object')
+    return meta
 
   def set_aside(self, step: int) -> epath.Path:
     """Renames the folder of `step` to `<step>.unreadable` (kept, no longer a step)."""
@@ -218,11 +228,9 @@ class Checkpointer:
 
     A partial target must match the stored tree exactly inside each of its top-level items.
     """
-    items = self._manager.item_metadata(step)
-    if items.get('state') is None:
-      raise CheckpointMismatchError(
-          f'checkpoint {self.directory / str(step)} has no `state` item (it holds '
-          f'{sorted(items.keys())}); it was not written by Checkpointer.save')
+    items = self._check_layout(step)
+    if items['state'] is None:
+      raise FileNotFoundError(f'{self.directory / str(step)}/state has no readable metadata')
     target = abstract_like(target)
     wanted = ocp.tree.to_flat_dict(target, sep='/')
     stored = ocp.tree.to_flat_dict(items['state'].tree, sep='/')
@@ -244,6 +252,15 @@ class Checkpointer:
           f'({len(problems)} differences):\n  ' + '\n  '.join(problems))
     return target
 
+  def _check_layout(self, step: int):
+    """The step's item metadata; CheckpointMismatchError if it has no `state` item at all."""
+    items = self._manager.item_metadata(step)
+    if 'state' not in items:
+      raise CheckpointMismatchError(
+          f'checkpoint {self.directory / str(step)} has no `state` item (it holds '
+          f'{sorted(items.keys())}); it was not written by Checkpointer.save')
+    return items
+
   @staticmethod
   def _restore_args(target: PyTree, partial: bool) -> ocp.args.PyTreeRestore:
     return ocp.args.PyTreeRestore(
@@ -260,15 +277,6 @@ def non_finite_leaves(tree: PyTree) -> list[str]:
   finite = jax.device_get([jnp.isfinite(x).all() for _, x in flat])
   return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
           for (path, _), ok in zip(flat, finite) if not ok]
-
-
-def is_unreadable(error: Exception) -> bool:
-  """Whether `error` says a step's files are damaged or missing, rather than a bug or a
-  mismatch: OS and JSON errors, and tensorstore's status errors (ValueErrors whose message
-  starts with a code such as OUT_OF_RANGE or DATA_LOSS)."""
-  if isinstance(error, (OSError, EOFError, json.JSONDecodeError)):
-    return True
-  return isinstance(error, ValueError) and bool(re.match(r'[A-Z_]{6,}: ', str(error)))
 
 
 def _check_writable(directory: epath.Path) -> None:

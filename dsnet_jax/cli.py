@@ -13,7 +13,8 @@ from dsnet_jax.routes import UnknownRouteError
 USER_ERRORS = (config_lib.ConfigError, rundir.ConfigMismatchError, rundir.StaleStageError,
                rundir.WorkdirLockedError, checkpointing.CheckpointMismatchError,
                checkpointing.UnreadableCheckpointError, checkpointing.NonFiniteStateError,
-               UnknownRouteError, FileNotFoundError, FileExistsError, FloatingPointError)
+               UnknownRouteError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               FloatingPointError)
 
 
 def main_errors(main, *more_user_errors: type[Exception]):

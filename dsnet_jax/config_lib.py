@@ -183,7 +183,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if bad_stages or list(config.stages) != sorted(config.stages, key=STAGES.index):
     raise ConfigError(f'config key stages={tuple(config.stages)}: use {STAGES} or an ordered '
                       'subset of them')
-  positive = ['batch_size', 'eval_batch_size', 'supernet.steps', 'gate.steps',
+  from dsnet_jax.data.input_pipeline import DATASETS  # Data code only when validating.
+  if config.data.name not in DATASETS:
+    raise ConfigError(f'config key data.name={config.data.name!r}: unknown data set; use one of '
+                      f'{", ".join(DATASETS)}')
+  model_classes = config.model.get('num_classes')
+  data_classes = config.data.get('num_classes')
+  if model_classes and data_classes and model_classes != data_classes:
+    raise ConfigError(f'config keys model.num_classes={model_classes} and data.num_classes='
+                      f'{data_classes} differ: the labels must fit the model\'s logits')
+  if config.num_devices < 0:
+    raise ConfigError(f'config key num_devices must be >= 0 (0: every device), got '
+                      f'{config.num_devices}')
+  positive = ['batch_size', 'eval_batch_size', 'supernet.steps', 'gate.steps', 'data.image_size',
               'recalibrate.num_batches', 'log_every_steps', 'checkpoint_every_steps',
               'keep_checkpoints', 'gate.gumbel_tau', 'supernet.optimizer.lr', 'gate.optimizer.lr']
   for path in positive:
@@ -196,6 +208,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= config[stage].ema_decay < 1:
       raise ConfigError(f'config key {stage}.ema_decay must be in [0, 1), got '
                         f'{config[stage].ema_decay}')
+
+
+def check_key_paths(config: ml_collections.ConfigDict, paths, what: str) -> None:
+  """Raises ConfigError for a path ('a.b', or a 'section.' prefix) that names no config key."""
+  keys = _flat_keys(config.to_dict())
+  for path in paths:
+    if path.rstrip('.') not in keys:
+      raise ConfigError(f'{what} {path!r} is not a config key')
+
+
+def _flat_keys(tree, prefix: str = '') -> set[str]:
+  keys = set()
+  for key, value in tree.items():
+    keys.add(prefix + key)
+    if isinstance(value, dict):
+      keys |= _flat_keys(value, f'{prefix}{key}.')
+  return keys
+
+
+def validate_devices(config: ml_collections.ConfigDict, available: int,
+                     num_processes: int = 1) -> None:
+  """Raises ConfigError for more devices than there are, or batch sizes that do not split
+  evenly over the devices and hosts."""
+  if config.num_devices > available:
+    raise ConfigError(f'config key num_devices={config.num_devices}: only {available} devices '
+                      'are available')
+  validate_batch_sizes(config, config.num_devices or available, num_processes)
 
 
 def validate_batch_sizes(config: ml_collections.ConfigDict, num_devices: int,

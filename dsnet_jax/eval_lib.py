@@ -131,10 +131,11 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '',
     checkpointing.CheckpointMismatchError: the stored arrays do not match the model.
   """
   config_lib.validate(config)
+  config_lib.check_key_paths(config, allow_config_changes, '--allow_config_change key')
+  config_lib.validate_devices(config, len(jax.devices()), jax.process_count())
   directory = checkpoint or rundir_lib.RunDir(workdir).latest_stage_dir()
   input_pipeline.check_available(config.data)
   mesh = sharding.make_mesh(config.num_devices or None)
-  config_lib.validate_batch_sizes(config, mesh.size, jax.process_count())
   model = get_model(config.model_name, **config.model)
   pipeline = eval_pipeline(config)
   restored = rundir_lib.restore_variables(directory, model, pipeline.image_shape, mesh, config,

@@ -137,7 +137,10 @@ def config_differences(saved: dict[str, Any], current, keys: Sequence[str] | Non
   `keys` limits the comparison to those keys and key prefixes ending in '.'; `ignore` drops
   keys and prefixes (e.g. 'gate.').
   """
-  old = _flat(json.loads(saved) if isinstance(saved, str) else saved)
+  try:
+    old = _flat(json.loads(saved) if isinstance(saved, str) else saved)
+  except json.JSONDecodeError as e:
+    raise ConfigMismatchError(f'the saved config is not JSON ({e}); cannot compare') from None
   new = _flat(json.loads(current.to_json()) if hasattr(current, 'to_json') else current)
 
   def matches(key, patterns):

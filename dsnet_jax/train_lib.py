@@ -106,9 +106,10 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
              allow_config_changes: Iterable[str] = ()) -> Run:
   """Validates the config, the data and the batch sizes before building anything heavy."""
   config_lib.validate(config)
+  config_lib.check_key_paths(config, allow_config_changes, '--allow_config_change key')
+  config_lib.validate_devices(config, len(jax.devices()), jax.process_count())
   input_pipeline.check_available(config.data)
   mesh = sharding.make_mesh(config.num_devices or None)
-  config_lib.validate_batch_sizes(config, mesh.size, jax.process_count())
   model = get_model(config.model_name, **config.model)
   train_data, *later = (
       input_pipeline.make(config_lib.stage_data(config, stage), 'train',
@@ -136,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run = make_run(config, workdir, allow_config_changes)
   with run.rundir.lock():
     check_resumable(run)
-    output: Callable[[], StageOutput] = functools.partial(init_variables, run)
+    output: Callable[[], StageOutput] = functools.partial(start_variables, run)
     for stage in config.stages:
       output = functools.partial(STAGES[stage], run, output)
     variables, _ = output()
@@ -157,14 +158,11 @@ def check_resumable(run: Run) -> None:
   later stages; a later stage's checkpoint must have started from the output that the stage
   before it will have (else it is stale: e.g. the supernet was extended after the gate ran).
   """
-  previous = None
+  previous = _earlier_stage(run)
   for stage in run.config.stages:
     status = run.rundir.status(stage)
     if status.exists and 'config' in status.meta:
-      later = [f'{s}.' for s in rundir_lib.STAGES[rundir_lib.STAGES.index(stage) + 1:]]
-      rundir_lib.check_config(status.meta, run.config, None, run.allow_changes,
-                              f'checkpoints/{stage} in {run.rundir.workdir}',
-                              ignore=(*rundir_lib.RUN_NEUTRAL_KEYS, *later))
+      _check_stage_config(run, stage, status.meta)
     if status.exists and previous is not None and 'source' in status.meta:
       step = max(previous.step or 0, stage_steps(run.config, previous.stage))
       expected = {'stage': previous.stage, 'step': step}
@@ -175,6 +173,39 @@ def check_resumable(run: Run) -> None:
             f'{run.rundir.stage_dir(stage)} (and the stages after it) aside, or use a new '
             'workdir.')
     previous = status
+
+
+def _check_stage_config(run: Run, stage: str, meta: dict[str, Any]) -> None:
+  """A stage's checkpoint must have the current config but for run-neutral keys, later
+  stages' sections and the allowed changes."""
+  later = [f'{s}.' for s in rundir_lib.STAGES[rundir_lib.STAGES.index(stage) + 1:]]
+  rundir_lib.check_config(meta, run.config, None, run.allow_changes,
+                          f'checkpoints/{stage} in {run.rundir.workdir}',
+                          ignore=(*rundir_lib.RUN_NEUTRAL_KEYS, *later))
+
+
+def _earlier_stage(run: Run) -> rundir_lib.StageStatus | None:
+  """The last finished stage before the first configured one, if the workdir has one (e.g.
+  the supernet, when a later run configures only the gate stage)."""
+  first = rundir_lib.STAGES.index(run.config.stages[0])
+  for stage in reversed(rundir_lib.STAGES[:first]):
+    status = run.rundir.status(stage)
+    if status.exists and status.meta.get('complete'):
+      return status
+  return None
+
+
+def start_variables(run: Run) -> StageOutput:
+  """What the first configured stage starts from: the last finished earlier stage of the
+  workdir (its variables as its meta says), else `init_variables`."""
+  earlier = _earlier_stage(run)
+  if earlier is None or run.config.init_checkpoint:
+    return init_variables(run)
+  restored = rundir_lib.restore_variables(
+      run.rundir.stage_dir(earlier.stage), run.model, run.train_data.image_shape, run.mesh,
+      config=run.config, allow_changes=run.allow_changes)
+  print(f'starting from {restored.describe()}', flush=True)
+  return restored.variables, {'stage': earlier.stage, 'step': restored.step}
 
 
 def init_variables(run: Run) -> StageOutput:
@@ -198,9 +229,14 @@ def _stage_start(run: Run, stage: str, total: int, abstract_state, fresh_state: 
 
   Unreadable newer steps are set aside (renamed, never deleted) so the stage can redo them.
   """
+  def target(meta):  # The step actually restored may be older than the one checked before.
+    if 'config' in meta:
+      _check_stage_config(run, stage, meta)
+    return abstract_state
+
   with run.rundir.checkpointer(stage, keep=None) as ckpt:
     if ckpt.latest_step() is not None:
-      state, meta, step = ckpt.restore(abstract_state, fallback=True,
+      state, meta, step = ckpt.restore(target, fallback=True,
                                        log=lambda line: print(f'[{stage}] {line}', flush=True))
       for bad in [s for s in ckpt.all_steps() if s > step]:
         print(f'[{stage}] step {bad} set aside as {ckpt.set_aside(bad)}', flush=True)

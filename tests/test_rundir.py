@@ -200,3 +200,60 @@ def test_a_routing_space_naming_unknown_routes_fails_before_any_work(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r'model: unknown route 7; valid routes: 0'):
     train_lib.train_and_evaluate(one_device(**{'model.routing_space': (0, 7)}), str(tmp_path))
   assert not list(tmp_path.iterdir())
+
+
+def test_a_fallback_step_is_checked_against_the_config_too(trained, tmp_path):
+  """The latest step's meta is unreadable, so the config check must read the step restored."""
+  workdir = copy_of(trained, tmp_path)
+  meta = workdir / 'checkpoints' / 'gate' / '3' / 'meta' / 'metadata'
+  meta.write_text(meta.read_text()[:5])
+  with pytest.raises(rundir.ConfigMismatchError, match='gate.madds_weight: 0.5 -> 0.9'):
+    train_lib.train_and_evaluate(one_device(**{'gate.madds_weight': 0.9}), str(workdir))
+
+
+@pytest.mark.parametrize('damage', ['array_files', 'meta_folder', 'state_metadata', 'meta_list'])
+def test_every_kind_of_damaged_step_falls_back(trained, tmp_path, capsys, damage):
+  workdir = copy_of(trained, tmp_path)
+  step = workdir / 'checkpoints' / 'gate' / '3'
+  if damage == 'array_files':
+    for f in (step / 'state').rglob('*'):
+      if f.is_file() and f.parent.name == 'd':
+        f.write_bytes(f.read_bytes()[:10])
+  elif damage == 'meta_folder':
+    shutil.rmtree(step / 'meta')
+  elif damage == 'state_metadata':
+    (step / 'state' / '_METADATA').unlink()
+  else:
+    (step / 'meta' / 'metadata').write_text('[]')
+  capsys.readouterr()
+  report = eval_lib.evaluate_workdir(one_device(), str(workdir))
+  out = capsys.readouterr().out
+  assert 'gate/3 is unreadable' in out and 'falling back to step 2' in out, out
+  assert report['gated'] is not None
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'num_devices': -1}, 'num_devices must be >= 0'),
+    ({'num_devices': 99}, 'num_devices=99: only 8 devices'),
+    ({'data.name': 'foo'}, "data.name='foo': unknown data set"),
+    ({'data.image_size': 0}, "'data.image_size' must be > 0"),
+    ({'data.num_classes': 5}, 'model.num_classes=4 and data.num_classes=5 differ'),
+])
+def test_more_config_errors_before_any_work(tmp_path, overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    train_lib.train_and_evaluate(tiny_config(**overrides), str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+def test_an_allowed_change_must_name_a_config_key(trained, tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="'supernet.stepz' is not a config key"):
+    eval_lib.evaluate_workdir(one_device(), str(trained[0]),
+                              allow_config_changes=['supernet.stepz'])
+
+
+def test_a_later_stage_alone_starts_from_the_workdirs_finished_stages(trained, tmp_path, capsys):
+  workdir = copy_of(trained, tmp_path)
+  shutil.rmtree(workdir / 'checkpoints' / 'gate')
+  report = train_lib.train_and_evaluate(one_device(stages=('gate',)), str(workdir))
+  assert 'starting from' in capsys.readouterr().out
+  assert report['gated'] == trained[1]['gated']  # The same gate as the full run's.
