@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from typing import Any
 
 import ml_collections
 
@@ -212,19 +213,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def check_key_paths(config: ml_collections.ConfigDict, paths, what: str) -> None:
   """Raises ConfigError for a path ('a.b', or a 'section.' prefix) that names no config key."""
-  keys = _flat_keys(config.to_dict())
+  leaves = flat_items(config.to_dict())
   for path in paths:
-    if path.rstrip('.') not in keys:
+    key = path.rstrip('.')
+    if key not in leaves and not any(leaf.startswith(key + '.') for leaf in leaves):
       raise ConfigError(f'{what} {path!r} is not a config key')
 
 
-def _flat_keys(tree, prefix: str = '') -> set[str]:
-  keys = set()
-  for key, value in tree.items():
-    keys.add(prefix + key)
-    if isinstance(value, dict):
-      keys |= _flat_keys(value, f'{prefix}{key}.')
-  return keys
+def flat_items(tree: Any, prefix: str = '') -> dict[str, Any]:
+  """{'a.b.c': leaf} of a nested dict (an empty section is a leaf {})."""
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(flat_items(value, f'{prefix}{key}.'))
+    return out or {prefix[:-1]: {}}
+  return {prefix[:-1]: tree}
 
 
 def validate_devices(config: ml_collections.ConfigDict, available: int,

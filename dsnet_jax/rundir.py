@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 
-from dsnet_jax import checkpointing, sharding
+from dsnet_jax import checkpointing, config_lib, sharding
 
 STAGES = ('supernet', 'recalibrate', 'gate')
 # Config keys that change neither the model nor the numbers a run computes.
@@ -121,15 +121,6 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
 
 # --- config comparison ----------------------------------------------------------------------
 
-def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flat(value, f'{prefix}{key}.'))
-    return out or {prefix[:-1]: {}}
-  return {prefix[:-1]: tree}
-
-
 def config_differences(saved: dict[str, Any], current, keys: Sequence[str] | None = None,
                        ignore: Iterable[str] = ()) -> list[str]:
   """'key: saved -> current' for each differing key (dotted paths).
@@ -138,10 +129,10 @@ def config_differences(saved: dict[str, Any], current, keys: Sequence[str] | Non
   keys and prefixes (e.g. 'gate.').
   """
   try:
-    old = _flat(json.loads(saved) if isinstance(saved, str) else saved)
+    old = config_lib.flat_items(json.loads(saved) if isinstance(saved, str) else saved)
   except json.JSONDecodeError as e:
     raise ConfigMismatchError(f'the saved config is not JSON ({e}); cannot compare') from None
-  new = _flat(json.loads(current.to_json()) if hasattr(current, 'to_json') else current)
+  new = config_lib.flat_items(json.loads(current.to_json()) if hasattr(current, 'to_json') else current)
 
   def matches(key, patterns):
     return any(key == p or (p.endswith('.') and key.startswith(p)) for p in patterns)

@@ -80,7 +80,7 @@ class Run:
   def table(self) -> routes_lib.RouteTable:
     return self.model.routes
 
-  @property
+  @functools.cached_property
   def abstract_variables(self) -> Variables:
     return rundir_lib.abstract_variables(self.model, self.train_data.image_shape, self.mesh)
 
@@ -186,7 +186,10 @@ def _check_stage_config(run: Run, stage: str, meta: dict[str, Any]) -> None:
 
 def _earlier_stage(run: Run) -> rundir_lib.StageStatus | None:
   """The last finished stage before the first configured one, if the workdir has one (e.g.
-  the supernet, when a later run configures only the gate stage)."""
+  the supernet, when a later run configures only the gate stage) and no init_checkpoint is
+  set."""
+  if run.config.init_checkpoint:
+    return None
   first = rundir_lib.STAGES.index(run.config.stages[0])
   for stage in reversed(rundir_lib.STAGES[:first]):
     status = run.rundir.status(stage)
@@ -199,7 +202,7 @@ def start_variables(run: Run) -> StageOutput:
   """What the first configured stage starts from: the last finished earlier stage of the
   workdir (its variables as its meta says), else `init_variables`."""
   earlier = _earlier_stage(run)
-  if earlier is None or run.config.init_checkpoint:
+  if earlier is None:
     return init_variables(run)
   restored = rundir_lib.restore_variables(
       run.rundir.stage_dir(earlier.stage), run.model, run.train_data.image_shape, run.mesh,
