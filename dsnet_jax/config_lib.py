@@ -15,6 +15,8 @@ import ml_collections
 from dsnet_jax import models
 
 STAGES = ('supernet', 'recalibrate', 'gate')
+SGS_TARGETS = ('smallest_wrong', 'widest_helps')
+BUDGET_UNITS = ('largest', 'madds')  # gate.budget as a fraction of 'largest' MAdds, or MAdds.
 DATA_KEYS = ('name', 'data_dir', 'debian_dir', 'image_size', 'num_classes', 'augment', 'crop_pct',
              'in_memory', 'num_workers', 'num_threads', 'prefetch', 'channels',
              'synthetic_num_examples', 'randaugment', 'random_erasing', 'views', 'mixup_alpha',
@@ -72,6 +74,14 @@ def defaults() -> ml_collections.ConfigDict:
       # The authors' gate stage (reference section 5): label smoothing in both CEs, an EMA of
       # the model whose gated metrics are reported, Gumbel noise on the gate loss's logits.
       label_smoothing=0.1, ema_decay=0.997, gumbel_gate_loss=True,
+      # 'smallest_wrong' (the authors' SGS: hard = the smallest route is wrong) or
+      # 'widest_helps' ([ours]: hard = the smallest is wrong and the widest routed one right).
+      sgs_targets='smallest_wrong',
+      # [ours] The average cost the routed model must have (0: none; the MAdds penalty above
+      # then applies): held by dual ascent (dual_lr) in training, then per-route logit offsets
+      # calibrated on the last `calibration_examples` of the training split, which the gate
+      # stage does not train on (dsnet_jax.budget).
+      budget=0.0, budget_unit='largest', dual_lr=0.05, calibration_examples=5000,
       optimizer=_optimizer(lr=0.08, weight_decay=0.01,
                            param_groups=(('.*routing_head.*', 1.0), ('.*', None)))))
 
@@ -205,10 +215,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config key {path!r} must be > 0, got {value}')
   if config.supernet.mvco and config.data.get('views', 1) != 2:
     raise ConfigError('config key supernet.mvco needs data.views = 2 (two augmented views)')
+  _validate_budget(config.gate)
+  if config.gate.sgs_targets not in SGS_TARGETS:
+    raise ConfigError(f'config key gate.sgs_targets={config.gate.sgs_targets!r}: use one of '
+                      f'{", ".join(SGS_TARGETS)}')
   for stage in ('supernet', 'gate'):
     if not 0 <= config[stage].ema_decay < 1:
       raise ConfigError(f'config key {stage}.ema_decay must be in [0, 1), got '
                         f'{config[stage].ema_decay}')
+
+
+def _validate_budget(gate: ml_collections.ConfigDict) -> None:
+  if gate.budget < 0:
+    raise ConfigError(f'config key gate.budget must be >= 0 (0: no budget), got {gate.budget}')
+  if gate.budget_unit not in BUDGET_UNITS:
+    raise ConfigError(f'config key gate.budget_unit={gate.budget_unit!r}: use one of '
+                      f'{", ".join(BUDGET_UNITS)}')
+  if not gate.budget:
+    return
+  if gate.budget_unit == 'largest' and gate.budget > 1:
+    raise ConfigError(f'config key gate.budget={gate.budget} is a fraction of the largest '
+                      "route's MAdds (budget_unit='largest'), so at most 1; for MAdds per image "
+                      "set gate.budget_unit='madds'")
+  if gate.madds_target:
+    raise ConfigError('config keys gate.budget and gate.madds_target are both set: the budget '
+                      'replaces the MAdds penalty; set madds_target = 0')
+  if gate.calibration_examples < 1 or gate.dual_lr < 0:
+    raise ConfigError('with gate.budget set, gate.calibration_examples must be >= 1 and '
+                      f'gate.dual_lr >= 0, got {gate.calibration_examples} and {gate.dual_lr}')
 
 
 def check_key_paths(config: ml_collections.ConfigDict, paths, what: str) -> None:

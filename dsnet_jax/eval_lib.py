@@ -67,6 +67,28 @@ def route_table(model, variables, pipeline, mesh) -> list[dict[str, Any]]:
   return rows
 
 
+def static_accuracy_at(rows, madds: float) -> float:
+  """Accuracy of the static routes' curve at `madds` per image: linear between the two routes
+  around it (the accuracy of routing a random share of images to each, at that average cost),
+  the nearest end's outside the curve.
+
+  Args:
+    rows: route_table rows ('accuracy', 'madds').
+    madds: average MAdds per image.
+  """
+  points = sorted((r['madds'], r['accuracy']) for r in rows)
+  return float(np.interp(madds, [m for m, _ in points], [a for _, a in points]))
+
+
+def compare_with_static(rows, gated: dict[str, Any], budget_madds: float = 0.0
+                        ) -> dict[str, Any]:
+  """`gated` plus 'static_accuracy' (the static curve at the gated model's cost), 'gain' (the
+  gated accuracy minus it) and, with a budget, 'budget_madds'."""
+  static = static_accuracy_at(rows, gated['madds'])
+  extra = {'budget_madds': budget_madds} if budget_madds else {}
+  return {**gated, 'static_accuracy': static, 'gain': gated['accuracy'] - static, **extra}
+
+
 def format_report(rows, gated) -> str:
   lines = [f'{"route":>8}  {"accuracy":>8}  {"MAdds (M)":>9}  {"params (M)":>10}']
   lines += [f'{r["route"]:>8}  {r["accuracy"]:>8.4f}  {r["madds"] / 1e6:>9.3f}  '
@@ -74,6 +96,12 @@ def format_report(rows, gated) -> str:
   if gated:
     lines.append(f'{"gated":>8}  {gated["accuracy"]:>8.4f}  {gated["madds"] / 1e6:>9.3f}  '
                  f'routes {gated["route_histogram"]}')
+    lines.append(f'static routes at {gated["madds"] / 1e6:.3f} M MAdds (interpolated): '
+                 f'{gated["static_accuracy"]:.4f}; gated - static: {100 * gated["gain"]:+.2f} %')
+    if gated.get('budget_madds'):
+      budget = gated['budget_madds']
+      lines.append(f'budget {budget / 1e6:.3f} M MAdds, achieved {gated["madds"] / 1e6:.3f} M '
+                   f'({100 * (gated["madds"] / budget - 1):+.2f} %)')
   return '\n'.join(lines)
 
 
@@ -81,15 +109,20 @@ def plot(rows, gated, path: str):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  numbered = [r for r in rows if r['route'] != 'largest']
+  curve = sorted(rows, key=lambda r: r['madds'])
   fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot([r['madds'] / 1e6 for r in numbered], [100 * r['accuracy'] for r in numbered], 'o-',
+  ax.plot([r['madds'] / 1e6 for r in curve], [100 * r['accuracy'] for r in curve], 'o-',
           label='static routes')
   for r in rows:
-    if r['route'] == 'largest':
-      ax.plot(r['madds'] / 1e6, 100 * r['accuracy'], 's', label='largest')
+    ax.annotate(r['route'], (r['madds'] / 1e6, 100 * r['accuracy']), fontsize=7,
+                textcoords='offset points', xytext=(3, -9))
   if gated:
-    ax.plot(gated['madds'] / 1e6, 100 * gated['accuracy'], '*', markersize=14, label='gated')
+    ax.plot(gated['madds'] / 1e6, 100 * gated['accuracy'], '*', markersize=14,
+            label=f'gated ({100 * gated["gain"]:+.2f} % vs static)')
+    ax.plot(gated['madds'] / 1e6, 100 * gated['static_accuracy'], 'x', color='gray',
+            label='static curve at the gated cost')
+    if gated.get('budget_madds'):
+      ax.axvline(gated['budget_madds'] / 1e6, color='gray', ls=':', label='budget')
   ax.set_xlabel('MAdds (M)')
   ax.set_ylabel('accuracy (%)')
   ax.grid(alpha=0.3)
@@ -99,11 +132,15 @@ def plot(rows, gated, path: str):
   plt.close(fig)
 
 
-def evaluate_and_report(model, variables, pipeline, mesh, workdir: str, gated: bool = True
-                        ) -> dict[str, Any]:
-  """Prints the route table (and the gated result), writes eval.json and eval.png."""
+def evaluate_and_report(model, variables, pipeline, mesh, workdir: str, gated: bool = True,
+                        budget_madds: float = 0.0) -> dict[str, Any]:
+  """Prints the route table (and the gated result against the static routes' curve and the
+  budget, MAdds per image, when set), writes eval.json and eval.png."""
   rows = route_table(model, variables, pipeline, mesh)
-  result = gated_result(model, variables, pipeline, mesh) if gated else None
+  result = None
+  if gated:
+    result = compare_with_static(rows, gated_result(model, variables, pipeline, mesh),
+                                 budget_madds)
   print(format_report(rows, result), flush=True)
   report = {'routes': rows, 'gated': result}
   with open(os.path.join(workdir, 'eval.json'), 'w') as f:
@@ -146,4 +183,5 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '',
           f'{restored.meta.get("total_steps")} as it is', flush=True)
   os.makedirs(workdir, exist_ok=True)
   return evaluate_and_report(model, restored.variables, pipeline, mesh, workdir,
-                             gated=restored.gated)
+                             gated=restored.gated,
+                             budget_madds=restored.meta.get('budget_madds', 0.0))

@@ -22,10 +22,16 @@ def soft_cross_entropy(logits: jax.Array, target_probs: jax.Array) -> jax.Array:
   return -(target_probs * jax.nn.log_softmax(logits.astype(jnp.float32))).sum(-1).mean()
 
 
-def gate_targets(smallest_correct: jax.Array, num_routes: int) -> jax.Array:
+def gate_targets(smallest_correct: jax.Array, num_routes: int,
+                 widest_correct: jax.Array | None = None) -> jax.Array:
   """SGS targets: the first route of the routing space where the smallest route is right
-  ("easy"), the last where it is wrong ("hard")."""
-  return jnp.where(smallest_correct, 0, num_routes - 1).astype(jnp.int32)
+  ("easy"), the last where it is wrong ("hard"). [ours] With `widest_correct` (the routing
+  space's widest route is right), only inputs that the widest route gets right and the
+  smallest wrong are hard: compute cannot help the rest."""
+  hard = ~smallest_correct
+  if widest_correct is not None:
+    hard &= widest_correct
+  return jnp.where(hard, num_routes - 1, 0).astype(jnp.int32)
 
 
 def gumbel_straight_through(key: jax.Array, logits: jax.Array, tau: float = 1.0) -> jax.Array:

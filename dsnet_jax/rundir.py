@@ -10,8 +10,10 @@
 A checkpoint's meta says what it holds, so nothing depends on folder names: `stage` (the stage
 that wrote it), `variables_key` (where {'params', 'batch_stats'} sit in the state: 'ema' for
 the supernet's EMA teacher, '' for the top level), `gated` (the routing head was trained),
-`complete`, `step` / `total_steps`, `source` (the checkpoint the stage started from) and the
-run's `config` (JSON). Checkpoints from outside (the importer) carry `variables_key` ''.
+`complete`, `step` / `total_steps`, `source` (the checkpoint the stage started from), the
+run's `config` (JSON) and, for a gate trained to a budget, `budget_madds` and the calibrated
+`routing_offsets` (dsnet_jax.budget). Checkpoints from outside (the importer) carry
+`variables_key` ''.
 
 Every reader here probes without creating folders, and restores are exact: a checkpoint that
 does not match the model, or whose saved config differs from the current one in what changes
@@ -22,13 +24,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
+import re
 from typing import Any, Iterable, Iterator, Sequence
 
+from flax import traverse_util
 import jax
 
+from dsnet_jax import budget as budget_lib
 from dsnet_jax import checkpointing, config_lib, sharding
+from dsnet_jax.models.gated import ROUTING_HEAD
 
 STAGES = ('supernet', 'recalibrate', 'gate')
 # Config keys that change neither the model nor the numbers a run computes.
@@ -36,6 +43,9 @@ RUN_NEUTRAL_KEYS = ('stages', 'num_devices', 'eval_batch_size', 'log_every_steps
                     'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                     'data.data_dir', 'data.debian_dir', 'data.in_memory', 'data.num_workers',
                     'data.num_threads', 'data.prefetch')
+# What may differ between an ungated checkpoint and the model it restores into (the routing
+# head is then re-initialised).
+ROUTING_SPACE_KEYS = ('model.routing_space',)
 # The config keys that define the evaluated model and its evaluation data.
 MODEL_KEYS = ('model_name', 'model.', 'data.name', 'data.image_size', 'data.num_classes',
               'data.channels', 'data.crop_pct')
@@ -91,23 +101,34 @@ def variables_key(meta: dict[str, Any]) -> str:
 def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence[int],
                       mesh=None, config=None, allow_changes: Iterable[str] = (),
                       log=print) -> Restored:
-  """The {'params', 'batch_stats'} a checkpoint directory holds, read as its meta says.
+  """The variables a checkpoint directory holds, read as its meta says.
 
+  {'params', 'batch_stats'}, plus {'routing': {'offsets': (R,)}} when the meta holds a budget
+  calibration's `routing_offsets`. An ungated checkpoint (Stage I, recalibration) written
+  with another routing space restores with the model's routing head re-initialised from
+  `config.seed` (the routing space is chosen after Stage I); a gated one must match.
   Falls back to the previous step when the latest cannot be read (one line through `log`).
   Raises:
     FileNotFoundError: no checkpoint in `directory`.
     checkpointing.CheckpointMismatchError: the stored arrays differ from the model's.
     ConfigMismatchError: `config` differs from the saved one in MODEL_KEYS (except
-      `allow_changes`).
+      `allow_changes`, and the routing space of an ungated checkpoint).
   """
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoint directory {directory}')
-  variables = abstract_variables(model, image_shape, mesh)
+  stored = {}  # The model the checkpoint was written for, when only its routing space differs.
 
   def target(meta):
+    gated = Restored(None, meta, 0, directory).gated
     if config is not None and 'config' in meta:
-      check_config(meta, config, MODEL_KEYS, allow_changes, f'checkpoint {directory}')
+      check_config(meta, config, MODEL_KEYS, allow_changes, f'checkpoint {directory}',
+                   ignore=() if gated else ROUTING_SPACE_KEYS)
+    saved_space = _saved_routing_space(meta, model)
+    stored['model'] = (model if gated or saved_space is None
+                       or saved_space == _routing_space(model) else
+                       model.clone(routing_space=saved_space))
+    variables = abstract_variables(stored['model'], image_shape, mesh)
     key = variables_key(meta)
     return {key: variables} if key else variables
 
@@ -116,7 +137,45 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
       raise FileNotFoundError(f'no checkpoint in {directory}')
     state, meta, step = ckpt.restore(target, partial=True, fallback=True, log=log)
   key = variables_key(meta)
-  return Restored(state[key] if key else state, meta, step, directory)
+  variables = state[key] if key else state
+  if stored['model'] is not model:
+    variables = _new_routing_head(variables, model, image_shape, mesh,
+                                  config.seed if config is not None else 0)
+    log(f'{directory}: routing space {list(_routing_space(stored["model"]))} -> '
+        f'{list(_routing_space(model))}; routing head re-initialised')
+  if 'routing_offsets' in meta:
+    variables = budget_lib.with_offsets(variables, meta['routing_offsets'], mesh)
+  return Restored(variables, meta, step, directory)
+
+
+def _routing_space(model) -> tuple[str, ...]:
+  return tuple(r.name for r in model.routes.routing_space)
+
+
+def _saved_routing_space(meta: dict[str, Any], model) -> tuple[str, ...] | None:
+  """The routing space (route names) of the model a checkpoint's config built; None when the
+  checkpoint has no config (imported)."""
+  if 'config' not in meta:
+    return None
+  saved = json.loads(meta['config']) if isinstance(meta['config'], str) else meta['config']
+  space = saved.get('model', {}).get('routing_space')
+  if space is None:
+    space = type(model).__dataclass_fields__['routing_space'].default
+  return tuple(str(r) for r in space)
+
+
+def _new_routing_head(variables, model, image_shape, mesh, seed: int):
+  """`variables` with the routing head's parameters replaced by `model`'s fresh ones."""
+  init = jax.jit(functools.partial(model.init_variables, image_shape=tuple(image_shape)),
+                 out_shardings=mesh and sharding.replicated(mesh))
+  fresh = traverse_util.flatten_dict(init(jax.random.key(seed))['params'], sep='/')
+  params = traverse_util.flatten_dict(variables['params'], sep='/')
+  params = {k: fresh[k] if re.fullmatch(ROUTING_HEAD, k) else v for k, v in params.items()}
+  if params.keys() != fresh.keys():
+    raise checkpointing.CheckpointMismatchError(
+        f'parameters {sorted(params.keys() ^ fresh.keys())} differ between the checkpoint and '
+        'the model beyond the routing head')
+  return {**variables, 'params': traverse_util.unflatten_dict(params, sep='/')}
 
 
 # --- config comparison ----------------------------------------------------------------------
@@ -132,7 +191,8 @@ def config_differences(saved: dict[str, Any], current, keys: Sequence[str] | Non
     old = config_lib.flat_items(json.loads(saved) if isinstance(saved, str) else saved)
   except json.JSONDecodeError as e:
     raise ConfigMismatchError(f'the saved config is not JSON ({e}); cannot compare') from None
-  new = config_lib.flat_items(json.loads(current.to_json()) if hasattr(current, 'to_json') else current)
+  current = json.loads(current.to_json()) if hasattr(current, 'to_json') else current
+  new = config_lib.flat_items(current)
 
   def matches(key, patterns):
     return any(key == p or (p.endswith('.') and key.startswith(p)) for p in patterns)

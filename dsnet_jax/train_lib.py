@@ -27,8 +27,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from dsnet_jax import bn_calibration, checkpointing, config_lib, eval_lib, losses, optim
+from dsnet_jax import budget as budget_lib
 from dsnet_jax import routes as routes_lib
 from dsnet_jax import rundir as rundir_lib
 from dsnet_jax import sharding
@@ -63,6 +65,17 @@ class TrainState:
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
+@flax.struct.dataclass
+class GateState(TrainState):
+  """Stage II's state: TrainState plus the budget constraint's dual variable (float32 scalar;
+  stays 0 without a budget)."""
+  dual: Any = None
+
+  @classmethod
+  def create(cls, variables: Variables, tx, with_ema: bool = False) -> GateState:
+    return super().create(variables, tx, with_ema).replace(dual=jnp.zeros((), jnp.float32))
+
+
 @dataclasses.dataclass
 class Run:
   """What every stage shares."""
@@ -75,6 +88,10 @@ class Run:
   allow_changes: tuple[str, ...] = ()
   # The training batches of each later stage (config_lib.stage_data).
   stage_data: dict[str, input_pipeline.Pipeline] = dataclasses.field(default_factory=dict)
+  # With a gate budget: its MAdds per image, and the held-out end of the training split that
+  # the routing offsets are calibrated on (eval preprocessing).
+  budget_madds: float = 0.0
+  calibration_data: input_pipeline.Pipeline | None = None
 
   @property
   def table(self) -> routes_lib.RouteTable:
@@ -94,12 +111,12 @@ class Run:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), step), purpose)
 
   def meta(self, stage: str, step: int, total: int, source: dict[str, Any],
-           variables_key: str = '', gated: bool = False) -> dict[str, Any]:
+           variables_key: str = '', gated: bool = False, **extra) -> dict[str, Any]:
     """What a checkpoint says of itself (see rundir's docstring)."""
     return {'stage': stage, 'step': step, 'total_steps': total, 'complete': step >= total,
             'source': source, 'variables_key': variables_key, 'gated': gated,
             'seed': self.config.seed, 'model_name': self.config.model_name,
-            'config': self.config.to_json()}
+            'config': self.config.to_json(), **extra}
 
 
 def make_run(config: ml_collections.ConfigDict, workdir: str,
@@ -111,14 +128,27 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
   input_pipeline.check_available(config.data)
   mesh = sharding.make_mesh(config.num_devices or None)
   model = get_model(config.model_name, **config.model)
-  train_data, *later = (
-      input_pipeline.make(config_lib.stage_data(config, stage), 'train',
-                          batch_size=config.batch_size, train=True, seed=config.seed)
-      for stage in rundir_lib.STAGES)
-  stage_data = dict(zip(rundir_lib.STAGES[1:], later))
+
+  def training(stage, examples=None):
+    return input_pipeline.make(config_lib.stage_data(config, stage), 'train',
+                               batch_size=config.batch_size, train=True, seed=config.seed,
+                               examples=examples)
+
+  train_data = training('supernet')
+  budget = budget_lib.budget_madds(config.gate, model, train_data.image_shape)
+  held_out = config.gate.calibration_examples if budget else 0
+  if held_out and train_data.num_examples - held_out < config.batch_size:
+    raise config_lib.ConfigError(
+        f'config key gate.calibration_examples={held_out} leaves fewer than one batch of the '
+        f'{train_data.num_examples} training examples for the gate stage')
+  stage_data = {'recalibrate': training('recalibrate'),
+                'gate': training('gate', (0, -held_out) if held_out else None)}
+  calibration_data = input_pipeline.make(
+      config_lib.stage_data(config, 'gate'), 'train', batch_size=config.eval_batch_size,
+      train=False, examples=(-held_out, None)) if held_out else None
   eval_data = eval_lib.eval_pipeline(config)
   return Run(config, rundir_lib.RunDir(workdir), model, mesh, train_data, eval_data,
-             tuple(allow_config_changes), stage_data)
+             tuple(allow_config_changes), stage_data, budget, calibration_data)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -141,8 +171,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for stage in config.stages:
       output = functools.partial(STAGES[stage], run, output)
     variables, _ = output()
+    gated = 'gate' in config.stages
     return eval_lib.evaluate_and_report(run.model, variables, run.eval_data, run.mesh,
-                                        run.rundir.workdir, gated='gate' in config.stages)
+                                        run.rundir.workdir, gated=gated,
+                                        budget_madds=run.budget_madds if gated else 0.0)
 
 
 def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
@@ -177,11 +209,14 @@ def check_resumable(run: Run) -> None:
 
 def _check_stage_config(run: Run, stage: str, meta: dict[str, Any]) -> None:
   """A stage's checkpoint must have the current config but for run-neutral keys, later
-  stages' sections and the allowed changes."""
+  stages' sections and the allowed changes (and, once an ungated stage is finished, the
+  routing space: the gate stage re-initialises the routing head)."""
   later = [f'{s}.' for s in rundir_lib.STAGES[rundir_lib.STAGES.index(stage) + 1:]]
+  finished = meta.get('step', 0) >= stage_steps(run.config, stage)
+  routing = rundir_lib.ROUTING_SPACE_KEYS if stage != 'gate' and finished else ()
   rundir_lib.check_config(meta, run.config, None, run.allow_changes,
                           f'checkpoints/{stage} in {run.rundir.workdir}',
-                          ignore=(*rundir_lib.RUN_NEUTRAL_KEYS, *later))
+                          ignore=(*rundir_lib.RUN_NEUTRAL_KEYS, *later, *routing))
 
 
 def _earlier_stage(run: Run) -> rundir_lib.StageStatus | None:
@@ -224,6 +259,22 @@ def init_variables(run: Run) -> StageOutput:
                                    image_shape=run.train_data.image_shape),
                  out_shardings=sharding.replicated(run.mesh))
   return init(jax.random.key(run.config.seed)), {'init_seed': run.config.seed}
+
+
+def _finished_output(run: Run, stage: str) -> StageOutput | None:
+  """The variables of a stage whose checkpoint reached the configured steps, as
+  `rundir.restore_variables` reads them (so a routing space changed since an ungated stage
+  gets a new routing head), else None."""
+  total = stage_steps(run.config, stage)
+  if (run.rundir.status(stage).step or 0) < total:
+    return None
+  restored = rundir_lib.restore_variables(
+      run.rundir.stage_dir(stage), run.model, run.train_data.image_shape, run.mesh, run.config,
+      run.allow_changes, log=lambda line: print(f'[{stage}] {line}', flush=True))
+  if restored.step < total:  # The finished step was unreadable: the stage resumes.
+    return None
+  print(f'[{stage}] finished at step {restored.step}; skipping', flush=True)
+  return restored.variables, {'stage': stage, 'step': restored.step}
 
 
 def _stage_start(run: Run, stage: str, total: int, abstract_state, fresh_state: Callable,
@@ -282,6 +333,8 @@ def _train_steps(run: Run, stage: str, state, start: int, total: int, step_fn: C
 def supernet_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
   """Sandwich rule + in-place bootstrapping from an EMA teacher; hands on the EMA variables."""
   cfg = run.config.supernet
+  if (finished := _finished_output(run, 'supernet')) is not None:
+    return finished
   tx = optim.make_optimizer(cfg.optimizer, cfg.steps, run.abstract_variables['params'],
                             frozen=ROUTING_HEAD)
   fresh = functools.partial(TrainState.create, tx=tx, with_ema=True)
@@ -387,6 +440,8 @@ def training_views(batch, mvco: bool) -> list[jax.Array]:
 def recalibrate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
   """Every route's running statistics set to their exact average over training batches."""
   n = run.config.recalibrate.num_batches
+  if (finished := _finished_output(run, 'recalibrate')) is not None:
+    return finished
   identity = lambda variables: variables
   variables, step, source = _stage_start(run, 'recalibrate', n,
                                          _abstract_state(run, identity), identity, upstream)
@@ -405,30 +460,69 @@ def recalibrate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOut
 
 def gate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
   """Sandwich gate sparsification: only the routing head trains; BN in eval mode; hands on
-  the EMA of the variables (`gate.ema_decay`), as the authors report theirs."""
+  the EMA of the variables (`gate.ema_decay`), as the authors report theirs. With a budget,
+  the routing offsets are calibrated on the held-out examples at the last step and saved
+  with it (dsnet_jax.budget)."""
   cfg = run.config.gate
+  if (finished := _finished_output(run, 'gate')) is not None:
+    return finished
   tx = optim.make_optimizer(cfg.optimizer, cfg.steps, run.abstract_variables['params'])
-  fresh = functools.partial(TrainState.create, tx=tx, with_ema=True)
+  fresh = functools.partial(GateState.create, tx=tx, with_ema=True)
   state, start, source = _stage_start(run, 'gate', cfg.steps, _abstract_state(run, fresh),
                                       fresh, upstream)
-  if start < cfg.steps:
-    madds = jnp.asarray(run.model.routing_madds(run.train_data.image_shape), jnp.float32)
-    compiled = jax.jit(functools.partial(gate_train_step, run.model, tx, cfg),
-                       donate_argnums=(0,), out_shardings=sharding.replicated(run.mesh))
-    state, _ = _train_steps(
-        run, 'gate', state, start, cfg.steps,
-        lambda state, batch, step: compiled(state, madds, batch, run.step_key(step, 1)),
-        lambda done: run.meta('gate', done, cfg.steps, source, variables_key='ema', gated=True))
-  return state.ema, {'stage': 'gate', 'step': max(start, cfg.steps)}
+  route_madds = run.model.routing_madds(run.train_data.image_shape)
+  calibration = {}
+  compiled = jax.jit(functools.partial(gate_train_step, run.model, tx, cfg, run.budget_madds),
+                     donate_argnums=(0,), out_shardings=sharding.replicated(run.mesh))
+  madds = jnp.asarray(route_madds, jnp.float32)
+
+  def after_step(done, state, logger):
+    if done == cfg.steps and run.budget_madds:
+      calibration.update(calibrate_routing(run, state.ema, route_madds, logger, done))
+
+  state, _ = _train_steps(
+      run, 'gate', state, start, cfg.steps,
+      lambda state, batch, step: compiled(state, madds, batch, run.step_key(step, 1)),
+      lambda done: run.meta('gate', done, cfg.steps, source, variables_key='ema', gated=True,
+                            **(calibration if done == cfg.steps else {})),
+      after_step)
+  variables = state.ema
+  if calibration:
+    variables = budget_lib.with_offsets(variables, calibration['routing_offsets'], run.mesh)
+  return variables, {'stage': 'gate', 'step': cfg.steps}
 
 
-def gate_train_step(model, tx, cfg, state: TrainState, route_madds, batch, key):
+def calibrate_routing(run: Run, variables: Variables, route_madds: np.ndarray,
+                      logger: ProgressLogger, step: int) -> dict[str, Any]:
+  """{'budget_madds', 'routing_offsets'}: offsets after which argmax routing of `variables`
+  spends `run.budget_madds` on average over `run.calibration_data` (budget.calibrate_offsets).
+  """
+  routing_logits = jax.jit(lambda v, batch: (run.model.apply_prefix(v, batch['image'])[1],
+                                             batch['mask']),
+                           out_shardings=sharding.replicated(run.mesh))
+  outputs = jax.device_get([routing_logits(variables, sharding.global_batch(batch, run.mesh))
+                            for batch in run.calibration_data.batches()])
+  logits = np.concatenate([l for l, _ in outputs])[np.concatenate([m for _, m in outputs])]
+  offsets = budget_lib.calibrate_offsets(logits, route_madds, run.budget_madds)
+  before, after = (budget_lib.routed_cost(logits, route_madds, o) for o in (None, offsets))
+  print(f'[gate] routing offsets {np.round(offsets, 4).tolist()} calibrated on {len(logits)} '
+        f'held-out training images: argmax cost {before / 1e6:.4g} -> {after / 1e6:.4g} M MAdds '
+        f'(budget {run.budget_madds / 1e6:.4g} M)', flush=True)
+  logger.write(step, {'calibration_madds_before': before, 'calibration_madds_after': after})
+  return {'budget_madds': run.budget_madds, 'routing_offsets': offsets.tolist()}
+
+
+def gate_train_step(model, tx, cfg, budget: float, state: GateState, route_madds, batch, key):
   """One SGS step: targets from the smallest route, Gumbel straight-through routing, the EMA
-  of the variables updated."""
+  of the variables updated; with a budget (MAdds per image, else 0) the cost term is the dual
+  variable times the excess cost, and the dual variable takes its ascent step."""
   images, labels = batch['image'], batch['label']
   space = model.routes.routing_space
-  smallest = model.apply(state.variables, images, route=space[0])
-  targets = losses.gate_targets(jnp.argmax(smallest, -1) == labels, len(space))
+  def correct(route):
+    return jnp.argmax(model.apply(state.variables, images, route=route), -1) == labels
+
+  widest_correct = correct(space[-1]) if cfg.sgs_targets == 'widest_helps' else None
+  targets = losses.gate_targets(correct(space[0]), len(space), widest_correct)
   gumbel = jax.random.gumbel(key, (images.shape[0], len(space)), jnp.float32)
 
   def loss_fn(params):
@@ -440,11 +534,15 @@ def gate_train_step(model, tx, cfg, state: TrainState, route_madds, batch, key):
     gate_ce = losses.gate_cross_entropy(gate_input, targets, cfg.double_softmax,
                                         cfg.label_smoothing)
     ce = losses.cross_entropy(logits, labels, cfg.label_smoothing)
-    penalty = losses.madds_penalty(mean_madds, cfg.madds_weight, cfg.madds_scale,
-                                   cfg.madds_target or None)
-    loss = cfg.gate_ce_weight * gate_ce + cfg.ce_weight * ce + penalty
+    if budget:
+      cost = {'budget_loss': state.dual * budget_lib.excess(mean_madds, budget, route_madds)}
+    else:
+      cost = {'madds_penalty': losses.madds_penalty(mean_madds, cfg.madds_weight,
+                                                    cfg.madds_scale, cfg.madds_target or None)}
+    loss = cfg.gate_ce_weight * gate_ce + cfg.ce_weight * ce + sum(cost.values())
     histogram = jax.lax.stop_gradient(weights).sum(0)
-    return loss, dict(gate_ce=gate_ce, ce=ce, madds_penalty=penalty, mean_madds=mean_madds,
+    return loss, dict(gate_ce=gate_ce, ce=ce, **cost, mean_madds=mean_madds,
+                      argmax_madds=route_madds[jnp.argmax(routing_logits, -1)].mean(),
                       route_histogram={r.name: histogram[i] for i, r in enumerate(space)},
                       gate_accuracy=(jnp.argmax(routing_logits, -1) == targets).mean(),
                       accuracy=(jnp.argmax(logits, -1) == labels).mean())
@@ -454,8 +552,12 @@ def gate_train_step(model, tx, cfg, state: TrainState, route_madds, batch, key):
   params = jax.tree.map(jnp.add, state.params, updates)
   ema = optim.ema_update(state.ema, {'params': params, 'batch_stats': state.batch_stats},
                          cfg.ema_decay)
-  return (state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema),
-          {'loss': loss, **metrics})
+  dual = state.dual
+  if budget:
+    dual = dual + cfg.dual_lr * budget_lib.excess(metrics['argmax_madds'], budget, route_madds)
+    metrics['dual'] = dual
+  return (state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                        dual=dual), {'loss': loss, **metrics})
 
 
 def _log_eval(run: Run, logger: ProgressLogger, step: int, variables, routes):

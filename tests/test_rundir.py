@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from dsnet_jax import checkpointing, config_lib, eval_lib, optim, rundir, train_lib
+from dsnet_jax import checkpointing, config_lib, eval_lib, inference, optim, rundir, train_lib
 from checks import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,8 @@ def test_eval_with_another_architecture_is_refused(trained, tmp_path):
 
 
 @pytest.mark.parametrize('key, value', [('supernet.steps', 8), ('seed', 1), ('batch_size', 16),
-                                        ('gate.madds_scale', 1e6)])
+                                        ('gate.madds_scale', 1e6),
+                                        ('model.routing_space', (1, 2))])
 def test_a_finished_workdir_refuses_a_changed_config(trained, tmp_path, key, value):
   workdir = copy_of(trained, tmp_path)
   with pytest.raises(rundir.ConfigMismatchError, match=f'{key}: '):
@@ -257,3 +258,45 @@ def test_a_later_stage_alone_starts_from_the_workdirs_finished_stages(trained, t
   report = train_lib.train_and_evaluate(one_device(stages=('gate',)), str(workdir))
   assert 'starting from' in capsys.readouterr().out
   assert report['gated'] == trained[1]['gated']  # The same gate as the full run's.
+
+
+def test_a_routing_space_chosen_after_stage_one_trains_a_gate_to_its_budget(trained, tmp_path,
+                                                                          capsys):
+  """The authors' workflow (measure every route, then choose the routing space) with a budget:
+  the finished supernet restores with a new routing head, the gate trains and its calibrated
+  offsets route eval.py and RoutedPredictor alike."""
+  workdir = copy_of(trained, tmp_path)
+  shutil.rmtree(workdir / 'checkpoints' / 'gate')
+  config = one_device(**{'model.routing_space': (1, 3), 'gate.budget': 0.52,
+                         'gate.calibration_examples': 24})
+  report = train_lib.train_and_evaluate(config, str(workdir))
+  out = capsys.readouterr().out
+  assert "routing space ['0', '1', '2'] -> ['1', '3']; routing head re-initialised" in out
+  assert set(report['gated']['route_histogram']) == {'1', '3'}
+  gate = restore(workdir / 'checkpoints' / 'gate', config)
+  recalibrated = flat(restore(workdir / 'checkpoints' / 'recalibrate', config).variables)
+  for name, value in flat(gate.variables['params']).items():
+    if 'routing_head' in name:
+      assert value.shape[-1] == 2 and not np.array_equal(value, recalibrated['params/' + name])
+    else:
+      np.testing.assert_array_equal(value, recalibrated['params/' + name])
+  # The budget: in the meta, the report and eval.json; the offsets calibrated as documented.
+  model = train_lib.get_model(config.model_name, **config.model)
+  largest = train_lib.budget_lib.budget_madds(config.gate, model, (16, 16, 1))
+  assert gate.meta['budget_madds'] == report['gated']['budget_madds'] == largest
+  offsets = np.asarray(gate.meta['routing_offsets'], np.float32)
+  np.testing.assert_array_equal(gate.variables['routing']['offsets'], offsets)
+  assert offsets[0] == 0 and f'budget {largest / 1e6:.3f} M MAdds, achieved' in out
+  assert json.loads((workdir / 'eval.json').read_text())['gated'] == report['gated']
+  # The offsets route eval.py and the routed engine: argmax(raw routing logits + offsets).
+  images = np.random.default_rng(0).normal(size=(12, 16, 16, 1)).astype(np.float32)
+  raw = model.apply(gate.variables, images, method=type(model).prefix)[1]
+  expected = np.argmax(np.asarray(raw) + offsets, -1)
+  _, routing_logits, weights = model.apply_gated(gate.variables, images)
+  np.testing.assert_array_equal(np.argmax(weights, -1), expected)
+  _, routing_indices = inference.RoutedPredictor(model, gate.variables, (16, 16, 1)).predict(
+      images)
+  np.testing.assert_array_equal(routing_indices, expected)
+  # A gated checkpoint must match the routing space exactly.
+  with pytest.raises(rundir.ConfigMismatchError, match='model.routing_space'):
+    eval_lib.evaluate_workdir(one_device(), str(workdir))

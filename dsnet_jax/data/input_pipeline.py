@@ -122,8 +122,25 @@ def check_available(config: ml_collections.ConfigDict, split: str | None = None)
   _dataset(config, split or EVAL_SPLITS[name])
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Subrange:
+  """Records [start, stop) of a random-access source, renumbered from 0."""
+  source: Sequence[dict[str, Any]]
+  start: int
+  stop: int
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < len(self):
+      raise IndexError(f'record {index} of a {len(self)}-record subrange')
+    return self.source[self.start + index]
+
+
 def make(config: ml_collections.ConfigDict, split: str, *, batch_size: int, train: bool,
-         seed: int = 0, shard: HostShard | None = None) -> Pipeline:
+         seed: int = 0, shard: HostShard | None = None,
+         examples: tuple[int, int] | None = None) -> Pipeline:
   """Builds the pipeline of `split` for `config.data`.
 
   Args:
@@ -133,8 +150,18 @@ def make(config: ml_collections.ConfigDict, split: str, *, batch_size: int, trai
     train: shuffled, augmented, endless, drop-remainder batches; else one padded pass.
     seed: shuffling and augmentation seed (train only).
     shard: this host's slice; default (jax.process_index(), jax.process_count()).
+    examples: (start, stop) to use only those records of the split; negative values count
+      from its end, as in Python slices (e.g. (-5000, None) holds out its last 5000).
+  Raises:
+    ValueError: `examples` leaves fewer records than one batch (train) or none (eval).
   """
   source, preprocess, num_classes = _dataset(config, split)
+  if examples is not None:
+    start, stop, _ = slice(*examples).indices(len(source))
+    if stop - start < (batch_size if train else 1):
+      raise ValueError(f'records {examples} of {config.name} {split} ({len(source)} records) '
+                       f'leave {max(stop - start, 0)}, fewer than {"a batch" if train else "one"}')
+    source = Subrange(source, start, stop)
   if config.get('in_memory', False):
     source = ArraySource(load_numpy(source))
   shard = shard or HostShard.current()

@@ -22,6 +22,8 @@ RouteChoice = Callable[[jax.Array], jax.Array]
 # Parameter paths ('a/b/kernel') of the routing head: the gate's route logits, trained in
 # Stage II only.
 ROUTING_HEAD = r'(.*/)?routing_head/.*'
+# The variables collection of the budget calibration's per-route logit offsets (inference only).
+ROUTING_COLLECTION = 'routing'
 
 
 def argmax_choice(routing_logits: jax.Array) -> jax.Array:
@@ -91,9 +93,17 @@ class GatedSupernet(nn.Module):
 
   @nn.nowrap
   def apply_prefix(self, variables, images) -> tuple[Any, jax.Array]:
-    """(hidden, routing logits (batch, R)) of eval-mode images at the routing space's prefix."""
+    """(hidden, routing logits (batch, R)) of eval-mode images at the routing space's prefix.
+
+    The routing logits include the budget calibration's offsets when `variables` hold them
+    (`variables['routing']['offsets']`, (R,), see `dsnet_jax.budget`).
+    """
     check_images(images, self.in_channels, type(self).__name__)
-    return self.apply(variables, images, method=type(self).prefix)
+    hidden, routing_logits = self.apply(variables, images, method=type(self).prefix)
+    routing = variables.get(ROUTING_COLLECTION, {})
+    if 'offsets' in routing:
+      routing_logits = routing_logits + routing['offsets']
+    return hidden, routing_logits
 
   @nn.nowrap
   def apply_suffix(self, variables, hidden, route) -> jax.Array:

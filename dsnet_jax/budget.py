@@ -1,0 +1,120 @@
+"""The gate's compute budget: what it means in MAdds, how training is held to it, how the
+argmax routing used at inference is calibrated onto it.
+
+`config.gate.budget` is the average cost per image the routed model must have, as a fraction
+of the 'largest' route's MAdds (`budget_unit='largest'`) or in MAdds (`'madds'`). [ours] It
+is a constraint, not a hand-weighted penalty:
+
+1. Training (dual ascent): the loss gets `dual * excess(cost)`, where cost is the batch's
+   mean MAdds under the straight-through routes and `excess` is (cost - budget) over the
+   routing space's cost range; after each step the dual variable moves by `dual_lr *
+   excess(argmax cost)`, the cost of the argmax routing that inference uses, so it rises while
+   the gate spends too much and falls (below zero too: the constraint is an equality) while it
+   spends too little.
+2. Calibration: on a held-out slice of the training split, one price `p` on compute is found
+   by bisection such that argmax(routing logits - p * route MAdds / budget) spends the budget
+   on average. The offsets (shifted so that the cheapest route's is 0) are saved with the
+   gate's checkpoint (meta `routing_offsets`) and added to the routing logits by `apply_prefix`, so eval.py and
+   `RoutedPredictor` route with them. A single price keeps the routing a cost-aware argmax
+   (each example's choice only gets cheaper as the price rises), so the average cost is
+   monotone in `p` and the bisection cannot miss.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from dsnet_jax import sharding
+from dsnet_jax.complexity import route_complexity
+from dsnet_jax.config_lib import ConfigError
+from dsnet_jax.models.gated import ROUTING_COLLECTION
+
+
+class BudgetError(ConfigError):
+  """A budget the routing space cannot meet."""
+
+
+def budget_madds(gate_config, model, image_shape: Sequence[int]) -> float:
+  """`gate_config.budget` in MAdds per image (0.0: no budget).
+
+  Raises:
+    BudgetError: the budget lies outside [cheapest, dearest] routing-space route (gate
+      included), so no routing could meet it.
+  """
+  if not gate_config.budget:
+    return 0.0
+  image_shape = tuple(image_shape)
+  largest = route_complexity(model, model.routes.largest, image_shape).madds
+  budget = float(gate_config.budget) * (largest if gate_config.budget_unit == 'largest' else 1.0)
+  costs = model.routing_madds(image_shape)
+  if not costs.min() <= budget <= costs.max():
+    names = [r.name for r in model.routes.routing_space]
+    raise BudgetError(
+        f'gate.budget={gate_config.budget} ({gate_config.budget_unit}) is {budget / 1e6:.4g} M '
+        f'MAdds per image, outside what the routing space {names} can spend: '
+        f'{costs.min() / 1e6:.4g}-{costs.max() / 1e6:.4g} M (gate included; largest route '
+        f'{largest / 1e6:.4g} M). Choose a budget in that range or another routing space.')
+  return budget
+
+
+def with_offsets(variables: dict[str, Any], offsets: Sequence[float], mesh=None
+                 ) -> dict[str, Any]:
+  """`variables` plus the routing collection that `apply_prefix` adds to routing logits."""
+  offsets = np.asarray(offsets, np.float32)
+  if mesh is not None:
+    offsets = sharding.replicate(offsets, mesh)
+  return {**variables, ROUTING_COLLECTION: {'offsets': jnp.asarray(offsets)}}
+
+
+def excess(cost: jnp.ndarray, budget: float, route_madds: jnp.ndarray) -> jnp.ndarray:
+  """(cost - budget) in units of the routing space's cost range (max - min route MAdds), so
+  that the dual variable's scale does not depend on how far apart the routes' costs are."""
+  span = jnp.max(route_madds) - jnp.min(route_madds)
+  return (cost - budget) / jnp.where(span > 0, span, 1.0)
+
+
+def routed_cost(routing_logits: np.ndarray, route_madds: np.ndarray,
+                offsets: np.ndarray | None = None) -> float:
+  """Mean MAdds per image of argmax(routing_logits + offsets) routing."""
+  logits = np.asarray(routing_logits, np.float64)
+  if offsets is not None:
+    logits = logits + offsets
+  return float(np.asarray(route_madds, np.float64)[logits.argmax(-1)].mean())
+
+
+def calibrate_offsets(routing_logits: np.ndarray, route_madds: np.ndarray, budget: float,
+                      iterations: int = 100) -> np.ndarray:
+  """Per-route logit offsets (R,) after which argmax routing costs `budget` on average.
+
+  Args:
+    routing_logits: (N, R) routing logits of held-out examples.
+    route_madds: (R,) MAdds per image of each routing-space route.
+    budget: target mean MAdds per image, within [min, max] of `route_madds`.
+  Returns:
+    float32 offsets `-p * (route_madds - min(route_madds)) / budget`, `p` in the middle of the
+    prices whose routing cost is the closest to `budget` (the cost is a step function of `p`).
+  """
+  logits = np.asarray(routing_logits, np.float64)
+  madds = np.asarray(route_madds, np.float64)
+  relative = (madds - madds.min()) / budget  # The cheapest route's offset stays 0.
+  if logits.ndim != 2 or logits.shape[1] != relative.shape[0] or not len(logits):
+    raise ValueError(f'routing logits {logits.shape} do not match {relative.shape[0]} routes')
+  cost = lambda price: routed_cost(logits, route_madds, -price * relative)
+  gaps = np.diff(np.unique(relative))
+  bound = (float(np.ptp(logits, axis=1).max()) + 1.0) / (gaps.min() if len(gaps) else 1.0)
+  # cost(-bound) is the dearest route's, cost(bound) the cheapest's, and it never rises.
+
+  def first_price(predicate):  # The smallest price in [-bound, bound] where predicate holds.
+    low, high = -bound, bound
+    for _ in range(iterations):
+      middle = 0.5 * (low + high)
+      low, high = (low, middle) if predicate(middle) else (middle, high)
+    return high
+
+  crossing = first_price(lambda p: cost(p) <= budget)
+  best = min((cost(crossing), cost(np.nextafter(crossing, -np.inf))), key=lambda c: abs(c - budget))
+  # The middle of the prices that cost `best`: float32 offsets then still cost exactly that.
+  price = 0.5 * (first_price(lambda p: cost(p) <= best) + first_price(lambda p: cost(p) < best))
+  return (-price * relative).astype(np.float32)

@@ -1,0 +1,120 @@
+"""The gate's compute budget: its MAdds, the dual ascent, the argmax offset calibration and
+the comparison with the static routes (dsnet_jax.budget, eval_lib)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsnet_jax import budget, config_lib, eval_lib, optim, train_lib
+from dsnet_jax.complexity import route_complexity
+from dsnet_jax.models import get_model
+from checks import tiny_config
+
+IMAGE_SHAPE = (16, 16, 1)
+
+
+def synthetic_routing_logits(n, seed):
+  """Logits of 4 routes whose preferences vary by example, as a trained gate's do."""
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=(n, 4)) * 2.0 + np.array([1.0, 0.0, -0.5, 0.5])
+
+
+@pytest.mark.parametrize('fraction', [0.1, 0.35, 0.6, 0.9])
+def test_calibrated_offsets_land_the_argmax_cost_on_held_out_data(fraction):
+  madds = np.array([1.0e6, 1.5e6, 2.2e6, 3.0e6])
+  target = madds[0] + fraction * (madds[-1] - madds[0])
+  calibration, held_out = synthetic_routing_logits(4000, 0), synthetic_routing_logits(4000, 1)
+  offsets = budget.calibrate_offsets(calibration, madds, target)
+  # One price on compute: offsets linear in the routes' MAdds, 0 for the cheapest.
+  relative = (madds - madds[0]) / target
+  np.testing.assert_allclose(offsets, offsets[-1] / relative[-1] * relative, rtol=1e-5)
+  assert abs(budget.routed_cost(held_out, madds, offsets) / target - 1) < 0.02
+  # On the calibration set itself: as close as any price on a fine grid gets (brute force).
+  grid = [abs(budget.routed_cost(calibration, madds, -p * relative) - target)
+          for p in np.linspace(-20, 20, 4001)]
+  achieved = abs(budget.routed_cost(calibration, madds, offsets) - target)
+  assert achieved <= min(grid) + 1e-9
+
+
+def test_routed_cost_is_the_mean_madds_of_the_argmax_routes():
+  logits = np.array([[0.0, 1.0], [2.0, 1.0], [0.0, 0.5]])
+  np.testing.assert_allclose(budget.routed_cost(logits, np.array([10.0, 30.0])),
+                             (30 + 10 + 30) / 3)
+  np.testing.assert_allclose(budget.routed_cost(logits, np.array([10.0, 30.0]),
+                                                np.array([0.0, -0.8])), (30 + 10 + 10) / 3)
+
+
+def test_budget_in_madds_from_a_fraction_of_the_largest_route():
+  config = tiny_config(**{'gate.budget': 0.5})
+  model = get_model(config.model_name, **config.model)
+  largest = route_complexity(model, model.routes.largest, IMAGE_SHAPE).madds
+  assert budget.budget_madds(config.gate, model, IMAGE_SHAPE) == 0.5 * largest
+  config.gate.budget, config.gate.budget_unit = 60000.0, 'madds'
+  assert budget.budget_madds(config.gate, model, IMAGE_SHAPE) == 60000.0
+  config.gate.budget = 0.0
+  assert budget.budget_madds(config.gate, model, IMAGE_SHAPE) == 0.0
+
+
+def test_static_accuracy_is_interpolated_between_the_neighbouring_routes():
+  rows = [{'route': 'largest', 'madds': 4e6, 'accuracy': 0.95},
+          {'route': '0', 'madds': 1e6, 'accuracy': 0.80},
+          {'route': '1', 'madds': 2e6, 'accuracy': 0.90}]
+  assert eval_lib.static_accuracy_at(rows, 1.5e6) == pytest.approx(0.85)
+  assert eval_lib.static_accuracy_at(rows, 3.5e6) == pytest.approx(0.9375)
+  assert eval_lib.static_accuracy_at(rows, 0.5e6) == pytest.approx(0.80)
+  result = eval_lib.compare_with_static(rows, {'accuracy': 0.88, 'madds': 1.5e6}, 1.6e6)
+  assert result['gain'] == pytest.approx(0.03) and result['budget_madds'] == 1.6e6
+
+
+def gate_steps(budget_fraction, steps):
+  """Argmax cost and dual variable over `steps` budget-constrained gate steps on one batch."""
+  # The untrained tiny supernet's routing features are ~1e-4: a large step makes up for it.
+  config = tiny_config(num_devices=1, **{'gate.dual_lr': 2.0, 'gate.optimizer.lr': 3e3,
+                                         'gate.optimizer.weight_decay': 0.0})
+  model = get_model(config.model_name, **config.model)
+  madds = model.routing_madds(IMAGE_SHAPE)
+  target = madds[0] + budget_fraction * (madds[-1] - madds[0])
+  variables = model.init_variables(jax.random.key(0), IMAGE_SHAPE)
+  tx = optim.make_optimizer(config.gate.optimizer, steps, variables['params'])
+  state = train_lib.GateState.create(variables, tx, with_ema=True)
+  step = jax.jit(functools.partial(train_lib.gate_train_step, model, tx, config.gate, target))
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=(32, *IMAGE_SHAPE)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 4, 32), jnp.int32)}
+  costs, duals = [], [0.0]
+  for i in range(steps):
+    # The cost the dual step uses: argmax routing of the step's parameters, computed here.
+    _, routing_logits = model.apply_prefix(state.variables, batch['image'])
+    costs.append(float(madds[np.argmax(routing_logits, -1)].mean()))
+    state, metrics = step(state, jnp.asarray(madds, jnp.float32), batch, jax.random.key(i))
+    np.testing.assert_allclose(metrics['argmax_madds'], costs[-1], rtol=1e-6)
+    duals.append(float(state.dual))
+    span = madds.max() - madds.min()
+    np.testing.assert_allclose(duals[-1], duals[-2] + 2.0 * (costs[-1] - target) / span,
+                               rtol=1e-5, atol=1e-6)
+  return target, costs, duals
+
+
+@pytest.mark.parametrize('fraction', [0.0, 1.0])
+def test_the_dual_variable_moves_the_cost_toward_the_budget(fraction):
+  target, costs, duals = gate_steps(fraction, 25)
+  first, last = abs(costs[0] - target), abs(costs[-1] - target)
+  assert last < 0.5 * first, (target, costs)
+  # Over budget the dual variable turns positive (a price on compute), under budget negative.
+  assert np.sign(duals[5]) == (1 if costs[0] > target else -1)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'gate.budget': 0.2}, r'outside what the routing space \[.0., .1., .2.\] can spend'),
+    ({'gate.budget': 2.0}, 'at most 1'),
+    ({'gate.budget': 0.5, 'gate.madds_target': 1e5}, 'both set'),
+    ({'gate.budget': 0.5, 'gate.budget_unit': 'ms'}, "budget_unit='ms'"),
+    ({'gate.budget': 0.5, 'gate.calibration_examples': 60}, 'fewer than one batch'),
+    ({'gate.sgs_targets': 'largest'}, "sgs_targets='largest'"),
+])
+def test_an_unusable_budget_fails_before_any_work(tmp_path, overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    train_lib.train_and_evaluate(tiny_config(**overrides), str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
