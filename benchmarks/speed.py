@@ -101,17 +101,18 @@ def main(argv=None):
   if args.num_classes:
     kwargs['num_classes'] = args.num_classes
   model = get_model(args.model, **kwargs)
-  table = model.routes
-  space = table.routing_space
   image_shape = (args.image_size, args.image_size, 3)
   rng = np.random.default_rng(0)
 
   gate_chooses = bool(args.variables)
   if gate_chooses:
     from dsnet_jax import rundir  # orbax, only for a checkpoint.
-    variables = rundir.restore_variables(args.variables, model, image_shape).variables
+    restored = rundir.restore_variables(args.variables, model, image_shape)
+    model, variables = restored.model, restored.variables
   else:
     variables = stand_in.random_variables(model, image_shape)  # Speed ignores values.
+  table = model.routes
+  space = table.routing_space
   variables = jax.device_put(variables)
   if args.images:
     pool = np.load(args.images).astype(np.float32)

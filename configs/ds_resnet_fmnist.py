@@ -10,15 +10,13 @@ def get_config(arg=None):
   del arg
   config = config_lib.fashion_mnist_recipe(config_lib.defaults())
   config.model_name = 'ds_resnet'
+  # routing_space: what budget.propose_routing_space picks for the 40 % budget from a measured
+  # run (route 1 is no more accurate than a mix of routes 0 and 2).
   config.model = dict(num_classes=10, in_channels=1, stem_features=16,
                       group_inner_features=(8, 16, 32, 64), group_depths=(1, 1, 2, 1),
                       group_strides=(1, 1, 2, 1), route_ratios=(0.25, 0.5, 0.625, 0.75),
-                      channel_multiple=4, routing_space=(0, 1))
+                      channel_multiple=4, routing_space=(0, 2, 3))
   # No numbered route runs the later groups at full width: their BN statistics rows would be
   # shared with 'largest', whose prefix is twice as wide (see the README's notes).
   config.supernet.steps = 1500
-  # Routes 1-3 are equally accurate here (82.7, 82.8, 82.7 % in a 4-route run), so the routing
-  # space is the two routes that differ; the target sits between them.
-  config.gate.madds_target = 0.5e6
-  config.gate.madds_scale = 1e5
   return config

@@ -16,6 +16,4 @@ def get_config(arg=None):
   opt = config.supernet.optimizer
   opt.name, opt.lr, opt.weight_decay, opt.end_lr = 'adamw', 2e-3, 0.05, 1e-5
   config.recalibrate.num_batches = 1  # No BatchNorm in a ViT: nothing to recalibrate.
-  config.gate.madds_target = 2.5e6  # Between routes 2 and 4 of the routing space.
-  config.gate.madds_scale = 3e5
   return config

@@ -118,3 +118,45 @@ def calibrate_offsets(routing_logits: np.ndarray, route_madds: np.ndarray, budge
   # The middle of the prices that cost `best`: float32 offsets then still cost exactly that.
   price = 0.5 * (first_price(lambda p: cost(p) <= best) + first_price(lambda p: cost(p) < best))
   return (-price * relative).astype(np.float32)
+
+
+def propose_routing_space(rows: Sequence[dict[str, Any]], budget: float,
+                          max_routes: int = 4) -> tuple[str, ...]:
+  """[ours] A routing space for `budget` from measured routes: the routes on the upper
+  concave hull of accuracy vs MAdds (each more accurate than mixing its neighbours), from the
+  cheapest up to the first at or beyond `2 * budget - cheapest` (so the budget lies at most
+  halfway: the gate may send up to half the images to the widest route), at most
+  `max_routes` of them (the middle ones thinned evenly).
+
+  Args:
+    rows: {'route', 'accuracy', 'madds'} of the routes that may share a routing space
+      (measured on held-out data, e.g. the gate's calibration slice).
+    budget: MAdds per image.
+  Raises:
+    BudgetError: the budget is below the cheapest route or above the dearest.
+  """
+  points = sorted(rows, key=lambda r: (r['madds'], -r['accuracy']))
+  if not points[0]['madds'] <= budget <= points[-1]['madds']:
+    raise BudgetError(f'budget {budget / 1e6:.4g} M MAdds is outside the measured routes\' '
+                      f'{points[0]["madds"] / 1e6:.4g}-{points[-1]["madds"] / 1e6:.4g} M')
+  hull = []
+  for point in points:
+    while len(hull) >= 2 and _cross(hull[-2], hull[-1], point) >= 0:
+      hull.pop()  # hull[-1] is not above the chord from hull[-2] to point.
+    if not hull or point['accuracy'] > hull[-1]['accuracy']:
+      hull.append(point)
+  reach = 2 * budget - hull[0]['madds']
+  end = next((i for i, p in enumerate(hull) if p['madds'] >= reach), len(hull) - 1)
+  chosen = hull[:end + 1]
+  if chosen[-1]['madds'] < budget:  # No route that costs the budget is more accurate.
+    chosen.append(next(p for p in points if p['madds'] >= budget))
+  if len(chosen) > max_routes:
+    keep = np.linspace(0, len(chosen) - 1, max_routes).round().astype(int)
+    chosen = [chosen[i] for i in keep]
+  return tuple(p['route'] for p in chosen)
+
+
+def _cross(a, b, c) -> float:
+  """> 0 when c lies above the line through a and b (accuracy over MAdds)."""
+  return ((b['madds'] - a['madds']) * (c['accuracy'] - a['accuracy'])
+          - (b['accuracy'] - a['accuracy']) * (c['madds'] - a['madds']))

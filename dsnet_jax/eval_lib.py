@@ -182,6 +182,6 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '',
     print(f'warning: {directory} is unfinished: evaluating step {restored.step} of '
           f'{restored.meta.get("total_steps")} as it is', flush=True)
   os.makedirs(workdir, exist_ok=True)
-  return evaluate_and_report(model, restored.variables, pipeline, mesh, workdir,
+  return evaluate_and_report(restored.model, restored.variables, pipeline, mesh, workdir,
                              gated=restored.gated,
                              budget_madds=restored.meta.get('budget_madds', 0.0))

@@ -292,8 +292,8 @@ def main(argv):
   directory = f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir()
   restored = rundir.restore_variables(directory, model, image_shape, config=config)
   print(f'restored {restored.describe()}')
-  export_route(model, restored.variables, f.route, f.out, image_shape, batch_size=f.batch_size,
-               platforms=f.platforms, overwrite=f.overwrite)
+  export_route(restored.model, restored.variables, f.route, f.out, image_shape,
+               batch_size=f.batch_size, platforms=f.platforms, overwrite=f.overwrite)
 
 
 if __name__ == '__main__':

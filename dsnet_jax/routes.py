@@ -13,6 +13,10 @@ from typing import Hashable, Iterator, Sequence
 import numpy as np
 
 LARGEST = 'largest'
+# A routing space left to the gate stage: it proposes one for the budget from the routes'
+# accuracy after Stage I (budget.propose_routing_space). Until then the routing space is every
+# route that runs the smallest route's widths before the gate.
+AUTO = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +48,20 @@ class RouteTable:
   Indexing accepts a `Route`, its name, or an int (taken as the name str(int)).
   """
 
-  def __init__(self, routes: Sequence[Route], routing_space: Sequence[str | int],
+  def __init__(self, routes: Sequence[Route], routing_space: Sequence[str | int] | str,
                shared_prefix: int = 0):
     """`shared_prefix`: how many leading widths run before the gate; every route of the
-    routing space must share them (the gate runs before the route is known)."""
+    routing space must share them (the gate runs before the route is known).
+    `routing_space` AUTO: every route sharing the smallest route's, until one is chosen."""
     self._routes = {r.name: r for r in routes}
     if len(self._routes) != len(routes):
       raise ValueError(f'duplicate route names in {[r.name for r in routes]}')
+    self.auto = isinstance(routing_space, str)
+    if self.auto and routing_space != AUTO:
+      raise ValueError(f'routing space {routing_space!r}: give route names or {AUTO!r}')
+    if self.auto:
+      k = shared_prefix
+      routing_space = [r.name for r in routes if r.widths[:k] == routes[0].widths[:k]]
     self.routing_space: tuple[Route, ...] = tuple(self[r] for r in routing_space)
     if not self.routing_space:
       raise ValueError('the routing space needs at least one route')
@@ -104,6 +115,11 @@ class RouteTable:
 
   def with_routing_space(self, routing_space: Sequence[str | int]) -> RouteTable:
     return RouteTable(list(self), routing_space, self.shared_prefix)
+
+  @staticmethod
+  def spec(routing_space: Sequence[str | int] | str) -> tuple[str | int, ...] | str:
+    """A model field's routing space as a hashable argument: a tuple of names, or AUTO."""
+    return routing_space if isinstance(routing_space, str) else tuple(routing_space)
 
   def routing_index(self, route: Route | str | int) -> int:
     """Position of `route` in the routing space (the gate's logit index)."""

@@ -36,6 +36,7 @@ import jax
 from dsnet_jax import budget as budget_lib
 from dsnet_jax import checkpointing, config_lib, sharding
 from dsnet_jax.models.gated import ROUTING_HEAD
+from dsnet_jax.routes import RouteTable
 
 STAGES = ('supernet', 'recalibrate', 'gate')
 # Config keys that change neither the model nor the numbers a run computes.
@@ -72,11 +73,13 @@ def abstract_variables(model, image_shape: Sequence[int], mesh=None) -> dict[str
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-  """Variables read from a checkpoint, and what its meta says of them."""
+  """Variables read from a checkpoint, what its meta says of them, and the model they are for
+  (the one given, with the gate's chosen routing space if that was 'auto')."""
   variables: dict[str, Any]
   meta: dict[str, Any]
   step: int
   directory: str
+  model: Any = None
 
   @property
   def gated(self) -> bool:
@@ -106,7 +109,9 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
   {'params', 'batch_stats'}, plus {'routing': {'offsets': (R,)}} when the meta holds a budget
   calibration's `routing_offsets`. An ungated checkpoint (Stage I, recalibration) written
   with another routing space restores with the model's routing head re-initialised from
-  `config.seed` (the routing space is chosen after Stage I); a gated one must match.
+  `config.seed` (the routing space is chosen after Stage I); a gated one must match, and
+  for a model whose routing space is 'auto' it says which one the gate stage chose
+  (`Restored.model` has it).
   Falls back to the previous step when the latest cannot be read (one line through `log`).
   Raises:
     FileNotFoundError: no checkpoint in `directory`.
@@ -125,9 +130,12 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
       check_config(meta, config, MODEL_KEYS, allow_changes, f'checkpoint {directory}',
                    ignore=() if gated else ROUTING_SPACE_KEYS)
     saved_space = _saved_routing_space(meta, model)
-    stored['model'] = (model if gated or saved_space is None
-                       or saved_space == _routing_space(model) else
-                       model.clone(routing_space=saved_space))
+    if gated and model.routes.auto and 'routing_space' in meta:
+      stored['model'] = model.clone(routing_space=tuple(meta['routing_space']))
+    elif gated or saved_space is None or saved_space == _routing_space(model):
+      stored['model'] = model
+    else:
+      stored['model'] = model.clone(routing_space=saved_space)
     variables = abstract_variables(stored['model'], image_shape, mesh)
     key = variables_key(meta)
     return {key: variables} if key else variables
@@ -138,14 +146,15 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
     state, meta, step = ckpt.restore(target, partial=True, fallback=True, log=log)
   key = variables_key(meta)
   variables = state[key] if key else state
-  if stored['model'] is not model:
-    variables = _new_routing_head(variables, model, image_shape, mesh,
-                                  config.seed if config is not None else 0)
+  if not Restored(None, meta, 0, directory).gated and stored['model'] is not model:
+    variables = replace_routing_head(variables, model, image_shape, mesh,
+                                     config.seed if config is not None else 0)
     log(f'{directory}: routing space {list(_routing_space(stored["model"]))} -> '
         f'{list(_routing_space(model))}; routing head re-initialised')
+    stored['model'] = model
   if 'routing_offsets' in meta:
     variables = budget_lib.with_offsets(variables, meta['routing_offsets'], mesh)
-  return Restored(variables, meta, step, directory)
+  return Restored(variables, meta, step, directory, stored['model'])
 
 
 def _routing_space(model) -> tuple[str, ...]:
@@ -161,11 +170,16 @@ def _saved_routing_space(meta: dict[str, Any], model) -> tuple[str, ...] | None:
   space = saved.get('model', {}).get('routing_space')
   if space is None:
     space = type(model).__dataclass_fields__['routing_space'].default
-  return tuple(str(r) for r in space)
+  return _routing_space(model.clone(routing_space=RouteTable.spec(space)))
 
 
-def _new_routing_head(variables, model, image_shape, mesh, seed: int):
-  """`variables` with the routing head's parameters replaced by `model`'s fresh ones."""
+def replace_routing_head(variables, model, image_shape, mesh, seed: int):
+  """`variables` with the routing head's parameters replaced by `model`'s fresh ones from
+  `seed` (e.g. for another routing space; everything else must match).
+
+  Raises:
+    checkpointing.CheckpointMismatchError: other parameters differ in name.
+  """
   init = jax.jit(functools.partial(model.init_variables, image_shape=tuple(image_shape)),
                  out_shardings=mesh and sharding.replicated(mesh))
   fresh = traverse_util.flatten_dict(init(jax.random.key(seed))['params'], sep='/')

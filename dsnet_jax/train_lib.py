@@ -34,6 +34,7 @@ from dsnet_jax import budget as budget_lib
 from dsnet_jax import routes as routes_lib
 from dsnet_jax import rundir as rundir_lib
 from dsnet_jax import sharding
+from dsnet_jax.complexity import route_complexity
 from dsnet_jax.data import input_pipeline
 from dsnet_jax.models import get_model
 from dsnet_jax.models.gated import ROUTING_HEAD
@@ -100,6 +101,11 @@ class Run:
   @functools.cached_property
   def abstract_variables(self) -> Variables:
     return rundir_lib.abstract_variables(self.model, self.train_data.image_shape, self.mesh)
+
+  def use_model(self, model) -> None:
+    """From now on, `model` (the same one with the gate stage's chosen routing space)."""
+    self.model = model
+    self.__dict__.pop('abstract_variables', None)
 
   def batches(self, start_step: int, stage: str = 'supernet'):
     """Global training batches of `stage` from `start_step` on."""
@@ -464,6 +470,8 @@ def gate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
   the routing offsets are calibrated on the held-out examples at the last step and saved
   with it (dsnet_jax.budget)."""
   cfg = run.config.gate
+  if run.table.auto:
+    upstream = _choose_routing_space(run, upstream)
   if (finished := _finished_output(run, 'gate')) is not None:
     return finished
   tx = optim.make_optimizer(cfg.optimizer, cfg.steps, run.abstract_variables['params'])
@@ -484,12 +492,39 @@ def gate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
       run, 'gate', state, start, cfg.steps,
       lambda state, batch, step: compiled(state, madds, batch, run.step_key(step, 1)),
       lambda done: run.meta('gate', done, cfg.steps, source, variables_key='ema', gated=True,
+                            routing_space=[r.name for r in run.table.routing_space],
                             **(calibration if done == cfg.steps else {})),
       after_step)
   variables = state.ema
   if calibration:
     variables = budget_lib.with_offsets(variables, calibration['routing_offsets'], run.mesh)
   return variables, {'stage': 'gate', 'step': cfg.steps}
+
+
+def _choose_routing_space(run: Run, upstream: Callable[[], StageOutput]
+                          ) -> Callable[[], StageOutput]:
+  """`model.routing_space='auto'`: the gate checkpoint's routing space when there is one,
+  else `budget.propose_routing_space` from the upstream variables' routes measured on the
+  held-out calibration examples; `run` uses the model with it from now on. Returns what
+  the gate stage starts from (the upstream variables with a routing head for that space)."""
+  status = run.rundir.status('gate')
+  if 'routing_space' in status.meta:
+    run.use_model(run.model.clone(routing_space=tuple(status.meta['routing_space'])))
+    return upstream
+  variables, source = upstream()
+  shape = run.train_data.image_shape
+  rows = [{'route': r.name, 'madds': route_complexity(run.model, r, shape, with_gate=True).madds,
+           'accuracy': eval_lib.route_accuracy(run.model, variables, run.calibration_data, r,
+                                               run.mesh)}
+          for r in run.table.routing_space]
+  space = budget_lib.propose_routing_space(rows, run.budget_madds)
+  print('[gate] routes on the held-out training images: ' + '  '.join(
+      f'{r["route"]} {r["accuracy"]:.4f} @ {r["madds"] / 1e6:.4g} M' for r in rows) +
+        f'\n[gate] routing space for the budget: {list(space)}', flush=True)
+  run.use_model(run.model.clone(routing_space=space))
+  variables = rundir_lib.replace_routing_head(variables, run.model, shape, run.mesh,
+                                              run.config.seed)
+  return lambda: (variables, source)
 
 
 def calibrate_routing(run: Run, variables: Variables, route_madds: np.ndarray,

@@ -118,3 +118,26 @@ def test_an_unusable_budget_fails_before_any_work(tmp_path, overrides, message):
   with pytest.raises(config_lib.ConfigError, match=message):
     train_lib.train_and_evaluate(tiny_config(**overrides), str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
+
+
+def rows_of(*routes):
+  return [{'route': name, 'accuracy': accuracy, 'madds': madds * 1e6}
+          for name, accuracy, madds in routes]
+
+
+def test_proposed_routing_space_follows_the_concave_hull_up_to_twice_the_budget():
+  # The Fashion-MNIST DS-MBNet's routes as measured: 1 is below the chord 0-2, 3 and 5 are
+  # less accurate than a cheaper route; 0, 2, 4, 6 form the hull.
+  rows = rows_of(('0', .8405, .635), ('1', .8401, .789), ('2', .8456, .985),
+                 ('3', .8445, 1.223), ('4', .8491, 1.502), ('5', .8474, 1.822),
+                 ('6', .8537, 2.184))
+  # Budget 0.794 M: 2 * 0.794 - 0.635 = 0.953 -> the hull up to route 2.
+  assert budget.propose_routing_space(rows, 0.794e6) == ('0', '2')
+  assert budget.propose_routing_space(rows, 1.059e6) == ('0', '2', '4')  # Reach 1.483 M.
+  assert budget.propose_routing_space(rows, 1.456e6) == ('0', '2', '4', '6')  # Past the end.
+  assert budget.propose_routing_space(rows, 1.456e6, max_routes=3) == ('0', '4', '6')
+  # A budget above every hull route's cost still gets a route that can spend it.
+  flat_top = rows_of(('0', .9, 1.0), ('1', .8, 2.0), ('2', .85, 3.0))
+  assert budget.propose_routing_space(flat_top, 2.5e6) == ('0', '2')
+  with pytest.raises(budget.BudgetError, match='outside'):
+    budget.propose_routing_space(rows, 0.5e6)

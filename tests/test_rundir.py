@@ -262,41 +262,59 @@ def test_a_later_stage_alone_starts_from_the_workdirs_finished_stages(trained, t
 
 def test_a_routing_space_chosen_after_stage_one_trains_a_gate_to_its_budget(trained, tmp_path,
                                                                           capsys):
-  """The authors' workflow (measure every route, then choose the routing space) with a budget:
-  the finished supernet restores with a new routing head, the gate trains and its calibrated
-  offsets route eval.py and RoutedPredictor alike."""
+  """The authors' workflow (measure every route, then choose the routing space), here by
+  `routing_space='auto'` with a budget: the finished supernet (routing space 0, 1, 2) restores
+  with a new routing head, the gate stage proposes a routing space from the routes measured
+  on held-out images, trains, calibrates its offsets, and everything reads them back."""
   workdir = copy_of(trained, tmp_path)
   shutil.rmtree(workdir / 'checkpoints' / 'gate')
-  config = one_device(**{'model.routing_space': (1, 3), 'gate.budget': 0.52,
-                         'gate.calibration_examples': 24})
+  config = one_device(**{'gate.budget': 0.5, 'gate.calibration_examples': 24})
+  config.model = dict(config.model.to_dict(), routing_space='auto')  # A str: a new field.
   report = train_lib.train_and_evaluate(config, str(workdir))
   out = capsys.readouterr().out
-  assert "routing space ['0', '1', '2'] -> ['1', '3']; routing head re-initialised" in out
-  assert set(report['gated']['route_histogram']) == {'1', '3'}
+  assert "routing space ['0', '1', '2'] -> ['0', '1', '2', '3']; routing head re-initialised" in out
+  chosen = json.loads(out.split('[gate] routing space for the budget: ')[1].split('\n')[0]
+                      .replace("'", '"'))
+  # The proposal is the helper's, from the routes printed (measured on held-out images).
+  measured = out.split('[gate] routes on the held-out training images: ')[1].split('\n')[0]
+  rows = [{'route': r.split()[0], 'accuracy': float(r.split()[1]),
+           'madds': float(r.split()[3]) * 1e6} for r in measured.split('  ')]
+  assert [r['route'] for r in rows] == ['0', '1', '2', '3']  # Every route sharing the prefix.
+  assert list(train_lib.budget_lib.propose_routing_space(rows, report['gated']['budget_madds'])
+              ) == chosen
+  assert list(report['gated']['route_histogram']) == chosen
   gate = restore(workdir / 'checkpoints' / 'gate', config)
-  recalibrated = flat(restore(workdir / 'checkpoints' / 'recalibrate', config).variables)
+  assert gate.meta['routing_space'] == chosen and gate.model.routes.routing_space == tuple(
+      gate.model.routes[r] for r in chosen)
+  recalibrated = flat(restore(workdir / 'checkpoints' / 'recalibrate', one_device()).variables)
   for name, value in flat(gate.variables['params']).items():
     if 'routing_head' in name:
-      assert value.shape[-1] == 2 and not np.array_equal(value, recalibrated['params/' + name])
-    else:
+      assert value.shape[-1] == len(chosen)
+    else:  # Stage II trained the routing head only.
       np.testing.assert_array_equal(value, recalibrated['params/' + name])
-  # The budget: in the meta, the report and eval.json; the offsets calibrated as documented.
-  model = train_lib.get_model(config.model_name, **config.model)
-  largest = train_lib.budget_lib.budget_madds(config.gate, model, (16, 16, 1))
-  assert gate.meta['budget_madds'] == report['gated']['budget_madds'] == largest
+  # The budget: in the meta, the report and eval.json; the offsets as calibrated.
+  model = gate.model
+  budget = train_lib.budget_lib.budget_madds(config.gate, model, (16, 16, 1))
+  assert gate.meta['budget_madds'] == report['gated']['budget_madds'] == budget
   offsets = np.asarray(gate.meta['routing_offsets'], np.float32)
   np.testing.assert_array_equal(gate.variables['routing']['offsets'], offsets)
-  assert offsets[0] == 0 and f'budget {largest / 1e6:.3f} M MAdds, achieved' in out
+  assert offsets[0] == 0 and f'budget {budget / 1e6:.3f} M MAdds, achieved' in out
   assert json.loads((workdir / 'eval.json').read_text())['gated'] == report['gated']
   # The offsets route eval.py and the routed engine: argmax(raw routing logits + offsets).
   images = np.random.default_rng(0).normal(size=(12, 16, 16, 1)).astype(np.float32)
   raw = model.apply(gate.variables, images, method=type(model).prefix)[1]
   expected = np.argmax(np.asarray(raw) + offsets, -1)
-  _, routing_logits, weights = model.apply_gated(gate.variables, images)
+  _, _, weights = model.apply_gated(gate.variables, images)
   np.testing.assert_array_equal(np.argmax(weights, -1), expected)
   _, routing_indices = inference.RoutedPredictor(model, gate.variables, (16, 16, 1)).predict(
       images)
   np.testing.assert_array_equal(routing_indices, expected)
-  # A gated checkpoint must match the routing space exactly.
+  # eval.py reads the chosen routing space back; a finished 'auto' gate is not chosen again.
+  again = eval_lib.evaluate_workdir(config, str(tmp_path / 'eval'),
+                                    str(workdir / 'checkpoints' / 'gate'))
+  assert again['gated'] == report['gated']
+  train_lib.train_and_evaluate(config, str(workdir))
+  assert '[gate] finished at step 3; skipping' in capsys.readouterr().out
+  # A gated checkpoint must match an explicit routing space exactly.
   with pytest.raises(rundir.ConfigMismatchError, match='model.routing_space'):
     eval_lib.evaluate_workdir(one_device(), str(workdir))

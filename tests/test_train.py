@@ -126,6 +126,11 @@ def test_sgs_targets_and_gate_losses_on_a_hand_made_batch():
   labels = jnp.array([0, 0, 0, 1])
   targets = losses.gate_targets(jnp.argmax(smallest_logits, -1) == labels, num_routes=4)
   np.testing.assert_array_equal(targets, [0, 3, 0, 3])
+  # 'widest_helps': hard only where the widest routed route is right and the smallest wrong.
+  widest_correct = jnp.array([True, False, False, True])
+  targets_helped = losses.gate_targets(jnp.argmax(smallest_logits, -1) == labels, 4,
+                                       widest_correct)
+  np.testing.assert_array_equal(targets_helped, [0, 0, 0, 3])
 
   gate_logits = jnp.array([[1.0, 0.0, 0.0, 0.0]] * 4)
   weights = losses.gumbel_straight_through(jax.random.key(0), gate_logits * 100)

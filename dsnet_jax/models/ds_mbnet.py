@@ -104,7 +104,7 @@ class DSMBNet(GatedSupernet):
   group_depths: tuple[int, ...] = (1, 2, 2, 6, 2)
   group_strides: tuple[int, ...] = (1, 2, 2, 2, 2)
   gate_group: int = 3
-  routing_space: tuple[int | str, ...] = (0, 1, 2, 3)
+  routing_space: tuple[int | str, ...] | str = (0, 1, 2, 3)
   se_ratio: float = 0.25
   dropout_rate: float = 0.2
   dtype: Any = None
@@ -112,7 +112,7 @@ class DSMBNet(GatedSupernet):
   @property
   def routes(self) -> routes_lib.RouteTable:
     return build_route_table(tuple(self.stem_widths), tuple(map(tuple, self.group_widths)),
-                             self.gate_group, tuple(self.routing_space))
+                             self.gate_group, routes_lib.RouteTable.spec(self.routing_space))
 
   def setup(self):
     n_routes = len(self.routes.routing_space)

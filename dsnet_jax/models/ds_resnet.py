@@ -194,7 +194,7 @@ class DSResNet(GatedSupernet):
   prefix_ratio: float = 0.5
   route_ratios: tuple[float | tuple[float, ...], ...] = DEFAULT_ROUTE_RATIOS
   channel_multiple: int = 8
-  routing_space: tuple[int | str, ...] = (0, 1, 2, 3)
+  routing_space: tuple[int | str, ...] | str = (0, 1, 2, 3)
   se_ratio: float = 0.25
   gate_attention: bool = True
   dtype: Any = None
@@ -205,7 +205,7 @@ class DSResNet(GatedSupernet):
         self.stem_features, tuple(self.group_inner_features), self.expansion, self.gate_group,
         self.prefix_ratio, tuple(r if isinstance(r, (int, float)) else tuple(r)
                                  for r in self.route_ratios),
-        self.channel_multiple, tuple(self.routing_space))
+        self.channel_multiple, routes_lib.RouteTable.spec(self.routing_space))
 
   def setup(self):
     table = self.routes

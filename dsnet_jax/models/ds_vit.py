@@ -180,7 +180,7 @@ class DSViT(GatedSupernet):
   in_channels: int = 3
   group_depths: tuple[int, ...] | None = None  # Blocks per group. Default: 4 equal groups.
   level_fractions: tuple[float, ...] = (2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0)
-  routing_space: tuple[int | str, ...] = (0, 3, 6, 9)
+  routing_space: tuple[int | str, ...] | str = (0, 3, 6, 9)
   gate_reduction: float = 0.25
   drop_path_rate: float = 0.1  # Largest route only.
   dropout_rate: float = 0.0    # Largest route only.
@@ -204,7 +204,8 @@ class DSViT(GatedSupernet):
   @property
   def routes(self) -> routes_lib.RouteTable:
     return build_route_table(width_levels(self.size, tuple(self.level_fractions)),
-                             len(self.resolved_group_depths), tuple(self.routing_space))
+                             len(self.resolved_group_depths),
+                             routes_lib.RouteTable.spec(self.routing_space))
 
   def setup(self):
     size = self.size
