@@ -14,10 +14,12 @@ is a constraint, not a hand-weighted penalty:
 2. Calibration: on a held-out slice of the training split, one price `p` on compute is found
    by bisection such that argmax(routing logits - p * route MAdds / budget) spends the budget
    on average. The offsets (shifted so that the cheapest route's is 0) are saved with the
-   gate's checkpoint (meta `routing_offsets`) and added to the routing logits by `apply_prefix`, so eval.py and
-   `RoutedPredictor` route with them. A single price keeps the routing a cost-aware argmax
-   (each example's choice only gets cheaper as the price rises), so the average cost is
-   monotone in `p` and the bisection cannot miss.
+   gate's checkpoint (meta `routing_offsets`) and added to the routing logits by
+   `apply_prefix`, so eval.py and `RoutedPredictor` route with them. A single price keeps the
+   routing a cost-aware argmax (each example's choice only gets cheaper as the price rises),
+   so the average cost is monotone in `p` and the bisection cannot miss.
+3. `propose_routing_space` picks the routing space for a budget from measured routes
+   (`model.routing_space='auto'`).
 """
 from __future__ import annotations
 

@@ -8,6 +8,10 @@ starts fresh asks the stage before it for its output. Before any work the workdi
 (one run per workdir) and every existing checkpoint is checked against the current config
 and against the checkpoint it was computed from, so nothing resumes into a different run.
 
+With `config.gate.budget`, Stage II is held to an average cost (dsnet_jax.budget): dual ascent
+while it trains, then routing offsets calibrated on held-out training images; with
+`model.routing_space='auto'` it first chooses the routing space for the budget.
+
 Every random choice (routes, dropout, Gumbel noise, batch order, augmentation) is a
 function of (config.seed, step), so a resumed run continues exactly as an unbroken one.
 A stage changes only what it trains: Stage I never moves the routing head (it gets no
