@@ -1,10 +1,14 @@
 """Test setup, before JAX initialises its backends: 8 fake CPU devices for mesh tests, and a
 persistent compilation cache shared by the suite and the subprocesses it starts (the same
 programs compile in many tests; a cache hit changes no computed value)."""
+import contextlib
+import io
 import os
 import pathlib
+from typing import Any, NamedTuple
 
 import jax
+import pytest
 
 CACHE = pathlib.Path(__file__).parents[1] / '.pytest_cache' / 'd' / 'jax_compilation_cache'
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(CACHE))
@@ -16,3 +20,23 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 # (as in the flax examples' tests); the subprocesses the tests start inherit this too.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
 jax.config.update('jax_disable_most_optimizations', True)
+
+
+class Trained(NamedTuple):
+  workdir: pathlib.Path
+  report: dict[str, Any]  # train_and_evaluate's.
+  init: Any  # The variables Stage I started from.
+  output: str  # What the run printed.
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory) -> Trained:
+  """A finished tiny run (every stage, one device), trained once for the whole suite."""
+  from checks import tiny_config
+  from dsnet_jax import train_lib
+  workdir = tmp_path_factory.mktemp('trained')
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    report = train_lib.train_and_evaluate(tiny_config(num_devices=1), str(workdir))
+  init, _ = train_lib.init_variables(train_lib.make_run(tiny_config(num_devices=1), str(workdir)))
+  return Trained(workdir, report, jax.device_get(init), printed.getvalue())

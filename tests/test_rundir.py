@@ -1,6 +1,8 @@
 """The run directory's contract: exact restores, config checks, meta-driven meaning, locks,
 never-worse checkpoints, validation before any work. Each test is a fault once seen."""
+import importlib.util
 import json
+import pathlib
 import shutil
 
 import jax
@@ -17,18 +19,9 @@ def one_device(**overrides):
   return tiny_config(num_devices=1, **overrides)
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A finished tiny run (all stages) and the variables it started from."""
-  workdir = tmp_path_factory.mktemp('trained')
-  report = train_lib.train_and_evaluate(one_device(), str(workdir))
-  init, _ = train_lib.init_variables(train_lib.make_run(one_device(), str(workdir)))
-  return workdir, report, jax.device_get(init)
-
-
 def copy_of(trained, tmp_path):
   workdir = tmp_path / 'work'
-  shutil.copytree(trained[0], workdir)
+  shutil.copytree(trained.workdir, workdir)
   return workdir
 
 
@@ -80,7 +73,7 @@ def test_an_allowed_change_extends_a_finished_stage_and_stale_stages_are_refused
 
 
 def test_what_a_checkpoint_holds_comes_from_its_meta_not_its_folder(trained, tmp_path):
-  workdir = trained[0]
+  workdir = trained.workdir
   for stage, gated in (('supernet', False), ('gate', True)):
     copied = tmp_path / f'run1_{stage}'
     shutil.copytree(workdir / 'checkpoints' / stage, copied)
@@ -96,11 +89,11 @@ def test_what_a_checkpoint_holds_comes_from_its_meta_not_its_folder(trained, tmp
   assert any(not np.array_equal(raw[k], ema[k]) for k in raw)
   report = eval_lib.evaluate_workdir(one_device(), str(tmp_path / 'eval_gate'),
                                      checkpoint=str(tmp_path / 'run1_gate'))
-  assert report['gated'] == trained[1]['gated']
+  assert report['gated'] == trained.report['gated']
 
 
 def test_each_stage_changes_only_what_it_trains(trained):
-  workdir, _, init = trained
+  workdir, init = trained.workdir, trained.init
   supernet = flat(restore(workdir / 'checkpoints' / 'supernet').variables['params'])
   gate = flat(restore(workdir / 'checkpoints' / 'gate').variables['params'])
   recalibrated = flat(restore(workdir / 'checkpoints' / 'recalibrate').variables['params'])
@@ -177,7 +170,7 @@ def test_a_corrupt_latest_step_falls_back_and_resumes_to_the_same_result(trained
   assert 'gate/3 is unreadable' in out and 'step 3 set aside' in out
   assert '[gate] resuming at step 2' in out and '[supernet]' not in out
   assert sorted(p.name for p in gate_dir.iterdir()) == ['2', '3', '3.unreadable']
-  assert report['gated'] == trained[1]['gated']
+  assert report['gated'] == trained.report['gated']
   records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   gate_steps = [r['step'] for r in records if r['stage'] == 'gate' and 'loss' in r]
   assert len(gate_steps) == len(set(gate_steps))  # The re-run steps are not logged twice.
@@ -248,7 +241,7 @@ def test_more_config_errors_before_any_work(tmp_path, overrides, message):
 
 def test_an_allowed_change_must_name_a_config_key(trained, tmp_path):
   with pytest.raises(config_lib.ConfigError, match="'supernet.stepz' is not a config key"):
-    eval_lib.evaluate_workdir(one_device(), str(trained[0]),
+    eval_lib.evaluate_workdir(one_device(), str(trained.workdir),
                               allow_config_changes=['supernet.stepz'])
 
 
@@ -257,7 +250,7 @@ def test_a_later_stage_alone_starts_from_the_workdirs_finished_stages(trained, t
   shutil.rmtree(workdir / 'checkpoints' / 'gate')
   report = train_lib.train_and_evaluate(one_device(stages=('gate',)), str(workdir))
   assert 'starting from' in capsys.readouterr().out
-  assert report['gated'] == trained[1]['gated']  # The same gate as the full run's.
+  assert report['gated'] == trained.report['gated']  # The same gate as the full run's.
 
 
 def test_a_routing_space_chosen_after_stage_one_trains_a_gate_to_its_budget(trained, tmp_path,
@@ -318,3 +311,23 @@ def test_a_routing_space_chosen_after_stage_one_trains_a_gate_to_its_budget(trai
   # A gated checkpoint must match an explicit routing space exactly.
   with pytest.raises(rundir.ConfigMismatchError, match='model.routing_space'):
     eval_lib.evaluate_workdir(one_device(), str(workdir))
+
+
+def test_the_gate_budget_experiment_runs_on_a_tiny_supernet(trained, tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      'gate_budget', pathlib.Path(__file__).parents[1] / 'experiments' / 'gate_budget.py')
+  experiment = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(experiment)
+  config = one_device(**{'gate.calibration_examples': 24})
+  row = experiment.run_one(config, str(trained.workdir), str(tmp_path / 'run'), 0.5, 1)
+  gated = json.loads((tmp_path / 'run' / 'eval.json').read_text())['gated']
+  assert (row['madds'], row['gain'], row['seed']) == (gated['madds'], gated['gain'], 1)
+  assert row['cost_error'] == pytest.approx(gated['madds'] / gated['budget_madds'] - 1)
+  other = {**row, 'seed': 2, 'gain': row['gain'] + 0.01, 'cost_error': 0.0}
+  summary = experiment.summarise([row, other])
+  assert summary == [{'budget': 0.5, 'seeds': 2, 'gain_mean': pytest.approx(row['gain'] + 0.005),
+                      'gain_spread': pytest.approx(0.01), 'worst_cost_error': row['cost_error']}]
+  assert f'| 0.5 | 1 | {gated["budget_madds"] / 1e6:.3f} |' in experiment.format_table([row],
+                                                                                        summary)
+  with pytest.raises(FileNotFoundError, match='no finished supernet'):
+    experiment.run_one(config, str(tmp_path / 'nothing'), str(tmp_path / 'run2'), 0.5, 0)

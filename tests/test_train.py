@@ -17,22 +17,22 @@ def leaves_equal(a, b):
 
 
 @pytest.mark.slow
-def test_all_stages_end_to_end_and_eval_workdir(tmp_path, capsys):
-  report = train_lib.train_and_evaluate(tiny_config(num_devices=1), str(tmp_path))
+def test_all_stages_end_to_end_and_eval_workdir(trained, tmp_path):
+  report, workdir = trained.report, trained.workdir
   assert [r['route'] for r in report['routes']] == ['0', '1', '2', '3', 'largest']
   assert all(0 <= r['accuracy'] <= 1 for r in report['routes'])
   gated = report['gated']
   assert sum(gated['route_histogram'].values()) == 64  # Every test example routed once.
   madds = {r['route']: r['madds'] for r in report['routes']}
   assert madds['0'] <= gated['madds'] <= madds['2'] + 66  # Gate head adds a few MAdds.
-  stages = [json.loads(line)['stage'] for line in open(tmp_path / 'metrics.jsonl')]
+  stages = [json.loads(line)['stage'] for line in open(workdir / 'metrics.jsonl')]
   assert {'supernet', 'gate'} <= set(stages)
-  assert (tmp_path / 'eval.png').stat().st_size > 1000
-  out = capsys.readouterr().out
-  assert 'img/s' in out and 'ETA' in out and 'gated' in out
+  assert (workdir / 'eval.png').stat().st_size > 1000
+  assert 'img/s' in trained.output and 'ETA' in trained.output and 'gated' in trained.output
 
-  # Restarting a finished run skips every stage and eval.py restores the gate checkpoint.
-  again = eval_lib.evaluate_workdir(tiny_config(num_devices=1), str(tmp_path))
+  # eval.py restores the gate checkpoint (writing its report elsewhere).
+  again = eval_lib.evaluate_workdir(tiny_config(num_devices=1), str(tmp_path), str(
+      workdir / 'checkpoints' / 'gate'))
   assert again['gated'] == gated
   assert [r['accuracy'] for r in again['routes']] == [r['accuracy'] for r in report['routes']]
 
