@@ -80,13 +80,27 @@ def static_accuracy_at(rows, madds: float) -> float:
   return float(np.interp(madds, [m for m, _ in points], [a for _, a in points]))
 
 
+def best_static_mix_at(rows, madds: float) -> float:
+  """The best accuracy any random mix of two static routes reaches at `madds` per image on
+  average: the upper concave envelope of the static routes (>= `static_accuracy_at`; the
+  nearest end's outside them)."""
+  points = sorted((r['madds'], r['accuracy']) for r in rows)
+  if madds <= points[0][0] or madds >= points[-1][0]:
+    return static_accuracy_at(rows, madds)
+  return max(a0 + (madds - m0) / (m1 - m0) * (a1 - a0)
+             for m0, a0 in points for m1, a1 in points if m0 <= madds < m1)
+
+
 def compare_with_static(rows, gated: dict[str, Any], budget_madds: float = 0.0
                         ) -> dict[str, Any]:
   """`gated` plus 'static_accuracy' (the static curve at the gated model's cost), 'gain' (the
-  gated accuracy minus it) and, with a budget, 'budget_madds'."""
+  gated accuracy minus it), 'best_static_mix' and 'gain_over_mix' (the same against the
+  best random mix of two static routes) and, with a budget, 'budget_madds'."""
   static = static_accuracy_at(rows, gated['madds'])
+  mix = best_static_mix_at(rows, gated['madds'])
   extra = {'budget_madds': budget_madds} if budget_madds else {}
-  return {**gated, 'static_accuracy': static, 'gain': gated['accuracy'] - static, **extra}
+  return {**gated, 'static_accuracy': static, 'gain': gated['accuracy'] - static,
+          'best_static_mix': mix, 'gain_over_mix': gated['accuracy'] - mix, **extra}
 
 
 def format_report(rows, gated) -> str:
@@ -97,7 +111,9 @@ def format_report(rows, gated) -> str:
     lines.append(f'{"gated":>8}  {gated["accuracy"]:>8.4f}  {gated["madds"] / 1e6:>9.3f}  '
                  f'routes {gated["route_histogram"]}')
     lines.append(f'static routes at {gated["madds"] / 1e6:.3f} M MAdds (interpolated): '
-                 f'{gated["static_accuracy"]:.4f}; gated - static: {100 * gated["gain"]:+.2f} %')
+                 f'{gated["static_accuracy"]:.4f}; gated - static: {100 * gated["gain"]:+.2f} %; '
+                 f'best random mix of two routes: {gated["best_static_mix"]:.4f} (gated - mix: '
+                 f'{100 * gated["gain_over_mix"]:+.2f} %)')
     if gated.get('budget_madds'):
       budget = gated['budget_madds']
       lines.append(f'budget {budget / 1e6:.3f} M MAdds, achieved {gated["madds"] / 1e6:.3f} M '

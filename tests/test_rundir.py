@@ -323,10 +323,13 @@ def test_the_gate_budget_experiment_runs_on_a_tiny_supernet(trained, tmp_path):
   gated = json.loads((tmp_path / 'run' / 'eval.json').read_text())['gated']
   assert (row['madds'], row['gain'], row['seed']) == (gated['madds'], gated['gain'], 1)
   assert row['cost_error'] == pytest.approx(gated['madds'] / gated['budget_madds'] - 1)
+  assert row['gain_over_mix'] == gated['gain_over_mix']
   other = {**row, 'seed': 2, 'gain': row['gain'] + 0.01, 'cost_error': 0.0}
   summary = experiment.summarise([row, other])
   assert summary == [{'budget': 0.5, 'seeds': 2, 'gain_mean': pytest.approx(row['gain'] + 0.005),
-                      'gain_spread': pytest.approx(0.01), 'worst_cost_error': row['cost_error']}]
+                      'gain_spread': pytest.approx(0.01),
+                      'gain_over_mix_mean': row['gain_over_mix'], 'gain_over_mix_spread': 0.0,
+                      'worst_cost_error': row['cost_error']}]
   assert f'| 0.5 | 1 | {gated["budget_madds"] / 1e6:.3f} |' in experiment.format_table([row],
                                                                                         summary)
   with pytest.raises(FileNotFoundError, match='no finished supernet'):
