@@ -103,6 +103,11 @@ def calibrate_offsets(routing_logits: np.ndarray, route_madds: np.ndarray, budge
   relative = (madds - madds.min()) / budget  # The cheapest route's offset stays 0.
   if logits.ndim != 2 or logits.shape[1] != relative.shape[0] or not len(logits):
     raise ValueError(f'routing logits {logits.shape} do not match {relative.shape[0]} routes')
+  if not np.isfinite(logits).all():
+    raise FloatingPointError('routing logits to calibrate are not all finite')
+  if not madds.min() <= budget <= madds.max():
+    raise BudgetError(f'budget {budget / 1e6:.4g} M MAdds is outside what the routes can '
+                      f'spend: {madds.min() / 1e6:.4g}-{madds.max() / 1e6:.4g} M')
   cost = lambda price: routed_cost(logits, route_madds, -price * relative)
   gaps = np.diff(np.unique(relative))
   bound = (float(np.ptp(logits, axis=1).max()) + 1.0) / (gaps.min() if len(gaps) else 1.0)

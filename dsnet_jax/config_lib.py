@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from dsnet_jax import models
+from dsnet_jax.routes import AUTO, RouteTable
 
 STAGES = ('supernet', 'recalibrate', 'gate')
 SGS_TARGETS = ('smallest_wrong', 'widest_helps')
@@ -214,7 +215,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.supernet.mvco and config.data.get('views', 1) != 2:
     raise ConfigError('config key supernet.mvco needs data.views = 2 (two augmented views)')
   _validate_budget(config.gate)
-  if config.model.get('routing_space') == 'auto' and not config.gate.budget:
+  if (RouteTable.spec(config.model.get('routing_space', ())) == AUTO
+      and not config.gate.budget):
     raise ConfigError("config key model.routing_space='auto' needs gate.budget: the routing "
                       'space is chosen for the budget')
   if config.gate.sgs_targets not in SGS_TARGETS:
@@ -241,9 +243,10 @@ def _validate_budget(gate: ml_collections.ConfigDict) -> None:
   if gate.madds_target:
     raise ConfigError('config keys gate.budget and gate.madds_target are both set: the budget '
                       'replaces the MAdds penalty; set madds_target = 0')
-  if gate.calibration_examples < 1 or gate.dual_lr < 0:
+  if gate.calibration_examples < 1 or not 0 <= gate.dual_lr < float('inf'):
     raise ConfigError('with gate.budget set, gate.calibration_examples must be >= 1 and '
-                      f'gate.dual_lr >= 0, got {gate.calibration_examples} and {gate.dual_lr}')
+                      f'gate.dual_lr finite and >= 0, got {gate.calibration_examples} and '
+                      f'{gate.dual_lr}')
 
 
 def check_key_paths(config: ml_collections.ConfigDict, paths, what: str) -> None:

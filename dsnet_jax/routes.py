@@ -59,9 +59,12 @@ class RouteTable:
     self.auto = isinstance(routing_space, str)
     if self.auto and routing_space != AUTO:
       raise ValueError(f'routing space {routing_space!r}: give route names or {AUTO!r}')
-    if self.auto:
-      k = shared_prefix
-      routing_space = [r.name for r in routes if r.widths[:k] == routes[0].widths[:k]]
+    if self.auto:  # Distinct routes sharing the smallest route's widths before the gate.
+      k, seen, routing_space = shared_prefix, set(), []
+      for route in routes:
+        if route.widths[:k] == routes[0].widths[:k] and route.widths not in seen:
+          seen.add(route.widths)
+          routing_space.append(route.name)
     self.routing_space: tuple[Route, ...] = tuple(self[r] for r in routing_space)
     if not self.routing_space:
       raise ValueError('the routing space needs at least one route')
@@ -118,8 +121,11 @@ class RouteTable:
 
   @staticmethod
   def spec(routing_space: Sequence[str | int] | str) -> tuple[str | int, ...] | str:
-    """A model field's routing space as a hashable argument: a tuple of names, or AUTO."""
-    return routing_space if isinstance(routing_space, str) else tuple(routing_space)
+    """A model field's routing space as a hashable argument: a tuple of names, or AUTO (also
+    from ('auto',), what `--config.model.routing_space=auto` parses to)."""
+    if isinstance(routing_space, str):
+      return routing_space
+    return AUTO if tuple(routing_space) == (AUTO,) else tuple(routing_space)
 
   def routing_index(self, route: Route | str | int) -> int:
     """Position of `route` in the routing space (the gate's logit index)."""

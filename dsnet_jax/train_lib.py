@@ -182,9 +182,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       output = functools.partial(STAGES[stage], run, output)
     variables, _ = output()
     gated = 'gate' in config.stages
+    # The budget the gate's offsets were calibrated for, as eval.py reads it.
+    budget = run.rundir.status('gate').meta.get('budget_madds', 0.0) if gated else 0.0
     return eval_lib.evaluate_and_report(run.model, variables, run.eval_data, run.mesh,
-                                        run.rundir.workdir, gated=gated,
-                                        budget_madds=run.budget_madds if gated else 0.0)
+                                        run.rundir.workdir, gated=gated, budget_madds=budget)
 
 
 def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
@@ -522,10 +523,13 @@ def _choose_routing_space(run: Run, upstream: Callable[[], StageOutput]
                                                run.mesh)}
           for r in run.table.routing_space]
   space = budget_lib.propose_routing_space(rows, run.budget_madds)
+  chosen = run.model.clone(routing_space=space)
+  # The routing head's cost depends on the number of routes: check the budget again.
+  budget_lib.budget_madds(run.config.gate, chosen, shape)
   print('[gate] routes on the held-out training images: ' + '  '.join(
       f'{r["route"]} {r["accuracy"]:.4f} @ {r["madds"] / 1e6:.4g} M' for r in rows) +
         f'\n[gate] routing space for the budget: {list(space)}', flush=True)
-  run.use_model(run.model.clone(routing_space=space))
+  run.use_model(chosen)
   variables = rundir_lib.replace_routing_head(variables, run.model, shape, run.mesh,
                                               run.config.seed)
   return lambda: (variables, source)
@@ -544,9 +548,9 @@ def calibrate_routing(run: Run, variables: Variables, route_madds: np.ndarray,
   logits = np.concatenate([l for l, _ in outputs])[np.concatenate([m for _, m in outputs])]
   offsets = budget_lib.calibrate_offsets(logits, route_madds, run.budget_madds)
   before, after = (budget_lib.routed_cost(logits, route_madds, o) for o in (None, offsets))
-  print(f'[gate] routing offsets {np.round(offsets, 4).tolist()} calibrated on {len(logits)} '
-        f'held-out training images: argmax cost {before / 1e6:.4g} -> {after / 1e6:.4g} M MAdds '
-        f'(budget {run.budget_madds / 1e6:.4g} M)', flush=True)
+  print(f'[gate] routing offsets {[round(float(o), 4) + 0.0 for o in offsets]} calibrated on '
+        f'{len(logits)} held-out training images: argmax cost {before / 1e6:.4g} -> '
+        f'{after / 1e6:.4g} M MAdds (budget {run.budget_madds / 1e6:.4g} M)', flush=True)
   logger.write(step, {'calibration_madds_before': before, 'calibration_madds_after': after})
   return {'budget_madds': run.budget_madds, 'routing_offsets': offsets.tolist()}
 

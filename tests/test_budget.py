@@ -121,6 +121,9 @@ def test_the_dual_variable_moves_the_cost_toward_the_budget(fraction):
     ({'gate.budget': 0.5, 'gate.budget_unit': 'ms'}, "budget_unit='ms'"),
     ({'gate.budget': 0.5, 'gate.calibration_examples': 60}, 'fewer than one batch'),
     ({'gate.sgs_targets': 'largest'}, "sgs_targets='largest'"),
+    ({'gate.budget': 0.5, 'gate.dual_lr': float('inf')}, 'dual_lr finite'),
+    ({'gate.budget': 0.5, 'gate.dual_lr': float('nan')}, 'dual_lr finite'),
+    ({'model.routing_space': ('auto',)}, "routing_space='auto' needs gate.budget"),
 ])
 def test_an_unusable_budget_fails_before_any_work(tmp_path, overrides, message):
   with pytest.raises(config_lib.ConfigError, match=message):
@@ -149,3 +152,20 @@ def test_proposed_routing_space_follows_the_concave_hull_up_to_twice_the_budget(
   assert budget.propose_routing_space(flat_top, 2.5e6) == ('0', '2')
   with pytest.raises(budget.BudgetError, match='outside'):
     budget.propose_routing_space(rows, 0.5e6)
+
+
+def test_calibration_refuses_what_it_cannot_meet():
+  logits = synthetic_routing_logits(100, 0)
+  with pytest.raises(budget.BudgetError, match='outside what the routes can spend'):
+    budget.calibrate_offsets(logits, np.array([1.0, 2.0, 3.0, 4.0]), 5.0)
+  with pytest.raises(FloatingPointError, match='not all finite'):
+    budget.calibrate_offsets(np.full((4, 4), np.nan), np.array([1.0, 2.0, 3.0, 4.0]), 2.0)
+
+
+def test_auto_candidates_are_distinct_routes_sharing_the_prefix():
+  # 'largest' runs the same widths as route '3' in every group: one candidate, not two.
+  config = tiny_config(**{'model.stem_widths': (4, 4), 'model.group_widths': (
+      (8, 8), (8, 8), (12, 12), (8, 12, 16, 20), (16, 20, 24, 28)), 'gate.budget': 0.5})
+  model = get_model(config.model_name, **dict(config.model.to_dict(), routing_space=('auto',)))
+  assert model.routes.auto
+  assert [r.name for r in model.routes.routing_space] == ['0', '1', '2', '3']

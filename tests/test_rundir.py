@@ -308,6 +308,10 @@ def test_a_routing_space_chosen_after_stage_one_trains_a_gate_to_its_budget(trai
   assert again['gated'] == report['gated']
   train_lib.train_and_evaluate(config, str(workdir))
   assert '[gate] finished at step 3; skipping' in capsys.readouterr().out
+  # Another budget, allowed: the finished gate keeps its own, and the report says which.
+  config.gate.budget = 0.52
+  again = train_lib.train_and_evaluate(config, str(workdir), ['gate.budget'])
+  assert again['gated']['budget_madds'] == gate.meta['budget_madds']
   # A gated checkpoint must match an explicit routing space exactly.
   with pytest.raises(rundir.ConfigMismatchError, match='model.routing_space'):
     eval_lib.evaluate_workdir(one_device(), str(workdir))
