@@ -133,7 +133,8 @@ def propose_routing_space(rows: Sequence[dict[str, Any]], budget: float,
   concave hull of accuracy vs MAdds (each more accurate than mixing its neighbours), from the
   cheapest up to the first at or beyond `2 * budget - cheapest` (so the budget lies at most
   halfway: the gate may send up to half the images to the widest route), at most
-  `max_routes` of them (the middle ones thinned evenly).
+  `max_routes` of them (the middle ones thinned evenly). If the hull ends below the budget,
+  the cheapest route that costs at least the budget is added, so the budget can be spent.
 
   Args:
     rows: {'route', 'accuracy', 'madds'} of the routes that may share a routing space

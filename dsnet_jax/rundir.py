@@ -130,8 +130,15 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
       check_config(meta, config, MODEL_KEYS, allow_changes, f'checkpoint {directory}',
                    ignore=() if gated else ROUTING_SPACE_KEYS)
     saved_space = _saved_routing_space(meta, model)
+    if gated and 'routing_space' in meta:
+      saved_space = tuple(str(r) for r in meta['routing_space'])
     if gated and model.routes.auto and 'routing_space' in meta:
       stored['model'] = model.clone(routing_space=tuple(meta['routing_space']))
+    elif gated and saved_space is not None and saved_space != _routing_space(model):
+      raise checkpointing.CheckpointMismatchError(
+          f'{directory} holds a gate trained for routing space {list(saved_space)}; its '
+          f'routing logits mean nothing for {list(_routing_space(model))}. Use that routing '
+          'space (or \'auto\'), or train a new gate (move this gate checkpoint aside).')
     elif gated or saved_space is None or saved_space == _routing_space(model):
       stored['model'] = model
     else:

@@ -312,9 +312,13 @@ def test_a_routing_space_chosen_after_stage_one_trains_a_gate_to_its_budget(trai
   again = train_lib.train_and_evaluate(config, str(workdir), ['gate.budget'])
   assert '[gate] finished at step 3; skipping' in capsys.readouterr().out
   assert again['gated']['budget_madds'] == gate.meta['budget_madds']
-  # A gated checkpoint must match an explicit routing space exactly.
+  # A gated checkpoint must match an explicit routing space exactly, even when allowed.
   with pytest.raises(rundir.ConfigMismatchError, match='model.routing_space'):
     eval_lib.evaluate_workdir(one_device(), str(workdir))
+  other = (0, 1, 3) if chosen != ['0', '1', '3'] else (0, 1, 2)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match='gate trained for routing'):
+    eval_lib.evaluate_workdir(one_device(**{'model.routing_space': other}), str(workdir),
+                              allow_config_changes=['model.routing_space'])
 
 
 def test_the_gate_budget_experiment_runs_on_a_tiny_supernet(trained, tmp_path):
