@@ -83,7 +83,7 @@ class Restored:
 
   @property
   def gated(self) -> bool:
-    return bool(self.meta.get('gated', self.meta.get('stage') == 'gate'))
+    return is_gated(self.meta)
 
   @property
   def complete(self) -> bool:
@@ -94,6 +94,11 @@ class Restored:
     total = self.meta.get('total_steps')
     state = '' if self.complete else f', UNFINISHED (step {self.step} of {total})'
     return f'{self.directory} step {self.step} ({stage}{state})'
+
+
+def is_gated(meta: dict[str, Any]) -> bool:
+  """Whether a checkpoint's routing head was trained (Stage II)."""
+  return bool(meta.get('gated', meta.get('stage') == 'gate'))
 
 
 def variables_key(meta: dict[str, Any]) -> str:
@@ -125,7 +130,7 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
   stored = {}  # The model the checkpoint was written for, when only its routing space differs.
 
   def target(meta):
-    gated = Restored(None, meta, 0, directory).gated
+    gated = is_gated(meta)
     if config is not None and 'config' in meta:
       check_config(meta, config, MODEL_KEYS, allow_changes, f'checkpoint {directory}',
                    ignore=() if gated else ROUTING_SPACE_KEYS)
@@ -153,7 +158,7 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
     state, meta, step = ckpt.restore(target, partial=True, fallback=True, log=log)
   key = variables_key(meta)
   variables = state[key] if key else state
-  if not Restored(None, meta, 0, directory).gated and stored['model'] is not model:
+  if not is_gated(meta) and stored['model'] is not model:
     variables = replace_routing_head(variables, model, image_shape, mesh,
                                      config.seed if config is not None else 0)
     log(f'{directory}: routing space {list(_routing_space(stored["model"]))} -> '
