@@ -2,14 +2,17 @@
 
 One image's path through `RoutedPredictor.predict`:
 
-1. Its batch is cut into chunks whose sizes are on a fixed *ladder* (powers of two by default;
-   only the last chunk is padded). The **prefix** program of each chunk size runs the network
-   up to and including the gate, at the routing space's shared prefix widths, writes the
-   prefix output (`hidden`) into a device-resident *hidden buffer* at the chunk's offset and returns the gate's
-   argmax (deterministic: no Gumbel noise).
+1. Its batch is cut into chunks whose sizes are on a fixed *ladder* of compiled sizes (powers
+   of two by default; only the last chunk is padded), the cut with the least measured time
+   (`plan_chunks` on `chunk_costs`, timed per program and size at warm-up on the present
+   device; on CPU a big batch often runs faster as several cache-sized chunks). The **prefix**
+   program of each chunk size runs the network up to and including the gate, at the routing
+   space's shared prefix widths, writes the prefix output (`hidden`) into a device-resident
+   *hidden buffer* at the chunk's offset and returns the gate's argmax (deterministic: no
+   Gumbel noise).
 2. The argmaxes of the whole batch come to the host in one transfer: the one host sync.
 3. The host groups the examples by route (stable, so input order inside a group) and cuts
-   each group into ladder-sized chunks.
+   each group into chunks the same way, on that route's suffix timings.
 4. For each chunk, the **suffix** program of (route, chunk size) gathers its rows from the
    hidden buffer (`take` on an index array computed on the host), runs the route's dense slices from
    the gate onward (the prefix is not recomputed) and scatters the logits into their input
@@ -33,13 +36,14 @@ meant to be called from several threads at once.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsnet_jax import routes as routes_lib
+from dsnet_jax import timing
 from dsnet_jax.models.gated import check_images
 
 
@@ -68,30 +72,59 @@ def powers_of_two(max_batch: int) -> tuple[int, ...]:
   return tuple(sorted(set(sizes + [max_batch])))
 
 
-def plan_chunks(n: int, ladder: Sequence[int], max_padding: float = 0.25
-                ) -> list[tuple[int, int]]:
-  """Cuts n examples into chunks of ladder sizes: [(size, valid), ...], only the last padded.
+def linear_costs(sizes: Sequence[int]) -> dict[int, float]:
+  """Stand-in chunk costs before any are measured: one unit per row plus 0.01 per call (so the
+  cheapest plan computes no padding, in as few chunks as that allows)."""
+  return {int(s): s + 0.01 for s in sizes}
 
-  Greedy: while more than the largest size remains, take full largest chunks; then pad the rest
-  up to the next ladder size when that wastes at most `max_padding` of the chunk, else take the
-  largest size that fits in full and continue. E.g. with powers of two and 0.25: 37 -> 32 + 5,
-  and 5 -> 8 (3 of 8 padded is more than 0.25) -> 4 + 1.
+
+def plan_chunks(n: int, costs: Mapping[int, float], max_rows: int | None = None
+                ) -> list[tuple[int, int]]:
+  """The cheapest cut of n examples into chunks: [(size, valid), ...], only the last padded.
+
+  Args:
+    n: examples (0 gives no chunks).
+    costs: {chunk size: cost of one call at that size} (seconds when measured; any additive
+      unit). On CPU a measured cost can grow faster than the size (activations that no longer
+      fit in cache), and then the plan runs a big batch as several smaller chunks; on
+      accelerators it grows slower, and then padding one bigger chunk is cheaper than two calls.
+    max_rows: the padded end of the plan (rows written back to back) may not exceed this.
+  Returns:
+    Full chunks first, largest first, then at most one padded chunk (valid < size); the total
+    cost is minimal (dynamic programming over the examples in full chunks; ties: fewer chunks).
+  Raises:
+    ValueError: no plan fits within max_rows.
   """
-  ladder = sorted(ladder)
-  chunks = []
-  while n > 0:
-    if n >= ladder[-1]:
-      chunks.append((ladder[-1], ladder[-1]))
-      n -= ladder[-1]
+  sizes = sorted(costs)
+  none = (float('inf'), 0)
+  exact = [(0.0, 0)] + [none] * n  # (cost, chunks) of exactly m examples in full chunks
+  last = [0] * (n + 1)
+  for m in range(1, n + 1):
+    for s in sizes:
+      if s <= m and exact[m - s] != none:
+        option = (exact[m - s][0] + costs[s], exact[m - s][1] + 1)
+        if option < exact[m]:
+          exact[m], last[m] = option, s
+  best, padded = none, None
+  for m in range(n + 1):
+    rest = n - m
+    if exact[m] == none:
       continue
-    up = next(s for s in ladder if s >= n)
-    fits = [s for s in ladder if s <= n]
-    if up == n or not fits or (up - n) <= max_padding * up:
-      chunks.append((up, n))
-      return chunks
-    chunks.append((fits[-1], fits[-1]))
-    n -= fits[-1]
-  return chunks
+    for s in ([0] if rest == 0 else [s for s in sizes if s >= rest]):
+      if max_rows is not None and m + s > max_rows:
+        continue
+      option = (exact[m][0] + costs.get(s, 0.0), exact[m][1] + (s > 0))
+      if option < best:
+        best, padded = option, (m, s)
+  if padded is None:
+    raise ValueError(f'no chunk plan for {n} examples within {max_rows} rows with sizes {sizes}')
+  m, s = padded
+  full = [s] if s and s == n - m else []
+  while m:
+    full.append(last[m])
+    m -= last[m]
+  chunks = [(size, size) for size in sorted(full, reverse=True)]
+  return chunks + ([(s, n - sum(full))] if sum(full) < n else [])
 
 
 class RoutedPredictor:
@@ -104,15 +137,17 @@ class RoutedPredictor:
     ladder: batch sizes programs are compiled for; default powers of two up to `max_batch`.
       The largest is the biggest batch one program sees; bigger inputs run in several passes.
     max_batch: the largest ladder size when `ladder` is not given.
-    max_padding: the largest padded fraction of a chunk before it is split (see plan_chunks).
-      Default: 0 on CPU, where a row costs the same at any batch size so padding is pure
-      waste; 0.25 on accelerators, which favour fewer, larger chunks.
+    chunk_costs: measured seconds per call, {program: {size: seconds}} with programs named
+      'prefix', 'suffix/<route>', 'route/<route>' (as `chunk_costs` holds after
+      `warmup(measure=True)`, or as a latency table keeps them). Batches are cut into chunks
+      by `plan_chunks` on these costs; programs not measured yet cost `linear_costs`.
     dtype: the images' dtype in the compiled programs.
   """
 
   def __init__(self, model, variables, image_shape: Sequence[int], *,
                ladder: Sequence[int] | None = None, max_batch: int = 256,
-               max_padding: float | None = None, dtype: Any = jnp.float32):
+               chunk_costs: Mapping[str, Mapping[int, float]] | None = None,
+               dtype: Any = jnp.float32):
     self.model = model
     self.table = check_gated(model)
     self.variables = variables
@@ -120,11 +155,10 @@ class RoutedPredictor:
     self.ladder = tuple(sorted(set(ladder))) if ladder else powers_of_two(max_batch)
     if self.ladder[0] < 1:
       raise ValueError(f'ladder sizes must be positive, got {self.ladder}')
-    if max_padding is None:
-      max_padding = 0.0 if jax.default_backend() == 'cpu' else 0.25
-    if not 0.0 <= max_padding < 1.0:
-      raise ValueError(f'max_padding must be in [0, 1), got {max_padding}')
-    self.max_padding = max_padding
+    self.chunk_costs = {name: {int(s): float(t) for s, t in costs.items()}
+                        for name, costs in (chunk_costs or {}).items()}
+    self._plans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    self._timing_inputs: dict[int, jax.Array] = {}
     self.dtype = jnp.dtype(dtype)
     self.compiled: dict[tuple[str, str | None, Hashable], jax.stages.Compiled] = {}
 
@@ -139,9 +173,7 @@ class RoutedPredictor:
         lambda v, h: model.apply_suffix(v, h, self.routing_space[0]), variables, hidden)
     self.num_classes = logits.shape[-1]
     self._logits_dtype = logits.dtype
-    # Rows the hidden buffer needs: a padded last prefix chunk may end past the batch.
-    self._buffer_rows = max(_padded_end(plan_chunks(n, self.ladder, max_padding))
-                           for n in range(1, self.max_batch + 1))
+    self._buffer_rows = self.max_batch  # Prefix plans end within it (plan_chunks' max_rows).
     self._hidden_buffer = None
     self._out = None
 
@@ -159,22 +191,36 @@ class RoutedPredictor:
   def num_compiles(self) -> int:
     return len(self.compiled)
 
-  def warmup(self, routes: Sequence[routes_lib.Route | str | int] = (), batch_one: bool = True):
-    """Compiles every program `predict` can need (and `predict_route`'s for `routes`).
+  def warmup(self, routes: Sequence[routes_lib.Route | str | int] = (), batch_one: bool = True,
+             measure: bool = True, rounds: int = 3):
+    """Compiles every program `predict` can need (and `predict_route`'s for `routes`), and
+    times each one at each ladder size on this device (`measure`), for `plan_chunks`.
 
     That is the prefix and copy-out per ladder size and the suffix per (route, ladder size),
     plus the batch-1 program of `predict_one`. Copy-outs for batch sizes off the ladder compile
-    on first use.
+    on first use. Programs already in `chunk_costs` are not timed again.
     """
+    routes = [self.table[r] for r in routes]
+    calls = {}
     for size in self.ladder:
       self._prefix(size)
       self._copy_out(size)
+      calls[('prefix', size)] = functools.partial(self._run_prefix, size)
       for route in self.routing_space:
         self._suffix(route, size)
+        calls[(f'suffix/{route.name}', size)] = functools.partial(self._run_suffix, route, size)
       for route in routes:
-        self._route(self.table[route], size)
+        self._route(route, size)
+        calls[(f'route/{route.name}', size)] = functools.partial(self._run_route, route, size)
     if batch_one:
       self._single()
+    calls = {key: call for key, call in calls.items()
+             if key[1] not in self.chunk_costs.get(key[0], {})}
+    if measure and calls:
+      self._ensure_buffers()
+      for (name, size), seconds in timing.time_calls(calls, rounds).items():
+        self.chunk_costs.setdefault(name, {})[size] = float(np.median(seconds))
+      self._plans.clear()
     return self
 
   def predict(self, images, routing_indices: Sequence[int] | np.ndarray | None = None
@@ -221,7 +267,7 @@ class RoutedPredictor:
     for start in range(0, n, self.max_batch):
       part = images if n <= self.max_batch else images[start:start + self.max_batch]
       offset = 0
-      for size, valid in plan_chunks(part.shape[0], self.ladder, self.max_padding):
+      for size, valid in self.plan(f'route/{route.name}', part.shape[0]):
         chunk = part if valid == part.shape[0] else part[offset:offset + valid]
         logits = self._route(route, size)(self.variables, _padded(chunk, size))
         outputs.append(logits if valid == size else logits[:valid])
@@ -258,7 +304,7 @@ class RoutedPredictor:
   def _predict_pass(self, images, forced):
     n = images.shape[0]
     self._ensure_buffers()
-    plan = plan_chunks(n, self.ladder, self.max_padding)
+    plan = self.plan('prefix', n)
     gate_choices, offset = [], 0
     for size, valid in plan:
       chunk = images if valid == n else images[offset:offset + valid]
@@ -274,7 +320,7 @@ class RoutedPredictor:
     for r, route in enumerate(self.routing_space):
       members = np.flatnonzero(chosen == r).astype(np.int32)
       start = 0
-      for size, valid in plan_chunks(len(members), self.ladder, self.max_padding):
+      for size, valid in self.plan(f'suffix/{route.name}', len(members)):
         rows = members[start:start + valid]
         pad = size - valid
         src = np.concatenate([rows, np.full(pad, rows[-1], np.int32)])
@@ -283,6 +329,37 @@ class RoutedPredictor:
         self._out = self._suffix(route, size)(self.variables, self._hidden_buffer, src, self._out, dst)
         start += valid
     return self._copy_out(n)(self._out), chosen
+
+  def plan(self, program: str, n: int) -> list[tuple[int, int]]:
+    """plan_chunks on the program's measured costs (prefix plans end within the buffer)."""
+    if (program, n) not in self._plans:
+      measured = self.chunk_costs.get(program, {})
+      costs = measured if set(self.ladder) <= set(measured) else linear_costs(self.ladder)
+      costs = {s: costs[s] for s in self.ladder}
+      self._plans[program, n] = plan_chunks(
+          n, costs, self._buffer_rows if program == 'prefix' else None)
+    return self._plans[program, n]
+
+  # --- one call of each program at a ladder size, on fixed inputs (for measuring) -----------
+
+  def _timing_images(self, size):
+    if size not in self._timing_inputs:
+      self._timing_inputs[size] = jnp.zeros((size, *self.image_shape), self.dtype)
+    return self._timing_inputs[size]
+
+  def _run_prefix(self, size):
+    self._hidden_buffer, choice = self._prefix(size)(
+        self.variables, self._timing_images(size), self._hidden_buffer, np.int32(0))
+    return choice
+
+  def _run_suffix(self, route, size):
+    rows = np.arange(size, dtype=np.int32)
+    self._out = self._suffix(route, size)(self.variables, self._hidden_buffer, rows, self._out,
+                                          rows)
+    return self._out
+
+  def _run_route(self, route, size):
+    return self._route(route, size)(self.variables, self._timing_images(size))
 
   def _ensure_buffers(self):
     if self._hidden_buffer is None or any(x.is_deleted() for x in jax.tree.leaves(self._hidden_buffer)):
@@ -373,11 +450,6 @@ class RoutedPredictor:
 
 def _suffix_branch(model, route, variables, hidden):
   return model.apply_suffix(variables, hidden, route)
-
-
-def _padded_end(plan: list[tuple[int, int]]) -> int:
-  """Rows a plan's chunks occupy when laid out back to back (the last one padded)."""
-  return sum(valid for _, valid in plan[:-1]) + plan[-1][0]
 
 
 def _padded(images, size: int):

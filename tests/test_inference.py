@@ -10,7 +10,7 @@ from dsnet_jax.models import ds_mbnet
 from dsnet_jax.routes import UnknownRouteError
 
 IMAGE = (32, 32, 3)
-LADDER = (1, 4)  # Small, yet it exercises padding (3 -> 4) and splitting (2 -> 1 + 1).
+LADDER = (1, 4)
 
 
 def assert_close(actual, expected):
@@ -32,26 +32,69 @@ def setup():
   # Statistics of real activations, so that outputs and gate choices depend on the input.
   variables = bn_calibration.calibrate_to_batch(model, variables, images(8),
                                                 [0, 1, 2, 3, 'largest'])
+  # Accelerator-like costs (a call of 4 costs less than three of 1), so that groups of 3
+  # are padded to 4 and groups of 2 split into 1 + 1, whatever this machine measures.
+  flat = {1: 1.0, 4: 2.5}
+  costs = {name: flat for name in ['prefix', 'route/largest', 'route/2'] + [
+      f'suffix/{r.name}' for r in model.routes.routing_space]}
   predictor = inference.RoutedPredictor(model, variables, IMAGE, ladder=LADDER,
-                                          max_padding=0.25).warmup()
+                                        chunk_costs=costs).warmup(measure=False)
   alone = jax.jit(lambda v, x, route: model.apply(v, x, route=route), static_argnames='route')
   return model, variables, predictor, alone
 
 
-def test_plan_chunks():
+def cheapest_by_enumeration(n, costs, max_rows=None):
+  """Reference for plan_chunks: the least cost over every multiset of full chunks plus at most
+  one padded chunk, found by exhaustive search."""
+  sizes = sorted(costs)
+  best = float('inf')
+
+  def search(left, cost, rows, smallest):
+    nonlocal best
+    if left == 0:
+      best = min(best, cost)
+      return
+    for s in sizes:
+      if s >= left and (max_rows is None or rows + s <= max_rows):
+        best = min(best, cost + costs[s])  # the padded (or exactly filled) last chunk
+      if s < left and s <= smallest:
+        search(left - s, cost + costs[s], rows + s, s)
+  search(n, 0.0, 0, max(sizes))
+  return best
+
+
+def test_plan_chunks_is_the_cheapest_cut():
   ladder = inference.powers_of_two(256)
   assert ladder == (1, 2, 4, 8, 16, 32, 64, 128, 256)
   assert inference.powers_of_two(48) == (1, 2, 4, 8, 16, 32, 48)
-  assert inference.plan_chunks(37, ladder) == [(32, 32), (4, 4), (1, 1)]
-  assert inference.plan_chunks(30, ladder) == [(32, 30)]
-  assert inference.plan_chunks(300, ladder) == [(256, 256), (32, 32), (16, 12)]
-  assert inference.plan_chunks(7, LADDER) == [(4, 4), (4, 3)]
-  for n in range(1, 600):
-    plan = inference.plan_chunks(n, ladder)
+  linear = inference.linear_costs(ladder)  # Before measuring: no padding, fewest chunks.
+  assert inference.plan_chunks(37, linear) == [(32, 32), (4, 4), (1, 1)]
+  assert inference.plan_chunks(300, linear) == [(256, 256), (32, 32), (8, 8), (4, 4)]
+  # CPU-like: per-image time least at 8 (activations beyond it leave the cache).
+  cpu = {s: s * (1.0 if s <= 8 else 1.0 + 0.02 * s) for s in ladder}
+  assert inference.plan_chunks(64, cpu) == [(8, 8)] * 8
+  # Accelerator-like: a call costs nearly the same at any size, so padding wins.
+  flat = {s: 1.0 + 0.01 * s for s in ladder}
+  assert inference.plan_chunks(37, flat) == [(64, 37)]
+  assert inference.plan_chunks(37, flat, max_rows=40) == [(8, 8), (32, 29)]
+  rng = np.random.default_rng(0)
+  for trial in range(60):
+    sizes = sorted(rng.choice([1, 2, 3, 4, 6, 8, 12], size=rng.integers(1, 5), replace=False))
+    costs = {int(s): float(rng.uniform(0.2, 2.0) * s ** rng.uniform(0.3, 1.3)) for s in sizes}
+    n = int(rng.integers(1, 30))
+    max_rows = None if trial % 2 else n + int(rng.integers(0, max(sizes)))
+    try:
+      plan = inference.plan_chunks(n, costs, max_rows)
+    except ValueError:
+      assert cheapest_by_enumeration(n, costs, max_rows) == float('inf')
+      continue
     assert sum(valid for _, valid in plan) == n
-    assert all(size in ladder and size == valid for size, valid in plan[:-1])
-    size, valid = plan[-1]
-    assert size in ladder and (size - valid) <= 0.25 * size
+    assert all(size == valid for size, valid in plan[:-1])
+    assert 1 <= plan[-1][1] <= plan[-1][0]
+    if max_rows is not None:
+      assert sum(size for size, _ in plan) <= max_rows
+    assert sum(costs[size] for size, _ in plan) == pytest.approx(
+        cheapest_by_enumeration(n, costs, max_rows))
 
 
 def test_routed_equals_each_example_alone(setup):
@@ -104,6 +147,26 @@ def test_compiles_are_bounded(setup):
     predictor.predict(images(n, seed=5), routing_indices=forced[::-1])
   assert predictor.num_compiles == count
   assert count <= (num_routes + 2) * len(LADDER) + 1 + max(LADDER)
+
+
+def test_warmup_times_each_program_and_plans_follow_the_costs(setup):
+  model, variables, predictor, _ = setup
+  names = {'prefix', 'route/largest'} | {f'suffix/{r.name}' for r in model.routes.routing_space}
+  measuring = inference.RoutedPredictor(model, variables, IMAGE, ladder=LADDER)
+  measuring.compiled = dict(predictor.compiled)  # The same programs, not compiled again.
+  measuring.warmup(routes=['largest'], batch_one=False)
+  assert set(measuring.chunk_costs) == names
+  for costs in measuring.chunk_costs.values():
+    assert sorted(costs) == list(LADDER) and min(costs.values()) > 0
+  # Plans follow the costs: flat ones pad 3 to 4, steep ones never run a chunk of 4.
+  assert predictor.plan('suffix/0', 3) == [(4, 3)] and predictor.plan('prefix', 2) == [(1, 1)] * 2
+  measuring.chunk_costs = {name: {1: 1.0, 4: 10.0} for name in names}
+  measuring.warmup(routes=['largest'], batch_one=False)  # Nothing left to measure.
+  assert measuring.chunk_costs['prefix'] == {1: 1.0, 4: 10.0}
+  assert measuring.plan('suffix/0', 6) == [(1, 1)] * 6
+  x = images(6)
+  np.testing.assert_array_equal(measuring.predict(x)[1], predictor.predict(x)[1])
+  assert_close(measuring.predict(x)[0], predictor.predict(x)[0])
 
 
 def test_predict_one_and_predict_route(setup):
