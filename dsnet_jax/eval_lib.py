@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsnet_jax import config_lib
+from dsnet_jax import latency as latency_lib
 from dsnet_jax import rundir as rundir_lib
 from dsnet_jax import sharding
 from dsnet_jax.complexity import route_complexity
@@ -103,13 +104,32 @@ def compare_with_static(rows, gated: dict[str, Any], budget_madds: float = 0.0
           'best_static_mix': mix, 'gain_over_mix': gated['accuracy'] - mix, **extra}
 
 
-def format_report(rows, gated) -> str:
-  lines = [f'{"route":>8}  {"accuracy":>8}  {"MAdds (M)":>9}  {"params (M)":>10}']
+def add_latency(rows, gated, latency: dict[str, Any]) -> None:
+  """Adds measured ms/image ({batch size: median}) to the rows of routes the latency table
+  timed, and to the gated result the mix-weighted times of its routes (its own route mix)."""
+  timed = latency['routes']
+  for row in rows:
+    if row['route'] in timed:
+      row['ms_per_image'] = {b: t['median'] for b, t in timed[row['route']]['ms_per_image'].items()}
+  if gated and all(name in timed for name in gated['route_histogram']):
+    total = sum(gated['route_histogram'].values())
+    gated['ms_per_image'] = {
+        b: sum(count / total * timed[name]['ms_per_image'][b]['median']
+               for name, count in gated['route_histogram'].items())
+        for b in map(str, latency['batch_sizes'])}
+
+
+def format_report(rows, gated, latency: dict[str, Any] | None = None) -> str:
+  sizes = [str(b) for b in latency['batch_sizes']] if latency else []
+  ms = lambda row: ''.join(f'  {row["ms_per_image"][b]:>9.3g}' if 'ms_per_image' in row
+                           else f'  {"-":>9}' for b in sizes)
+  lines = [f'{"route":>8}  {"accuracy":>8}  {"MAdds (M)":>9}  {"params (M)":>10}'
+           + ''.join(f'  {"ms/img @" + b:>9}' for b in sizes)]
   lines += [f'{r["route"]:>8}  {r["accuracy"]:>8.4f}  {r["madds"] / 1e6:>9.3f}  '
-            f'{r["params"] / 1e6:>10.4f}' for r in rows]
+            f'{r["params"] / 1e6:>10.4f}' + ms(r) for r in rows]
   if gated:
     lines.append(f'{"gated":>8}  {gated["accuracy"]:>8.4f}  {gated["madds"] / 1e6:>9.3f}  '
-                 f'routes {gated["route_histogram"]}')
+                 f'{"":>10}' + ms(gated) + f'  routes {gated["route_histogram"]}')
     lines.append(f'static routes at {gated["madds"] / 1e6:.3f} M MAdds (interpolated): '
                  f'{gated["static_accuracy"]:.4f}; gated - static: {100 * gated["gain"]:+.2f} %; '
                  f'best random mix of two routes: {gated["best_static_mix"]:.4f} (gated - mix: '
@@ -118,6 +138,14 @@ def format_report(rows, gated) -> str:
       budget = gated['budget_madds']
       lines.append(f'budget {budget / 1e6:.3f} M MAdds, achieved {gated["madds"] / 1e6:.3f} M '
                    f'({100 * (gated["madds"] / budget - 1):+.2f} %)')
+  if latency:
+    device = latency['device']
+    routed = latency['routed']['ms_per_image']
+    lines.append(f'ms/img: measured on {device["backend"]} ({device["device_kind"]}, '
+                 f'{device["host_cores"]} host cores) on {latency["date"]}, median, batch 1 = '
+                 'each image alone; gated = its route mix x each route\'s time; the routed '
+                 'model measured there: ' + ', '.join(f'{routed[b]["median"]:.3g} @{b}'
+                                                      for b in sizes))
   return '\n'.join(lines)
 
 
@@ -149,15 +177,19 @@ def plot(rows, gated, path: str):
 
 
 def evaluate_and_report(model, variables, pipeline, mesh, workdir: str, gated: bool = True,
-                        budget_madds: float = 0.0) -> dict[str, Any]:
+                        budget_madds: float = 0.0, latency: dict[str, Any] | None = None
+                        ) -> dict[str, Any]:
   """Prints the route table (and the gated result against the static routes' curve and the
-  budget, MAdds per image, when set), writes eval.json and eval.png."""
+  budget, MAdds per image, when set; ms/image from a latency table when given), writes
+  eval.json and eval.png."""
   rows = route_table(model, variables, pipeline, mesh)
   result = None
   if gated:
     result = compare_with_static(rows, gated_result(model, variables, pipeline, mesh),
                                  budget_madds)
-  print(format_report(rows, result), flush=True)
+  if latency:
+    add_latency(rows, result, latency)
+  print(format_report(rows, result, latency), flush=True)
   report = {'routes': rows, 'gated': result}
   with open(os.path.join(workdir, 'eval.json'), 'w') as f:
     json.dump(report, f, indent=1)
@@ -171,12 +203,14 @@ def eval_pipeline(config) -> input_pipeline.Pipeline:
                              batch_size=config.eval_batch_size, train=False)
 
 
-def evaluate_workdir(config, workdir: str, checkpoint: str = '',
-                     allow_config_changes: Sequence[str] = ()) -> dict[str, Any]:
-  """Restores the latest stage of `workdir` (or the stage folder `checkpoint`) and reports.
+def restore_workdir(config, workdir: str, checkpoint: str = '',
+                    allow_config_changes: Sequence[str] = ()):
+  """The latest stage of `workdir` (or the stage folder `checkpoint`), restored for `config`.
 
   What the checkpoint holds (EMA or raw weights, gated or not, finished or not) is read from
-  its meta, never from folder names. Nothing is created before the restore succeeds.
+  its meta, never from folder names. Nothing is created.
+  Returns:
+    (rundir.Restored, the evaluation pipeline, the mesh).
   Raises:
     FileNotFoundError: no such workdir or checkpoint.
     rundir.ConfigMismatchError: `config` differs from the checkpoint's in what defines the
@@ -195,9 +229,25 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '',
                                           allow_config_changes)
   print(f'restored {restored.describe()}', flush=True)
   if not restored.complete:
-    print(f'warning: {directory} is unfinished: evaluating step {restored.step} of '
+    print(f'warning: {directory} is unfinished: using step {restored.step} of '
           f'{restored.meta.get("total_steps")} as it is', flush=True)
+  return restored, pipeline, mesh
+
+
+def evaluate_workdir(config, workdir: str, checkpoint: str = '',
+                     allow_config_changes: Sequence[str] = ()) -> dict[str, Any]:
+  """Restores the latest stage of `workdir` (or the stage folder `checkpoint`) and reports.
+
+  With a latency table (`latency.json`) in the workdir, the report gives ms/image beside MAdds.
+  Raises: as `restore_workdir`; nothing is created before the restore succeeds.
+  """
+  restored, pipeline, mesh = restore_workdir(config, workdir, checkpoint, allow_config_changes)
   os.makedirs(workdir, exist_ok=True)
+  table = latency_lib.load(os.path.join(workdir, latency_lib.LATENCY_FILE))
+  if table and tuple(table['image_shape']) != tuple(pipeline.image_shape):
+    print(f'warning: {latency_lib.LATENCY_FILE} in {workdir} was measured for images '
+          f'{tuple(table["image_shape"])}, not {pipeline.image_shape}: not used', flush=True)
+    table = None
   return evaluate_and_report(restored.model, restored.variables, pipeline, mesh, workdir,
                              gated=restored.gated,
-                             budget_madds=restored.meta.get('budget_madds', 0.0))
+                             budget_madds=restored.meta.get('budget_madds', 0.0), latency=table)

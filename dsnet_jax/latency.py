@@ -1,0 +1,261 @@
+"""Latency tables: every route's measured time per image on the present device [ours].
+
+    python -m dsnet_jax.latency --config=configs/ds_mbnet_fmnist.py \
+        --workdir=workdir/ds_mbnet_fmnist             # writes workdir/.../latency.json
+    python -m dsnet_jax.latency --model=ds_mbnet --image_size=224 --output=latency.json
+
+MAdds are a proxy; a latency table says what a route costs here. For every route of the table
+(or `--routes`) and the routed model, milliseconds per image, warm, median and p90 over
+`--rounds` rounds (calls interleaved round-robin, `timing.time_calls`):
+- at batch 1: each image alone, waited for (a request's latency), averaged over a round of
+  `--singles` images;
+- at each throughput batch: one call of that many images, cut into chunks by
+  `RoutedPredictor`'s measured plan (the way this library runs a batch).
+The routed model runs on evaluation images (random ones with `--model`) with the routes the
+gate chooses on them; the mix is recorded. The table also keeps each compiled program's time
+per call at each ladder size (`chunk_costs`), from which `RoutedPredictor(chunk_costs=...)`
+plans without measuring again. eval.py prints ms/image next to MAdds when the evaluated
+workdir has a `latency.json`.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsnet_jax import complexity, inference, timing
+
+LATENCY_FILE = 'latency.json'
+ROUTED = 'routed'
+
+
+def device_description() -> dict[str, Any]:
+  """Backend, device kind, device count, jax version, host cores and machine."""
+  device = jax.devices()[0]
+  return {'backend': jax.default_backend(), 'device_kind': device.device_kind,
+          'devices': jax.device_count(), 'jax': jax.__version__, 'host_cores': os.cpu_count(),
+          'machine': platform.machine()}
+
+
+def default_throughput_batch() -> int:
+  return 64 if jax.default_backend() == 'cpu' else 256
+
+
+def measure(predictor: inference.RoutedPredictor, images, *,
+            routes: Sequence[Any] | None = None, batch_sizes: Sequence[int] = (1, 64),
+            singles: int = 8, rounds: int = 5,
+            routing_indices: Sequence[int] | None = None) -> dict[str, Any]:
+  """Times every route and the routed model on this device; returns the table (JSON-able).
+
+  Args:
+    predictor: a RoutedPredictor; its programs are compiled and timed here as needed.
+    images: (N, H, W, C) images, N >= max(batch_sizes) and >= singles.
+    routes: routes to time (names, indices or Route); default every route of the table.
+    batch_sizes: batch sizes; 1 means `singles` images one at a time.
+    singles: images per batch-1 round.
+    rounds: timed rounds (median and p90 over them).
+    routing_indices: a forced route mix for the routed model (N,), else the gate's choices.
+  Returns:
+    {'device', 'date', 'image_shape', 'dtype', 'batch_sizes', 'rounds', 'singles',
+     'routes': {name: {'madds', 'ms_per_image': {batch: {'median', 'p90'}}}},
+     'routed': {..., 'mix': {route name: fraction}, 'forced': bool}, 'chunk_costs'}.
+    Times are milliseconds per image.
+  Raises:
+    ValueError: too few images for the batch sizes or the batch-1 round.
+  """
+  table = predictor.table
+  routes = [table[r] for r in (table if routes is None else routes)]
+  batch_sizes = sorted({int(b) for b in batch_sizes})
+  images = jnp.asarray(images, predictor.dtype)
+  if batch_sizes[0] < 1 or images.shape[0] < max(batch_sizes[-1], singles):
+    raise ValueError(f'need positive batch sizes and at least max({batch_sizes[-1]}, {singles}) '
+                     f'images, got batch sizes {batch_sizes} and {images.shape[0]} images')
+  predictor.warmup(routes=routes)
+  if routing_indices is None:
+    chosen = predictor.predict(images)[1]
+  else:
+    chosen = np.asarray(routing_indices, np.int32)
+    predictor.predict(images[:1], routing_indices=chosen[:1])  # Checks the values.
+
+  batches = {size: (images[:size], chosen[:size]) for size in batch_sizes}
+  ones = [(images[i:i + 1], int(chosen[i])) for i in range(singles)]
+
+  def batch_call(run, size):
+    return lambda: run(*batches[size])
+
+  def singles_call(run_one):
+    def run():
+      out = None
+      for image, routing_index in ones:
+        out = jax.block_until_ready(run_one(image, routing_index))
+      return out
+    return run
+
+  calls = {}
+  for route in routes:
+    run = lambda x, _, route=route: predictor.predict_route(x, route)
+    for size in batch_sizes:
+      calls[route.name, size] = singles_call(run) if size == 1 else batch_call(run, size)
+  forced = routing_indices is not None
+  for size in batch_sizes:
+    calls[ROUTED, size] = (
+        singles_call(lambda x, r: predictor.predict_one(x, r if forced else None)[0])
+        if size == 1 else
+        batch_call(lambda x, r: predictor.predict(x, r if forced else None)[0], size))
+  seconds = timing.time_calls(calls, rounds)
+
+  def times(name):
+    return {str(size): timing.summary_ms(seconds[name, size], singles if size == 1 else size)
+            for size in batch_sizes}
+
+  image_shape = predictor.image_shape
+  space = table.routing_space
+  mix = np.bincount(chosen[:max(batch_sizes[-1], singles)], minlength=len(space))
+  mix = mix / mix.sum()
+  gated_madds = [complexity.route_complexity(predictor.model, r, image_shape,
+                                             with_gate=True).madds for r in space]
+  return {
+      'device': device_description(), 'date': datetime.date.today().isoformat(),
+      'image_shape': list(image_shape), 'dtype': str(predictor.dtype),
+      'batch_sizes': batch_sizes, 'rounds': rounds, 'singles': singles,
+      'routing_space': [r.name for r in space],
+      'routes': {r.name: {'madds': complexity.route_complexity(predictor.model, r,
+                                                              image_shape).madds,
+                          'ms_per_image': times(r.name)} for r in routes},
+      ROUTED: {'madds': float(np.dot(mix, gated_madds)), 'ms_per_image': times(ROUTED),
+               'mix': {r.name: float(f) for r, f in zip(space, mix)}, 'forced': forced},
+      'chunk_costs': {name: {str(s): t for s, t in sorted(costs.items())}
+                      for name, costs in predictor.chunk_costs.items()},
+  }
+
+
+def chunk_costs(latency: dict[str, Any]) -> dict[str, dict[int, float]]:
+  """A table's per-program costs in the form `RoutedPredictor(chunk_costs=...)` takes."""
+  return {name: {int(s): t for s, t in costs.items()}
+          for name, costs in latency.get('chunk_costs', {}).items()}
+
+
+def format_table(latency: dict[str, Any]) -> str:
+  """Markdown: one row per route and the routed model; MAdds and ms/image per batch size."""
+  device = latency['device']
+  sizes = [str(b) for b in latency['batch_sizes']]
+  lines = [f'latency on {device["backend"]} ({device["device_kind"]}, {device["host_cores"]} '
+           f'host cores), jax {device["jax"]}, {latency["dtype"]}, image '
+           f'{tuple(latency["image_shape"])}, {latency["date"]}; ms/image median (p90) over '
+           f'{latency["rounds"]} rounds; batch 1 = each image alone',
+           '| route | MAdds (M) | ' + ' | '.join(f'ms/img @{b}' for b in sizes) + ' |',
+           '|---|---|' + '---|' * len(sizes)]
+  rows = dict(latency['routes'])
+  rows[ROUTED] = latency[ROUTED]
+  for name, row in rows.items():
+    ms = row['ms_per_image']
+    lines.append(f'| {name} | {row["madds"] / 1e6:.2f} | ' + ' | '.join(
+        f'{ms[b]["median"]:.3g} ({ms[b]["p90"]:.3g})' for b in sizes) + ' |')
+  routed = latency[ROUTED]
+  mix = ', '.join(f'{name}: {f:.0%}' for name, f in routed['mix'].items())
+  lines.append(f'routed mix ({"forced" if routed["forced"] else "the gate on these images"}): '
+               f'{mix}')
+  return '\n'.join(lines)
+
+
+def save(latency: dict[str, Any], path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(latency, f, indent=1)
+
+
+def load(path: str) -> dict[str, Any] | None:
+  """The table at `path`, or None when there is none."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def evaluation_images(pipeline, count: int) -> np.ndarray:
+  """The first `count` real images of an evaluation pipeline (N, H, W, C)."""
+  images = []
+  for batch in pipeline.batches():
+    images.append(batch['image'][batch['mask'].astype(bool)])
+    if sum(len(x) for x in images) >= count:
+      break
+  images = np.concatenate(images)
+  if len(images) < count:
+    raise ValueError(f'the evaluation split has {len(images)} images; the latency table needs '
+                     f'{count}')
+  return images[:count]
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'The config --workdir was trained with.')
+  flags.DEFINE_string('workdir', '', 'Training workdir: its latest stage is timed and '
+                      'latency.json written there.')
+  flags.DEFINE_string('model', '', 'Instead of a workdir: a model name, random weights.')
+  flags.DEFINE_integer('image_size', 224, 'With --model: image height and width.')
+  flags.DEFINE_integer('num_classes', 1000, 'With --model: classes.')
+  flags.DEFINE_integer('batch', 0, 'Throughput batch (0: 64 on CPU, 256 on accelerators).')
+  flags.DEFINE_list('batch_sizes', [], 'Batch sizes to time (default: 1 and --batch).')
+  flags.DEFINE_list('routes', [], 'Routes to time (default: every route of the table).')
+  flags.DEFINE_integer('rounds', 5, 'Timed rounds (median and p90).')
+  flags.DEFINE_integer('singles', 8, 'Images per batch-1 round.')
+  flags.DEFINE_string('output', '', 'Where to write the table (default: '
+                      '<workdir>/latency.json; with --model: printed only).')
+
+
+def main(argv):
+  from absl import app
+  from absl.flags import FLAGS as flags
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if bool(flags.workdir) == bool(flags.model) or bool(flags.workdir) != bool(flags.config):
+    raise app.UsageError('give --config and --workdir (a trained model), or --model (random '
+                         'weights)')
+  batch = flags.batch or default_throughput_batch()
+  sizes = sorted({int(b) for b in flags.batch_sizes} | {1, batch})
+  if sizes[0] < 1 or flags.rounds < 1 or flags.singles < 1:
+    raise app.UsageError(f'batch sizes, --rounds and --singles must be positive, got {sizes}, '
+                         f'{flags.rounds}, {flags.singles}')
+  count = max(sizes[-1], flags.singles)
+  from dsnet_jax.models import available_models, get_model
+  if flags.model and flags.model not in available_models():
+    raise app.UsageError(f'unknown model {flags.model!r}; available: '
+                         f'{", ".join(available_models())}')
+  if flags.workdir:
+    from dsnet_jax import eval_lib  # orbax and the data pipeline, only for a workdir.
+    restored, pipeline, _ = eval_lib.restore_workdir(flags.config, flags.workdir)
+    model, variables = restored.model, restored.variables
+    image_shape = pipeline.image_shape
+    images = evaluation_images(pipeline, count)
+  else:
+    from dsnet_jax import stand_in
+    model = get_model(flags.model, num_classes=flags.num_classes)
+    image_shape = (flags.image_size, flags.image_size, 3)
+    variables = stand_in.random_variables(model, image_shape)
+    images = np.random.default_rng(0).normal(size=(count, *image_shape)).astype(np.float32)
+  predictor = inference.RoutedPredictor(model, jax.device_put(variables), image_shape,
+                                        max_batch=sizes[-1])
+  latency = measure(predictor, images, routes=flags.routes or None, batch_sizes=sizes,
+                    singles=flags.singles, rounds=flags.rounds)
+  latency['model'] = flags.model or flags.config.model_name
+  print(format_table(latency))
+  output = flags.output or (flags.workdir and os.path.join(flags.workdir, LATENCY_FILE))
+  if output:
+    save(latency, output)
+    print(f'wrote {output}')
+
+
+if __name__ == '__main__':
+  from absl import app, logging
+  from dsnet_jax import cli
+  _define_flags()
+  logging.set_verbosity(logging.WARNING)
+  app.run(cli.main_errors(main, inference.NotGatedError))

@@ -1,0 +1,90 @@
+"""Latency tables: measured on the trained tiny workdir, read back by eval.py's report."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from checks import ROOT, tiny_config
+from dsnet_jax import complexity, eval_lib, inference, latency
+
+
+@pytest.fixture(scope='module')
+def measured(trained, tmp_path_factory):
+  """A copy of the trained workdir and the latency table of its gated model."""
+  workdir = tmp_path_factory.mktemp('latency') / 'run'
+  shutil.copytree(trained.workdir, workdir)
+  config = tiny_config(num_devices=1)
+  restored, pipeline, _ = eval_lib.restore_workdir(config, str(workdir))
+  images = latency.evaluation_images(pipeline, 4)
+  predictor = inference.RoutedPredictor(restored.model, restored.variables,
+                                        pipeline.image_shape, max_batch=4)
+  table = latency.measure(predictor, images, routes=[0, 1, 2, 'largest'], batch_sizes=(1, 4),
+                          singles=2, rounds=2)
+  return workdir, config, restored.model, predictor, images, table
+
+
+def test_the_table_times_each_route_and_the_gates_own_mix(measured):
+  _, _, model, predictor, images, table = measured
+  assert set(table['routes']) == {'0', '1', '2', 'largest'}  # Not '3'.
+  for row in [*table['routes'].values(), table['routed']]:
+    for timing in row['ms_per_image'].values():
+      assert 0 < timing['median'] <= timing['p90']
+    assert set(row['ms_per_image']) == {'1', '4'}
+  assert table['routes']['largest']['madds'] == complexity.route_complexity(
+      model, model.routes.largest, (16, 16, 1)).madds
+  # The routed row's mix is what the gate chooses on these images.
+  _, chosen = predictor.predict(images)
+  space = model.routes.routing_space
+  expected = np.bincount(chosen, minlength=len(space)) / len(chosen)
+  np.testing.assert_allclose(list(table['routed']['mix'].values()), expected)
+  assert table['routed']['forced'] is False
+  assert table['routed']['madds'] == pytest.approx(np.dot(expected, model.routing_madds(
+      (16, 16, 1))))
+  # Every program was timed at every ladder size; a new predictor plans from them unmeasured.
+  assert set(table['chunk_costs']) == ({'prefix', 'route/0', 'route/1', 'route/2', 'route/largest'}
+                                       | {f'suffix/{r.name}' for r in space})
+  costs = latency.chunk_costs(json.loads(json.dumps(table)))
+  assert all(sorted(c) == [1, 2, 4] for c in costs.values())
+  assert inference.RoutedPredictor(model, predictor.variables, (16, 16, 1), max_batch=4,
+                                   chunk_costs=costs).chunk_costs == costs
+  text = latency.format_table(table)
+  assert '| largest |' in text and 'ms/img @4' in text
+
+
+def test_eval_prints_ms_per_image_beside_madds(measured, capsys):
+  workdir, config, *_, table = measured
+  latency.save(table, str(workdir / latency.LATENCY_FILE))
+  capsys.readouterr()
+  report = eval_lib.evaluate_workdir(config, str(workdir))
+  printed = capsys.readouterr().out
+  rows = {row['route']: row for row in report['routes']}
+  assert rows['largest']['ms_per_image'] == {
+      b: t['median'] for b, t in table['routes']['largest']['ms_per_image'].items()}
+  assert 'ms_per_image' not in rows['3']  # Not timed: no figure made up.
+  gated = report['gated']
+  total = sum(gated['route_histogram'].values())
+  expected = sum(c / total * table['routes'][r]['ms_per_image']['4']['median']
+                 for r, c in gated['route_histogram'].items())
+  assert gated['ms_per_image']['4'] == pytest.approx(expected)
+  assert 'ms/img @4' in printed and 'measured on cpu' in printed
+  # A table for another image size is not used.
+  other = dict(table, image_shape=[32, 32, 1])
+  latency.save(other, str(workdir / latency.LATENCY_FILE))
+  report = eval_lib.evaluate_workdir(config, str(workdir))
+  assert 'was measured for images (32, 32, 1)' in capsys.readouterr().out
+  assert all('ms_per_image' not in row for row in report['routes'])
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--model=ds_mbnet', '--batch_sizes=0'], 'must be positive'),
+    (['--model=ds_mbnt'], "unknown model 'ds_mbnt'; available: ds_mbnet"),
+    ([], 'give --config and --workdir'),
+])
+def test_cli_refuses_bad_flags_before_any_work(args, message):
+  result = subprocess.run([sys.executable, '-m', 'dsnet_jax.latency', *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert message in result.stderr
