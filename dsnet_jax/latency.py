@@ -179,6 +179,13 @@ def load(path: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
+def model_for(name: str, image_size: int, **kwargs):
+  """`get_model(name, **kwargs)` for square RGB images of `image_size` (ViTs need it)."""
+  from dsnet_jax.models import get_model
+  model = get_model(name, **kwargs)
+  return model.clone(image_size=image_size) if hasattr(model, 'image_size') else model
+
+
 def evaluation_images(pipeline, count: int) -> np.ndarray:
   """The first `count` real images of an evaluation pipeline (N, H, W, C)."""
   images = []
@@ -225,7 +232,7 @@ def main(argv):
     raise app.UsageError(f'batch sizes, --rounds and --singles must be positive, got {sizes}, '
                          f'{flags.rounds}, {flags.singles}')
   count = max(sizes[-1], flags.singles)
-  from dsnet_jax.models import available_models, get_model
+  from dsnet_jax.models import available_models
   if flags.model and flags.model not in available_models():
     raise app.UsageError(f'unknown model {flags.model!r}; available: '
                          f'{", ".join(available_models())}')
@@ -237,7 +244,7 @@ def main(argv):
     images = evaluation_images(pipeline, count)
   else:
     from dsnet_jax import stand_in
-    model = get_model(flags.model, num_classes=flags.num_classes)
+    model = model_for(flags.model, flags.image_size, num_classes=flags.num_classes)
     image_shape = (flags.image_size, flags.image_size, 3)
     variables = stand_in.random_variables(model, image_shape)
     images = np.random.default_rng(0).normal(size=(count, *image_shape)).astype(np.float32)

@@ -88,3 +88,21 @@ def test_cli_refuses_bad_flags_before_any_work(args, message):
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert message in result.stderr
+
+
+def test_speed_benchmark_runs_on_a_tiny_model(capsys):
+  """benchmarks/speed.py end to end on 16 px images (so that it cannot rot)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('speed', ROOT / 'benchmarks/speed.py')
+  speed = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(speed)
+  speed.main(['--models=ds_mbnet', '--image_size=16', '--num_classes=10', '--batch_sizes=1,2',
+              '--rounds=1', '--singles=1'])
+  printed = capsys.readouterr().out
+  rows = {line.split('|')[1].strip(): line for line in printed.splitlines()
+          if line.startswith('| route ') or line.startswith('| routed') or
+          line.startswith('| masked')}
+  assert set(rows) == {'route largest', 'route 13', 'route 0', 'route 1', 'route 2', 'route 3',
+                       'routed', 'masked'}
+  assert rows['route largest'].split('|')[3].strip() == '1.00x'  # saving vs itself
+  assert 'routing overhead' in printed and '| 13 |' in printed  # the per-program table
