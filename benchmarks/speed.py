@@ -14,8 +14,9 @@ authors' gated mode) at the largest batch. Printed per model:
   to MAdds);
 - the routing overhead: routed time vs the mix-weighted time of the static routes at the same
   batch (what grouping, the host sync, gathers and smaller per-route batches add);
-- each static route's compiled program alone, ms/image by batch size (`chunk_costs`): where the
-  per-image time grows with the batch, RoutedPredictor runs big batches as smaller chunks.
+- each compiled program alone (static routes, the shared prefix, each route's suffix), ms/image
+  by batch size (`chunk_costs`): where the per-image time grows with the batch,
+  RoutedPredictor runs big batches as smaller chunks.
 """
 from __future__ import annotations
 
@@ -121,14 +122,15 @@ def report(result) -> str:
     lines.append(f'\nrouted @{b}: {routed:.2f} ms/img vs the mix-weighted static routes '
                  f'{ideal:.2f} ms/img: routing overhead {(routed - ideal) / routed:+.1%}')
   lines.append('route mix (forced): ' + ', '.join(f'{n}: {f:.0%}' for n, f in mix.items()))
-  program = {n: c for n, c in result['chunk_costs'].items() if n.startswith('route/')}
-  ladder = sorted(int(s) for s in next(iter(program.values())))
-  lines += ['', 'each static route\'s compiled program alone (one call per batch, no chunking), '
-            'ms/img:', '| route | ' + ' | '.join(f'@{s}' for s in ladder) + ' |',
+  programs = result['chunk_costs']
+  ladder = sorted(int(s) for s in programs['prefix'])
+  lines += ['', 'each compiled program alone, one call per batch size (no chunking), ms/img: '
+            'route/R is a static route, prefix the shared layers up to the gate, suffix/R a '
+            'route from the gate on', '| program | ' + ' | '.join(f'@{s}' for s in ladder) + ' |',
             '|---|' + '---|' * len(ladder)]
-  for n, costs in program.items():
-    lines.append(f'| {n[len("route/"):]} | ' + ' | '.join(
-        f'{costs[str(s)] * 1e3 / s:.2f}' for s in ladder) + ' |')
+  for n, costs in programs.items():
+    lines.append(f'| {n} | ' + ' | '.join(f'{costs[str(s)] * 1e3 / s:.2f}' for s in ladder)
+                 + ' |')
   return '\n'.join(lines)
 
 

@@ -105,4 +105,4 @@ def test_speed_benchmark_runs_on_a_tiny_model(capsys):
   assert set(rows) == {'route largest', 'route 13', 'route 0', 'route 1', 'route 2', 'route 3',
                        'routed', 'masked'}
   assert rows['route largest'].split('|')[3].strip() == '1.00x'  # saving vs itself
-  assert 'routing overhead' in printed and '| 13 |' in printed  # the per-program table
+  assert 'routing overhead' in printed and '| route/13 |' in printed and '| prefix |' in printed
