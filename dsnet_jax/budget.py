@@ -2,8 +2,10 @@
 argmax routing used at inference is calibrated onto it.
 
 `config.gate.budget` is the average cost per image the routed model must have, as a fraction
-of the 'largest' route's MAdds (`budget_unit='largest'`) or in MAdds (`'madds'`). [ours] It
-is a constraint, not a hand-weighted penalty:
+of the 'largest' route's MAdds (`budget_unit='largest'`), in MAdds (`'madds'`), or in
+milliseconds on this device (`'ms'`: each route's ms/image at the throughput batch of the
+workdir's latency table, `python -m dsnet_jax.latency`). [ours] It is a constraint, not a
+hand-weighted penalty; below, "cost" is MAdds or milliseconds:
 
 1. Training (dual ascent): the loss gets `dual * excess(cost)`, where cost is the batch's
    mean MAdds under the straight-through routes and `excess` is (cost - budget) over the
@@ -23,6 +25,8 @@ is a constraint, not a hand-weighted penalty:
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -36,6 +40,63 @@ from dsnet_jax.models.gated import ROUTING_COLLECTION
 
 class BudgetError(ConfigError):
   """A budget the routing space cannot meet."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """The gate's budget per image and each routing-space route's cost, in `unit`."""
+  value: float
+  unit: str  # 'madds' or 'ms'
+  route_costs: np.ndarray  # (R,) float64
+
+  def format(self, cost: float) -> str:
+    return f'{cost / 1e6:.4g} M MAdds' if self.unit == 'madds' else f'{cost:.4g} ms'
+
+  def meta(self) -> dict[str, float]:
+    """What the gate checkpoint's meta keeps of it: {'budget_madds' or 'budget_ms': value}."""
+    return {f'budget_{self.unit}': self.value}
+
+
+def make_budget(gate_config, model, image_shape: Sequence[int], workdir: str = ''
+                ) -> Budget | None:
+  """The budget of `gate_config` for `model` (None without one).
+
+  With `budget_unit='ms'` the route costs are the routing-space routes' median ms/image at the
+  largest batch size of `<workdir>/latency.json`.
+  Raises:
+    BudgetError: the budget lies outside what the routing space can spend; with 'ms', no
+      latency table in the workdir, one for other images, or one without a route.
+  """
+  if not gate_config.budget:
+    return None
+  if gate_config.budget_unit != 'ms':
+    return Budget(budget_madds(gate_config, model, image_shape), 'madds',
+                  model.routing_madds(tuple(image_shape)).astype(np.float64))
+  from dsnet_jax import latency as latency_lib  # The table's reader; it imports inference.
+  path = os.path.join(workdir, latency_lib.LATENCY_FILE)
+  table = latency_lib.load(path)
+  names = [r.name for r in model.routes.routing_space]
+  measure = (f'python -m dsnet_jax.latency --config=<this config> --output={path} (random '
+             'weights of this model on this device)')
+  if table is None:
+    raise BudgetError(f"gate.budget_unit='ms' needs a latency table at {path}; measure it "
+                      f'first: {measure}')
+  if tuple(table['image_shape']) != tuple(image_shape):
+    raise BudgetError(f'{path} was measured for images {tuple(table["image_shape"])}, not '
+                      f'{tuple(image_shape)}; measure again: {measure}')
+  batch = str(table['batch_sizes'][-1])
+  missing = [n for n in names if n not in table['routes']]
+  if missing:
+    raise BudgetError(f'{path} has no time for routes {missing} of the routing space {names}; '
+                      f'measure them: {measure}')
+  costs = np.array([table['routes'][n]['ms_per_image'][batch]['median'] for n in names])
+  budget = float(gate_config.budget)
+  if not costs.min() <= budget <= costs.max():
+    raise BudgetError(
+        f'gate.budget={budget} ms per image is outside what the routing space {names} spends '
+        f'on {table["device"]["device_kind"]} at batch {batch} ({path}): '
+        f'{costs.min():.4g}-{costs.max():.4g} ms. Choose a budget in that range.')
+  return Budget(budget, 'ms', costs)
 
 
 def budget_madds(gate_config, model, image_shape: Sequence[int]) -> float:
@@ -70,45 +131,45 @@ def with_offsets(variables: dict[str, Any], offsets: Sequence[float], mesh=None
   return {**variables, ROUTING_COLLECTION: {'offsets': jnp.asarray(offsets)}}
 
 
-def excess(cost: jnp.ndarray, budget: float, route_madds: jnp.ndarray) -> jnp.ndarray:
-  """(cost - budget) in units of the routing space's cost range (max - min route MAdds), so
+def excess(cost: jnp.ndarray, budget: float, route_costs: jnp.ndarray) -> jnp.ndarray:
+  """(cost - budget) in units of the routing space's cost range (max - min route cost), so
   that the dual variable's scale does not depend on how far apart the routes' costs are."""
-  span = jnp.max(route_madds) - jnp.min(route_madds)
+  span = jnp.max(route_costs) - jnp.min(route_costs)
   return (cost - budget) / jnp.where(span > 0, span, 1.0)
 
 
-def routed_cost(routing_logits: np.ndarray, route_madds: np.ndarray,
+def routed_cost(routing_logits: np.ndarray, route_costs: np.ndarray,
                 offsets: np.ndarray | None = None) -> float:
-  """Mean MAdds per image of argmax(routing_logits + offsets) routing."""
+  """Mean cost per image of argmax(routing_logits + offsets) routing."""
   logits = np.asarray(routing_logits, np.float64)
   if offsets is not None:
     logits = logits + offsets
-  return float(np.asarray(route_madds, np.float64)[logits.argmax(-1)].mean())
+  return float(np.asarray(route_costs, np.float64)[logits.argmax(-1)].mean())
 
 
-def calibrate_offsets(routing_logits: np.ndarray, route_madds: np.ndarray, budget: float,
+def calibrate_offsets(routing_logits: np.ndarray, route_costs: np.ndarray, budget: float,
                       iterations: int = 100) -> np.ndarray:
   """Per-route logit offsets (R,) after which argmax routing costs `budget` on average.
 
   Args:
     routing_logits: (N, R) routing logits of held-out examples.
-    route_madds: (R,) MAdds per image of each routing-space route.
-    budget: target mean MAdds per image, within [min, max] of `route_madds`.
+    route_costs: (R,) cost per image of each routing-space route (MAdds or ms).
+    budget: target mean cost per image, within [min, max] of `route_costs`.
   Returns:
-    float32 offsets `-p * (route_madds - min(route_madds)) / budget`, `p` in the middle of the
+    float32 offsets `-p * (route_costs - min(route_costs)) / budget`, `p` in the middle of the
     prices whose routing cost is the closest to `budget` (the cost is a step function of `p`).
   """
   logits = np.asarray(routing_logits, np.float64)
-  madds = np.asarray(route_madds, np.float64)
+  madds = np.asarray(route_costs, np.float64)
   relative = (madds - madds.min()) / budget  # The cheapest route's offset stays 0.
   if logits.ndim != 2 or logits.shape[1] != relative.shape[0] or not len(logits):
     raise ValueError(f'routing logits {logits.shape} do not match {relative.shape[0]} routes')
   if not np.isfinite(logits).all():
     raise FloatingPointError('routing logits to calibrate are not all finite')
   if not madds.min() <= budget <= madds.max():
-    raise BudgetError(f'budget {budget / 1e6:.4g} M MAdds is outside what the routes can '
-                      f'spend: {madds.min() / 1e6:.4g}-{madds.max() / 1e6:.4g} M')
-  cost = lambda price: routed_cost(logits, route_madds, -price * relative)
+    raise BudgetError(f'budget {budget:.6g} is outside what the routes can spend: '
+                      f'{madds.min():.6g}-{madds.max():.6g}')
+  cost = lambda price: routed_cost(logits, route_costs, -price * relative)
   gaps = np.diff(np.unique(relative))
   bound = (float(np.ptp(logits, axis=1).max()) + 1.0) / (gaps.min() if len(gaps) else 1.0)
   # cost(-bound) is the dearest route's, cost(bound) the cheapest's, and it never rises.
@@ -138,15 +199,16 @@ def propose_routing_space(rows: Sequence[dict[str, Any]], budget: float,
 
   Args:
     rows: {'route', 'accuracy', 'madds'} of the routes that may share a routing space
-      (measured on held-out data, e.g. the gate's calibration slice).
-    budget: MAdds per image.
+      (measured on held-out data, e.g. the gate's calibration slice); 'madds' may hold any
+      cost in the budget's unit (e.g. ms).
+    budget: cost per image.
   Raises:
     BudgetError: the budget is below the cheapest route or above the dearest.
   """
   points = sorted(rows, key=lambda r: (r['madds'], -r['accuracy']))
   if not points[0]['madds'] <= budget <= points[-1]['madds']:
-    raise BudgetError(f'budget {budget / 1e6:.4g} M MAdds is outside the measured routes\' '
-                      f'{points[0]["madds"] / 1e6:.4g}-{points[-1]["madds"] / 1e6:.4g} M')
+    raise BudgetError(f'budget {budget:.6g} is outside the measured routes\' costs '
+                      f'{points[0]["madds"]:.6g}-{points[-1]["madds"]:.6g}')
   hull = []
   for point in points:
     while len(hull) >= 2 and _cross(hull[-2], hull[-1], point) >= 0:

@@ -17,7 +17,8 @@ from dsnet_jax.routes import AUTO, RouteTable
 
 STAGES = ('supernet', 'recalibrate', 'gate')
 SGS_TARGETS = ('smallest_wrong', 'widest_helps')
-BUDGET_UNITS = ('largest', 'madds')  # gate.budget as a fraction of 'largest' MAdds, or MAdds.
+# gate.budget as a fraction of 'largest' MAdds, in MAdds, or in ms on this device (latency.json).
+BUDGET_UNITS = ('largest', 'madds', 'ms')
 DATA_KEYS = ('name', 'data_dir', 'debian_dir', 'image_size', 'num_classes', 'augment', 'crop_pct',
              'in_memory', 'num_workers', 'num_threads', 'prefetch', 'channels',
              'synthetic_num_examples', 'randaugment', 'random_erasing', 'views', 'mixup_alpha',

@@ -92,16 +92,21 @@ def best_static_mix_at(rows, madds: float) -> float:
              for m0, a0 in points for m1, a1 in points if m0 <= madds < m1)
 
 
-def compare_with_static(rows, gated: dict[str, Any], budget_madds: float = 0.0
+def compare_with_static(rows, gated: dict[str, Any], budget: dict[str, float] | None = None
                         ) -> dict[str, Any]:
   """`gated` plus 'static_accuracy' (the static curve at the gated model's cost), 'gain' (the
   gated accuracy minus it), 'best_static_mix' and 'gain_over_mix' (the same against the
-  best random mix of two static routes) and, with a budget, 'budget_madds'."""
+  best random mix of two static routes) and the budget ({'budget_madds' or 'budget_ms': value}
+  as the gate checkpoint's meta holds it)."""
   static = static_accuracy_at(rows, gated['madds'])
   mix = best_static_mix_at(rows, gated['madds'])
-  extra = {'budget_madds': budget_madds} if budget_madds else {}
   return {**gated, 'static_accuracy': static, 'gain': gated['accuracy'] - static,
-          'best_static_mix': mix, 'gain_over_mix': gated['accuracy'] - mix, **extra}
+          'best_static_mix': mix, 'gain_over_mix': gated['accuracy'] - mix, **(budget or {})}
+
+
+def budget_of(meta: dict[str, Any]) -> dict[str, float]:
+  """The budget a gate checkpoint's offsets were calibrated for: {} or {'budget_<unit>': v}."""
+  return {k: meta[k] for k in ('budget_madds', 'budget_ms') if meta.get(k)}
 
 
 def add_latency(rows, gated, latency: dict[str, Any]) -> None:
@@ -138,6 +143,13 @@ def format_report(rows, gated, latency: dict[str, Any] | None = None) -> str:
       budget = gated['budget_madds']
       lines.append(f'budget {budget / 1e6:.3f} M MAdds, achieved {gated["madds"] / 1e6:.3f} M '
                    f'({100 * (gated["madds"] / budget - 1):+.2f} %)')
+    if gated.get('budget_ms'):
+      budget, batch = gated['budget_ms'], str(latency['batch_sizes'][-1]) if latency else ''
+      achieved = gated.get('ms_per_image', {}).get(batch)
+      lines.append(f'budget {budget:.4g} ms/img, achieved ' + (
+          f'{achieved:.4g} ms/img at batch {batch} ({100 * (achieved / budget - 1):+.2f} %; '
+          'its route mix x each route\'s time)' if achieved else
+          'unknown (no latency table for these images in the workdir)'))
   if latency:
     device = latency['device']
     routed = latency['routed']['ms_per_image']
@@ -177,16 +189,15 @@ def plot(rows, gated, path: str):
 
 
 def evaluate_and_report(model, variables, pipeline, mesh, workdir: str, gated: bool = True,
-                        budget_madds: float = 0.0, latency: dict[str, Any] | None = None
-                        ) -> dict[str, Any]:
+                        budget: dict[str, float] | None = None,
+                        latency: dict[str, Any] | None = None) -> dict[str, Any]:
   """Prints the route table (and the gated result against the static routes' curve and the
   budget, MAdds per image, when set; ms/image from a latency table when given), writes
   eval.json and eval.png."""
   rows = route_table(model, variables, pipeline, mesh)
   result = None
   if gated:
-    result = compare_with_static(rows, gated_result(model, variables, pipeline, mesh),
-                                 budget_madds)
+    result = compare_with_static(rows, gated_result(model, variables, pipeline, mesh), budget)
   if latency:
     add_latency(rows, result, latency)
   print(format_report(rows, result, latency), flush=True)
@@ -243,11 +254,16 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '',
   """
   restored, pipeline, mesh = restore_workdir(config, workdir, checkpoint, allow_config_changes)
   os.makedirs(workdir, exist_ok=True)
-  table = latency_lib.load(os.path.join(workdir, latency_lib.LATENCY_FILE))
-  if table and tuple(table['image_shape']) != tuple(pipeline.image_shape):
-    print(f'warning: {latency_lib.LATENCY_FILE} in {workdir} was measured for images '
-          f'{tuple(table["image_shape"])}, not {pipeline.image_shape}: not used', flush=True)
-    table = None
   return evaluate_and_report(restored.model, restored.variables, pipeline, mesh, workdir,
-                             gated=restored.gated,
-                             budget_madds=restored.meta.get('budget_madds', 0.0), latency=table)
+                             gated=restored.gated, budget=budget_of(restored.meta),
+                             latency=workdir_latency(workdir, pipeline.image_shape))
+
+
+def workdir_latency(workdir: str, image_shape) -> dict[str, Any] | None:
+  """The workdir's latency table, if there is one for these images."""
+  table = latency_lib.load(os.path.join(workdir, latency_lib.LATENCY_FILE))
+  if table and tuple(table['image_shape']) != tuple(image_shape):
+    print(f'warning: {latency_lib.LATENCY_FILE} in {workdir} was measured for images '
+          f'{tuple(table["image_shape"])}, not {tuple(image_shape)}: not used', flush=True)
+    return None
+  return table

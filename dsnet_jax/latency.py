@@ -2,6 +2,8 @@
 
     python -m dsnet_jax.latency --config=configs/ds_mbnet_fmnist.py \
         --workdir=workdir/ds_mbnet_fmnist             # writes workdir/.../latency.json
+    python -m dsnet_jax.latency --config=configs/ds_mbnet_fmnist.py \
+        --output=workdir/ds_mbnet_fmnist/latency.json   # before training: random weights
     python -m dsnet_jax.latency --model=ds_mbnet --image_size=224 --output=latency.json
 
 MAdds are a proxy; a latency table says what a route costs here. For every route of the table
@@ -205,7 +207,8 @@ def _define_flags():
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'The config --workdir was trained with.')
   flags.DEFINE_string('workdir', '', 'Training workdir: its latest stage is timed and '
-                      'latency.json written there.')
+                      'latency.json written there (without it: random weights of --config\'s '
+                      'model).')
   flags.DEFINE_string('model', '', 'Instead of a workdir: a model name, random weights.')
   flags.DEFINE_integer('image_size', 224, 'With --model: image height and width.')
   flags.DEFINE_integer('num_classes', 1000, 'With --model: classes.')
@@ -223,23 +226,29 @@ def main(argv):
   from absl.flags import FLAGS as flags
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  if bool(flags.workdir) == bool(flags.model) or bool(flags.workdir) != bool(flags.config):
-    raise app.UsageError('give --config and --workdir (a trained model), or --model (random '
-                         'weights)')
+  if bool(flags.config) == bool(flags.model) or (flags.workdir and not flags.config):
+    raise app.UsageError('give --config (with --workdir: its trained model; without: random '
+                         'weights) or --model (random weights)')
   batch = flags.batch or default_throughput_batch()
   sizes = sorted({int(b) for b in flags.batch_sizes} | {1, batch})
   if sizes[0] < 1 or flags.rounds < 1 or flags.singles < 1:
     raise app.UsageError(f'batch sizes, --rounds and --singles must be positive, got {sizes}, '
                          f'{flags.rounds}, {flags.singles}')
   count = max(sizes[-1], flags.singles)
-  from dsnet_jax.models import available_models
+  from dsnet_jax.models import available_models, get_model
   if flags.model and flags.model not in available_models():
     raise app.UsageError(f'unknown model {flags.model!r}; available: '
                          f'{", ".join(available_models())}')
-  if flags.workdir:
-    from dsnet_jax import eval_lib  # orbax and the data pipeline, only for a workdir.
-    restored, pipeline, _ = eval_lib.restore_workdir(flags.config, flags.workdir)
-    model, variables = restored.model, restored.variables
+  if flags.config:
+    from dsnet_jax import config_lib, eval_lib, stand_in  # orbax and the data pipeline.
+    if flags.workdir:
+      restored, pipeline, _ = eval_lib.restore_workdir(flags.config, flags.workdir)
+      model, variables = restored.model, restored.variables
+    else:
+      config_lib.validate(flags.config)
+      pipeline = eval_lib.eval_pipeline(flags.config)
+      model = get_model(flags.config.model_name, **flags.config.model)
+      variables = stand_in.random_variables(model, pipeline.image_shape)
     image_shape = pipeline.image_shape
     images = evaluation_images(pipeline, count)
   else:

@@ -38,7 +38,6 @@ from dsnet_jax import budget as budget_lib
 from dsnet_jax import routes as routes_lib
 from dsnet_jax import rundir as rundir_lib
 from dsnet_jax import sharding
-from dsnet_jax.complexity import route_complexity
 from dsnet_jax.data import input_pipeline
 from dsnet_jax.models import get_model
 from dsnet_jax.models.gated import ROUTING_HEAD
@@ -93,9 +92,8 @@ class Run:
   allow_changes: tuple[str, ...] = ()
   # The training batches of each later stage (config_lib.stage_data).
   stage_data: dict[str, input_pipeline.Pipeline] = dataclasses.field(default_factory=dict)
-  # With a gate budget: its MAdds per image, and the held-out end of the training split that
-  # the routing offsets are calibrated on (eval preprocessing).
-  budget_madds: float = 0.0
+  # With a gate budget, the held-out end of the training split that the routing offsets are
+  # calibrated on (eval preprocessing).
   calibration_data: input_pipeline.Pipeline | None = None
 
   @property
@@ -106,10 +104,23 @@ class Run:
   def abstract_variables(self) -> Variables:
     return rundir_lib.abstract_variables(self.model, self.train_data.image_shape, self.mesh)
 
+  @functools.cached_property
+  def budget(self) -> budget_lib.Budget | None:
+    """The gate's budget with the routing space's route costs (None without one)."""
+    return budget_lib.make_budget(self.config.gate, self.model, self.train_data.image_shape,
+                                  self.rundir.workdir)
+
+  def route_costs(self) -> np.ndarray:
+    """Each routing-space route's cost: in the budget's unit, else MAdds (gate included)."""
+    if self.budget:
+      return self.budget.route_costs
+    return self.model.routing_madds(self.train_data.image_shape)
+
   def use_model(self, model) -> None:
     """From now on, `model` (the same one with the gate stage's chosen routing space)."""
     self.model = model
     self.__dict__.pop('abstract_variables', None)
+    self.__dict__.pop('budget', None)
 
   def batches(self, start_step: int, stage: str = 'supernet'):
     """Global training batches of `stage` from `start_step` on."""
@@ -145,7 +156,8 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
                                examples=examples)
 
   train_data = training('supernet')
-  budget = budget_lib.budget_madds(config.gate, model, train_data.image_shape)
+  run_dir = rundir_lib.RunDir(workdir)
+  budget = budget_lib.make_budget(config.gate, model, train_data.image_shape, run_dir.workdir)
   held_out = config.gate.calibration_examples if budget else 0
   if held_out and train_data.num_examples - held_out < config.batch_size:
     raise config_lib.ConfigError(
@@ -157,8 +169,10 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
       config_lib.stage_data(config, 'gate'), 'train', batch_size=config.eval_batch_size,
       train=False, examples=(-held_out, None)) if held_out else None
   eval_data = eval_lib.eval_pipeline(config)
-  return Run(config, rundir_lib.RunDir(workdir), model, mesh, train_data, eval_data,
-             tuple(allow_config_changes), stage_data, budget, calibration_data)
+  run = Run(config, run_dir, model, mesh, train_data, eval_data, tuple(allow_config_changes),
+            stage_data, calibration_data)
+  run.budget = budget  # Checked above, before any work.
+  return run
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -183,9 +197,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     variables, _ = output()
     gated = 'gate' in config.stages
     # The budget the gate's offsets were calibrated for, as eval.py reads it.
-    budget = run.rundir.status('gate').meta.get('budget_madds', 0.0) if gated else 0.0
-    return eval_lib.evaluate_and_report(run.model, variables, run.eval_data, run.mesh,
-                                        run.rundir.workdir, gated=gated, budget_madds=budget)
+    budget = eval_lib.budget_of(run.rundir.status('gate').meta) if gated else None
+    return eval_lib.evaluate_and_report(
+        run.model, variables, run.eval_data, run.mesh, run.rundir.workdir, gated=gated,
+        budget=budget, latency=eval_lib.workdir_latency(run.rundir.workdir,
+                                                        run.eval_data.image_shape))
 
 
 def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
@@ -483,19 +499,20 @@ def gate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
   fresh = functools.partial(GateState.create, tx=tx, with_ema=True)
   state, start, source = _stage_start(run, 'gate', cfg.steps, _abstract_state(run, fresh),
                                       fresh, upstream)
-  route_madds = run.model.routing_madds(run.train_data.image_shape)
+  route_costs = run.route_costs()
   calibration = {}
-  compiled = jax.jit(functools.partial(gate_train_step, run.model, tx, cfg, run.budget_madds),
+  budget = run.budget.value if run.budget else 0.0
+  compiled = jax.jit(functools.partial(gate_train_step, run.model, tx, cfg, budget),
                      donate_argnums=(0,), out_shardings=sharding.replicated(run.mesh))
-  madds = jnp.asarray(route_madds, jnp.float32)
+  costs = jnp.asarray(route_costs, jnp.float32)
 
   def after_step(done, state, logger):
-    if done == cfg.steps and run.budget_madds:
-      calibration.update(calibrate_routing(run, state.ema, route_madds, logger, done))
+    if done == cfg.steps and run.budget:
+      calibration.update(calibrate_routing(run, state.ema, logger, done))
 
   state, _ = _train_steps(
       run, 'gate', state, start, cfg.steps,
-      lambda state, batch, step: compiled(state, madds, batch, run.step_key(step, 1)),
+      lambda state, batch, step: compiled(state, costs, batch, run.step_key(step, 1)),
       lambda done: run.meta('gate', done, cfg.steps, source, variables_key='ema', gated=True,
                             routing_space=[r.name for r in run.table.routing_space],
                             **(calibration if done == cfg.steps else {})),
@@ -518,47 +535,47 @@ def _choose_routing_space(run: Run, upstream: Callable[[], StageOutput]
     return upstream
   variables, source = upstream()
   shape = run.train_data.image_shape
-  rows = [{'route': r.name, 'madds': route_complexity(run.model, r, shape, with_gate=True).madds,
+  rows = [{'route': r.name, 'madds': cost,
            'accuracy': eval_lib.route_accuracy(run.model, variables, run.calibration_data, r,
                                                run.mesh)}
-          for r in run.table.routing_space]
-  space = budget_lib.propose_routing_space(rows, run.budget_madds)
-  chosen = run.model.clone(routing_space=space)
-  # The routing head's cost depends on the number of routes: check the budget again.
-  budget_lib.budget_madds(run.config.gate, chosen, shape)
+          for r, cost in zip(run.table.routing_space, run.route_costs())]
+  space = budget_lib.propose_routing_space(rows, run.budget.value)
   print('[gate] routes on the held-out training images: ' + '  '.join(
-      f'{r["route"]} {r["accuracy"]:.4f} @ {r["madds"] / 1e6:.4g} M' for r in rows) +
+      f'{r["route"]} {r["accuracy"]:.4f} @ {run.budget.format(r["madds"])}' for r in rows) +
         f'\n[gate] routing space for the budget: {list(space)}', flush=True)
-  run.use_model(chosen)
+  run.use_model(run.model.clone(routing_space=space))
+  run.budget  # The routing head's cost depends on the number of routes: check it again.
   variables = rundir_lib.replace_routing_head(variables, run.model, shape, run.mesh,
                                               run.config.seed)
   return lambda: (variables, source)
 
 
-def calibrate_routing(run: Run, variables: Variables, route_madds: np.ndarray,
-                      logger: ProgressLogger, step: int) -> dict[str, Any]:
-  """{'budget_madds', 'routing_offsets'}: offsets after which argmax routing of `variables`
-  spends `run.budget_madds` on average over `run.calibration_data` (budget.calibrate_offsets).
-  """
+def calibrate_routing(run: Run, variables: Variables, logger: ProgressLogger, step: int
+                      ) -> dict[str, Any]:
+  """{'budget_madds' or 'budget_ms', 'routing_offsets'}: offsets after which argmax routing of
+  `variables` spends `run.budget` on average over `run.calibration_data`
+  (budget.calibrate_offsets)."""
   routing_logits = jax.jit(lambda v, batch: (run.model.apply_prefix(v, batch['image'])[1],
                                              batch['mask']),
                            out_shardings=sharding.replicated(run.mesh))
   outputs = jax.device_get([routing_logits(variables, sharding.global_batch(batch, run.mesh))
                             for batch in run.calibration_data.batches()])
   logits = np.concatenate([l for l, _ in outputs])[np.concatenate([m for _, m in outputs])]
-  offsets = budget_lib.calibrate_offsets(logits, route_madds, run.budget_madds)
-  before, after = (budget_lib.routed_cost(logits, route_madds, o) for o in (None, offsets))
+  budget = run.budget
+  offsets = budget_lib.calibrate_offsets(logits, budget.route_costs, budget.value)
+  before, after = (budget_lib.routed_cost(logits, budget.route_costs, o) for o in (None, offsets))
   print(f'[gate] routing offsets {[round(float(o), 4) + 0.0 for o in offsets]} calibrated on '
-        f'{len(logits)} held-out training images: argmax cost {before / 1e6:.4g} -> '
-        f'{after / 1e6:.4g} M MAdds (budget {run.budget_madds / 1e6:.4g} M)', flush=True)
-  logger.write(step, {'calibration_madds_before': before, 'calibration_madds_after': after})
-  return {'budget_madds': run.budget_madds, 'routing_offsets': offsets.tolist()}
+        f'{len(logits)} held-out training images: argmax cost {budget.format(before)} -> '
+        f'{budget.format(after)} (budget {budget.format(budget.value)})', flush=True)
+  logger.write(step, {'calibration_cost_before': before, 'calibration_cost_after': after})
+  return {**budget.meta(), 'routing_offsets': offsets.tolist()}
 
 
-def gate_train_step(model, tx, cfg, budget: float, state: GateState, route_madds, batch, key):
+def gate_train_step(model, tx, cfg, budget: float, state: GateState, route_costs, batch, key):
   """One SGS step: targets from the smallest route, Gumbel straight-through routing, the EMA
-  of the variables updated; with a budget (MAdds per image, else 0) the cost term is the dual
-  variable times the excess cost, and the dual variable takes its ascent step."""
+  of the variables updated; with a budget (cost per image in its unit, else 0; `route_costs`
+  (R,) in that unit, MAdds without a budget) the cost term is the dual variable times the
+  excess cost, and the dual variable takes its ascent step."""
   images, labels = batch['image'], batch['label']
   space = model.routes.routing_space
   def correct(route):
@@ -572,20 +589,20 @@ def gate_train_step(model, tx, cfg, budget: float, state: GateState, route_madds
     logits, routing_logits, weights = model.apply_gated(
         {'params': params, 'batch_stats': state.batch_stats}, images,
         lambda routing_logits: losses.straight_through(routing_logits + gumbel, cfg.gumbel_tau))
-    mean_madds = (weights @ route_madds).mean()
+    mean_cost = (weights @ route_costs).mean()
     gate_input = routing_logits + gumbel if cfg.gumbel_gate_loss else routing_logits
     gate_ce = losses.gate_cross_entropy(gate_input, targets, cfg.double_softmax,
                                         cfg.label_smoothing)
     ce = losses.cross_entropy(logits, labels, cfg.label_smoothing)
     if budget:
-      cost = {'budget_loss': state.dual * budget_lib.excess(mean_madds, budget, route_madds)}
+      cost = {'budget_loss': state.dual * budget_lib.excess(mean_cost, budget, route_costs)}
     else:
-      cost = {'madds_penalty': losses.madds_penalty(mean_madds, cfg.madds_weight,
+      cost = {'madds_penalty': losses.madds_penalty(mean_cost, cfg.madds_weight,
                                                     cfg.madds_scale, cfg.madds_target or None)}
     loss = cfg.gate_ce_weight * gate_ce + cfg.ce_weight * ce + sum(cost.values())
     histogram = jax.lax.stop_gradient(weights).sum(0)
-    return loss, dict(gate_ce=gate_ce, ce=ce, **cost, mean_madds=mean_madds,
-                      argmax_madds=route_madds[jnp.argmax(routing_logits, -1)].mean(),
+    return loss, dict(gate_ce=gate_ce, ce=ce, **cost, mean_cost=mean_cost,
+                      argmax_cost=route_costs[jnp.argmax(routing_logits, -1)].mean(),
                       route_histogram={r.name: histogram[i] for i, r in enumerate(space)},
                       gate_accuracy=(jnp.argmax(routing_logits, -1) == targets).mean(),
                       accuracy=(jnp.argmax(logits, -1) == labels).mean())
@@ -597,7 +614,7 @@ def gate_train_step(model, tx, cfg, budget: float, state: GateState, route_madds
                          cfg.ema_decay)
   dual = state.dual
   if budget:
-    dual = dual + cfg.dual_lr * budget_lib.excess(metrics['argmax_madds'], budget, route_madds)
+    dual = dual + cfg.dual_lr * budget_lib.excess(metrics['argmax_cost'], budget, route_costs)
     metrics['dual'] = dual
   return (state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                         dual=dual), {'loss': loss, **metrics})

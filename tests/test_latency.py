@@ -81,7 +81,8 @@ def test_eval_prints_ms_per_image_beside_madds(measured, capsys):
 @pytest.mark.parametrize('args, message', [
     (['--model=ds_mbnet', '--batch_sizes=0'], 'must be positive'),
     (['--model=ds_mbnt'], "unknown model 'ds_mbnt'; available: ds_mbnet"),
-    ([], 'give --config and --workdir'),
+    ([], 'give --config (with --workdir'),
+    (['--workdir=w'], 'give --config (with --workdir'),
 ])
 def test_cli_refuses_bad_flags_before_any_work(args, message):
   result = subprocess.run([sys.executable, '-m', 'dsnet_jax.latency', *args], cwd=ROOT,
@@ -106,3 +107,41 @@ def test_speed_benchmark_runs_on_a_tiny_model(capsys):
                        'routed', 'masked'}
   assert rows['route largest'].split('|')[3].strip() == '1.00x'  # saving vs itself
   assert 'routing overhead' in printed and '| route/13 |' in printed and '| prefix |' in printed
+
+
+def test_a_gate_budget_in_milliseconds_on_this_device(trained, tmp_path, capsys):
+  """gate.budget_unit='ms': route costs from the workdir's latency table (here a hand-written
+  one: 1, 2, 4 ms/image for routes 0, 1, 2 at batch 4); calibrated onto the budget, saved as
+  budget_ms, and eval compares it with the gated model's own mix of those times."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained.workdir, workdir)
+  shutil.rmtree(workdir / 'checkpoints' / 'gate')
+  config = tiny_config(num_devices=1, stages=('gate',), **{
+      'gate.budget': 2.5, 'gate.budget_unit': 'ms', 'gate.calibration_examples': 24})
+  from dsnet_jax import budget as budget_lib, train_lib
+  with pytest.raises(budget_lib.BudgetError, match='needs a latency table at .*latency.json'):
+    train_lib.train_and_evaluate(config, str(workdir))
+  assert not (workdir / 'checkpoints' / 'gate').exists()
+  ms = {'0': 1.0, '1': 2.0, '2': 4.0, '3': 6.0, 'largest': 9.0}
+  table = {'image_shape': [16, 16, 1], 'batch_sizes': [1, 4], 'date': 'today',
+           'device': latency.device_description(),
+           'routes': {n: {'madds': 1.0, 'ms_per_image': {'1': {'median': 2 * t, 'p90': 2 * t},
+                                                         '4': {'median': t, 'p90': t}}}
+                      for n, t in ms.items()},
+           'routed': {'madds': 1.0, 'ms_per_image': {b: {'median': 1.0, 'p90': 1.0}
+                                                     for b in '14'}}}
+  latency.save(table, str(workdir / latency.LATENCY_FILE))
+  with pytest.raises(budget_lib.BudgetError, match=r'outside what the routing space .* 1-4 ms'):
+    train_lib.train_and_evaluate(tiny_config(num_devices=1, stages=('gate',), **{
+        'gate.budget': 5.0, 'gate.budget_unit': 'ms'}), str(workdir))
+  capsys.readouterr()
+  report = train_lib.train_and_evaluate(config, str(workdir))
+  out = capsys.readouterr().out
+  after = float(out.split('argmax cost ')[1].split(' -> ')[1].split(' ms')[0])
+  assert abs(after - 2.5) <= 3 / 24  # One held-out image's move between routes, at most.
+  gated = report['gated']
+  assert gated['budget_ms'] == 2.5
+  total = sum(gated['route_histogram'].values())
+  achieved = sum(c / total * ms[r] for r, c in gated['route_histogram'].items())
+  assert gated['ms_per_image']['4'] == pytest.approx(achieved)
+  assert f'budget 2.5 ms/img, achieved {achieved:.4g} ms/img at batch 4' in out
