@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from dsnet_jax import bn_calibration, checkpointing, config_lib, eval_lib, losses, optim
 from dsnet_jax import budget as budget_lib
@@ -362,8 +363,7 @@ def supernet_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput
   cfg = run.config.supernet
   if (finished := _finished_output(run, 'supernet')) is not None:
     return finished
-  tx = optim.make_optimizer(cfg.optimizer, cfg.steps, run.abstract_variables['params'],
-                            frozen=ROUTING_HEAD)
+  tx = supernet_optimizer(run)
   fresh = functools.partial(TrainState.create, tx=tx, with_ema=True)
   state, start, source = _stage_start(run, 'supernet', cfg.steps, _abstract_state(run, fresh),
                                       fresh, upstream)
@@ -384,6 +384,14 @@ def supernet_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput
         after_step)
     _log_eval(run, logger, cfg.steps, state.ema, evaluated)
   return state.ema, {'stage': 'supernet', 'step': max(start, cfg.steps)}
+
+
+def supernet_optimizer(run: Run) -> optax.GradientTransformation:
+  """Stage I's optimizer: `supernet.optimizer` over `supernet.steps`, the routing head frozen
+  (it gets no gradient in Stage I, but weight decay would still move it)."""
+  cfg = run.config.supernet
+  return optim.make_optimizer(cfg.optimizer, cfg.steps, run.abstract_variables['params'],
+                              frozen=ROUTING_HEAD)
 
 
 class SupernetFunctions:
