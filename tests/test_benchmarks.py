@@ -1,0 +1,42 @@
+"""The benchmark scripts run on the tiny config (so they cannot rot unnoticed)."""
+import importlib.util
+import sys
+
+from checks import ROOT
+
+
+def load_benchmark(name: str):
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # Its dataclasses look their module up.
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_train_step_benchmark_on_the_tiny_config(capsys):
+  train_step = load_benchmark('train_step')
+  result = train_step.main(['--config=configs/tiny.py', '--num_devices=1', '--rounds=2',
+                            '--draws=1'])
+  printed = capsys.readouterr().out
+
+  # The tiny config's sandwich: largest, 2 random routes, smallest; + teacher, zeros, update.
+  (routes,) = result['draws'].values()
+  assert len(routes) == 4 and routes[0].name == 'largest' and routes[-1].name == '0'
+  assert result['num_parts'] == len(routes) + 3
+  assert set(result['part_times']) == {
+      'teacher (largest)', 'zeros', 'route_grad #0 (largest)', 'route_grad #1 (random)',
+      'route_grad #2 (random)', 'route_grad #3 (smallest)', 'update'}
+  assert 6 <= result['programs_per_step'] <= result['num_parts']  # A route may come twice.
+  assert result['first_step_lowerings'] >= result['programs_per_step']
+  assert result['timed_lowerings'] == 0  # Warm: nothing compiles while timing.
+  for times in (result['step_times'], result['part_sums'], result['plain_times'],
+                *result['part_times'].values()):
+    assert len(times) == 2 and all(t > 0 for t in times)
+  # A sandwich is the teacher's forward + 3x the forward of each route (largest among them).
+  assert result['step_flops'] > result['plain_flops'] > 0
+  assert result['mfu_peak'] is None  # CPU without --peak_tflops.
+
+  assert '| what | calls | median ms | p90 ms | img/s | GFLOP | TFLOP/s | MFU |' in printed
+  assert '| sandwich step | 1 |' in printed and '| sum of parts | 7 |' in printed
+  assert '| jax |' in printed and '| backend | cpu' in printed
+  assert 'overhead (sandwich step - sum of parts' in printed
