@@ -1,4 +1,9 @@
-"""Squeeze-and-excitation and the double-headed gate built on it."""
+"""Squeeze-and-excitation and the double-headed gate built on it.
+
+In a model with a low-precision compute dtype these run in float32: the pooled vector is
+float32 (`global_avg_pool`), so the SE's two small linears and the routing head are too, and
+only the attention head's output is cast to the feature map's dtype before it rescales it.
+"""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -9,8 +14,10 @@ from dsnet_jax.layers.linear import Dense, conv_kernel_init
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-  """Mean over the spatial axes of NHWC (counted as C*H*W MAdds in complexity.py)."""
-  return x.mean(axis=(1, 2))
+  """Mean over the spatial axes of NHWC, in at least float32 whatever x's dtype (summed in
+  float32 and not rounded back: the vector feeds the SE, the gate and the classifier). Counted
+  as C*H*W MAdds in complexity.py."""
+  return x.mean(axis=(1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32))
 
 
 class SqueezeExcite(nn.Module):
@@ -54,5 +61,9 @@ class DoubleHeadedGate(nn.Module):
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     z = self.se.squeeze(x)
-    logits = self.routing_head(z).astype(jnp.float32)
-    return self.se.excite(x, z), logits
+    return self.se.excite(x, z), self.route(z)
+
+  def route(self, z: jax.Array) -> jax.Array:
+    """Routing logits (batch, R) of the reduced vector, computed in float32 (argmax, Gumbel
+    noise and calibrated offsets act on them)."""
+    return self.routing_head(z.astype(jnp.float32))

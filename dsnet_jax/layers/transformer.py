@@ -88,8 +88,10 @@ class MultiHeadAttention(nn.Module):
     q = split(self.query(x, inner)) * (self.head_dim ** -0.5)
     k = split(self.key(x, inner))
     v = split(self.value(x, inner))
-    scores = jnp.einsum('bqhc,bkhc->bhqk', q, k)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    # Scores straight from the float32 accumulator (not rounded to a low-precision compute
+    # dtype first), softmax in float32; the probabilities then in v's dtype.
+    scores = jnp.einsum('bqhc,bkhc->bhqk', q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     o = jnp.einsum('bhqk,bkhc->bqhc', probs, v).reshape(x.shape[:-1] + (inner,))
     if isinstance(heads, MaskedWidth):
       o = head_channels(heads, self.head_dim).apply(o)
@@ -143,7 +145,9 @@ class TokenGate(nn.Module):
   z = relu(W_red(LN(cls[:width]))) is shared by both heads. The attention head rescales every
   channel of every token, SE-style: tokens * sigmoid(W_exp(z)) over the full width (the later
   groups may read any prefix of the stream). The routing head is a bias-free linear z -> R
-  logits. W_red is sliced on its input; W_exp and the routing head are never sliced.
+  logits. W_red is sliced on its input; W_exp and the routing head are never sliced. The
+  gate runs in float32 on the class token whatever the tokens' dtype; only the attention head's
+  output is cast to it.
   """
   features: int
   reduced: int
@@ -157,7 +161,6 @@ class TokenGate(nn.Module):
                               kernel_init=conv_kernel_init(self.num_routes))
 
   def __call__(self, tokens: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
-    z = nn.relu(self.reduce(self.norm(tokens[:, 0, :width])))
+    z = nn.relu(self.reduce(self.norm(tokens[:, 0, :width].astype(jnp.float32))))
     attention = nn.sigmoid(self.expand(z)).astype(tokens.dtype)
-    logits = self.routing_head(z).astype(jnp.float32)
-    return tokens * attention[:, None, :], logits
+    return tokens * attention[:, None, :], self.routing_head(z)

@@ -107,7 +107,7 @@ class DSMBNet(GatedSupernet):
   routing_space: tuple[int | str, ...] | str = (0, 1, 2, 3)
   se_ratio: float = 0.25
   dropout_rate: float = 0.2
-  dtype: Any = None
+  dtype: Any = None  # Compute dtype (None: the images'); see models/gated.py.
 
   @property
   def routes(self) -> routes_lib.RouteTable:
@@ -134,7 +134,8 @@ class DSMBNet(GatedSupernet):
       groups.append(blocks)
     self.groups = groups
     self.dropout = nn.Dropout(self.dropout_rate)
-    self.classifier = Dense(max(self.group_widths[-1]), self.num_classes, dtype=self.dtype)
+    # float32, on the float32 pooled vector: logits are never rounded to the compute dtype.
+    self.classifier = Dense(max(self.group_widths[-1]), self.num_classes, dtype=jnp.float32)
 
   def prefix(self, images, train: bool = False, route=None):
     """Stem up to the gate (inclusive), at `route`'s widths (default: the routing space's).
@@ -179,7 +180,7 @@ class DSMBNet(GatedSupernet):
           in_width = width
     x = global_avg_pool(x)
     x = self.dropout(x, deterministic=not drop)
-    return self.classifier(x).astype(jnp.float32)
+    return self.classifier(x)
 
 
 Model = DSMBNet

@@ -154,7 +154,7 @@ class Bottleneck(nn.Module):
       return x, None
     if self.gate_attention:
       return self.gate(x)
-    return x, self.gate.routing_head(self.gate.se.squeeze(x)).astype(jnp.float32)
+    return x, self.gate.route(self.gate.se.squeeze(x))
 
   def back(self, x, inner: Width, width: Width, train: bool):
     y = nn.relu(self.bn1(self.conv1(x, channels(inner)), train, _masked(inner)))
@@ -197,7 +197,7 @@ class DSResNet(GatedSupernet):
   routing_space: tuple[int | str, ...] | str = (0, 1, 2, 3)
   se_ratio: float = 0.25
   gate_attention: bool = True
-  dtype: Any = None
+  dtype: Any = None  # Compute dtype (None: the images'); see models/gated.py.
 
   @property
   def routes(self) -> routes_lib.RouteTable:
@@ -229,7 +229,8 @@ class DSResNet(GatedSupernet):
         in_features = features
       groups.append(blocks)
     self.groups = groups
-    self.classifier = Dense(in_features, self.num_classes, dtype=self.dtype)
+    # float32, on the float32 pooled vector: logits are never rounded to the compute dtype.
+    self.classifier = Dense(in_features, self.num_classes, dtype=jnp.float32)
 
   def prefix(self, images, train: bool = False, route=None):
     """Stem and the groups before the gate, then the gate, at `route`'s widths (default: the
@@ -273,7 +274,7 @@ class DSResNet(GatedSupernet):
           x = block.back(x, inner, width, train)  # Its front (the gate) ran in `prefix`.
         else:
           x = block(x, inner, width, train)
-    return self.classifier(global_avg_pool(x)).astype(jnp.float32)
+    return self.classifier(global_avg_pool(x))
 
 
 Model = DSResNet

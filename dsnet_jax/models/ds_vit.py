@@ -184,7 +184,7 @@ class DSViT(GatedSupernet):
   gate_reduction: float = 0.25
   drop_path_rate: float = 0.1  # Largest route only.
   dropout_rate: float = 0.0    # Largest route only.
-  dtype: Any = None
+  dtype: Any = None  # Compute dtype (None: the images'); see models/gated.py.
 
   @property
   def size(self) -> ViTSize:
@@ -223,8 +223,9 @@ class DSViT(GatedSupernet):
     self.gate = TokenGate(size.width, max(1, round(self.gate_reduction * size.width)),
                           len(self.routes.routing_space))
     self.norm = LayerNorm(size.width)
+    # The final LN and the head run in float32: logits are never rounded to the compute dtype.
     self.head = Dense(size.width, self.num_classes, kernel_init=trunc_normal_init,
-                      dtype=self.dtype)
+                      dtype=jnp.float32)
 
   def prefix(self, images, train: bool = False, route=None):
     """Tokens through group 0 and the gate, at `route`'s group-0 widths (default: the routing
@@ -274,8 +275,8 @@ class DSViT(GatedSupernet):
       for block in self._group_blocks(k + 1):
         x = block(x, block_widths, deterministic)
     masked = final if isinstance(final, MaskedWidth) else None
-    cls = self.norm(x[:, 0, :channels(final)], masked)
-    return self.head(cls).astype(jnp.float32)
+    cls = self.norm(x[:, 0, :channels(final)].astype(jnp.float32), masked)
+    return self.head(cls)
 
 
 Model = DSViT
