@@ -16,7 +16,7 @@ def get_config(arg=None):
       group_widths=((24, 32), (32, 48), (48, 64),
                     tuple(range(32, 129, 16)), tuple(range(64, 257, 32))),
       group_depths=(1, 1, 1, 2, 1), group_strides=(1, 1, 2, 1, 2), routing_space=(0, 2, 4, 6),
-      dropout_rate=0.1)
+      dropout_rate=0.1, dtype='float32')
   config.data.num_threads = 2
   config.supernet.steps = 1000
   return config

@@ -11,7 +11,9 @@ from dsnet_jax import config_lib
 def get_config(arg=None):
   config = config_lib.defaults()
   config.model_name = 'ds_mbnet'
-  config.model = dict(num_classes=1000, routing_space=(0, 1, 2, 3), dropout_rate=0.2)
+  # dtype: the compute dtype; 'bfloat16' on accelerators (parameters stay float32).
+  config.model = dict(num_classes=1000, routing_space=(0, 1, 2, 3), dropout_rate=0.2,
+                      dtype='float32')
   config.data = dict(name='imagenet2012', image_size=224, num_classes=1000, augment='rrc_flip',
                      randaugment='rand-m9-mstd0.5', random_erasing=0.2, num_threads=16,
                      prefetch=4)

@@ -10,7 +10,8 @@ from dsnet_jax import config_lib
 def get_config(arg=None):
   config = config_lib.defaults()
   config.model_name = 'ds_resnet'
-  config.model = dict(num_classes=1000, routing_space=(0, 1, 2, 3))
+  # dtype: the compute dtype; 'bfloat16' on accelerators (parameters stay float32).
+  config.model = dict(num_classes=1000, routing_space=(0, 1, 2, 3), dtype='float32')
   config.data = dict(name='imagenet2012', image_size=224, num_classes=1000, augment='rrc_flip',
                      num_threads=32, prefetch=4)
   config.batch_size = 1024

@@ -17,7 +17,9 @@ from dsnet_jax import config_lib
 def get_config(arg=None):
   config = config_lib.defaults()
   config.model_name = 'ds_vit'
-  config.model = dict(variant='S/16', image_size=224, num_classes=1000, drop_path_rate=0.1)
+  # dtype: the compute dtype; 'bfloat16' on accelerators (parameters stay float32).
+  config.model = dict(variant='S/16', image_size=224, num_classes=1000, drop_path_rate=0.1,
+                      dtype='float32')
   config.data = dict(name='imagenet2012', image_size=224, num_classes=1000, augment='rrc_flip',
                      views=2, mixup_alpha=0.8, cutmix_alpha=1.0, randaugment='rand-m9-n2',
                      random_erasing=0.25, num_threads=32, prefetch=4)

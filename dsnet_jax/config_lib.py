@@ -56,7 +56,10 @@ def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model_name = 'ds_mbnet'
-  c.model = ml_collections.ConfigDict()  # Keyword arguments of models.<model_name>.Model.
+  # Keyword arguments of models.<model_name>.Model, and `dtype`: the compute dtype, by name,
+  # 'float32' (when unset) or 'bfloat16'. Parameters, optimizer state, BatchNorm statistics,
+  # the EMA, logits, losses and the gate's routing stay float32 either way.
+  c.model = ml_collections.ConfigDict()
   c.data = ml_collections.ConfigDict(dict(name='fashion_mnist'))
   c.batch_size = 128
   c.eval_batch_size = 256
@@ -186,6 +189,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if key not in fields:
       raise ConfigError(f'unknown config key model.{key} for {config.model_name}; valid: '
                         f'{", ".join(sorted(fields))}')
+  dtype = config.model.get('dtype')
+  if dtype is not None and dtype not in models.COMPUTE_DTYPES:
+    raise ConfigError(f'config key model.dtype={dtype!r}: use one of '
+                      f'{", ".join(map(repr, models.COMPUTE_DTYPES))} (by name; float16 is not '
+                      'offered: training has no loss scaling)')
   try:
     models.get_model(config.model_name, **config.model).routes  # Builds the route table.
   except (KeyError, ValueError) as e:

@@ -50,6 +50,13 @@ ROUTING_SPACE_KEYS = ('model.routing_space',)
 # The config keys that define the evaluated model and its evaluation data.
 MODEL_KEYS = ('model_name', 'model.', 'data.name', 'data.image_size', 'data.num_classes',
               'data.channels', 'data.crop_pct')
+# The compute dtype: the variables are float32 whichever it is, so a checkpoint restores (for
+# eval, export, a later stage, init_checkpoint) under another one. Resuming a stage still
+# compares it: it changes the numbers the run computes.
+COMPUTE_KEYS = ('model.dtype',)
+# What an unset key means, so that a checkpoint written before a config set it compares equal
+# to a config that sets that value.
+UNSET_MEANS = {('model', 'dtype'): 'float32'}
 
 
 class ConfigMismatchError(ValueError):
@@ -122,7 +129,7 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
     FileNotFoundError: no checkpoint in `directory`.
     checkpointing.CheckpointMismatchError: the stored arrays differ from the model's.
     ConfigMismatchError: `config` differs from the saved one in MODEL_KEYS (except
-      `allow_changes`, and the routing space of an ungated checkpoint).
+      `allow_changes`, the compute dtype, and the routing space of an ungated checkpoint).
   """
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
@@ -133,7 +140,7 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
     gated = is_gated(meta)
     if config is not None and 'config' in meta:
       check_config(meta, config, MODEL_KEYS, allow_changes, f'checkpoint {directory}',
-                   ignore=() if gated else ROUTING_SPACE_KEYS)
+                   ignore=(*COMPUTE_KEYS, *(() if gated else ROUTING_SPACE_KEYS)))
     saved_space = _saved_routing_space(meta, model)
     if gated and 'routing_space' in meta:
       saved_space = tuple(str(r) for r in meta['routing_space'])
@@ -214,11 +221,15 @@ def config_differences(saved: dict[str, Any], current, keys: Sequence[str] | Non
   keys and prefixes (e.g. 'gate.').
   """
   try:
-    old = config_lib.flat_items(json.loads(saved) if isinstance(saved, str) else saved)
+    saved = json.loads(saved if isinstance(saved, str) else json.dumps(saved))
   except json.JSONDecodeError as e:
     raise ConfigMismatchError(f'the saved config is not JSON ({e}); cannot compare') from None
-  current = json.loads(current.to_json()) if hasattr(current, 'to_json') else current
-  new = config_lib.flat_items(current)
+  current = json.loads(current.to_json() if hasattr(current, 'to_json') else json.dumps(current))
+  for tree in (saved, current):
+    for (section, key), value in UNSET_MEANS.items():
+      if isinstance(tree.get(section), dict):
+        tree[section].setdefault(key, value)
+  old, new = config_lib.flat_items(saved), config_lib.flat_items(current)
 
   def matches(key, patterns):
     return any(key == p or (p.endswith('.') and key.startswith(p)) for p in patterns)

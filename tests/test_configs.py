@@ -1,11 +1,12 @@
 """Every shipped config validates; ImageNet configs stop at once when the data is missing."""
 import importlib.util
+import json
 import pathlib
 import time
 
 import pytest
 
-from dsnet_jax import config_lib, train_lib
+from dsnet_jax import config_lib, rundir, train_lib
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
 
@@ -32,3 +33,15 @@ def test_imagenet_missing_fails_at_once_with_instructions(name, tmp_path):
   assert 'tfds build' in str(error.value) or 'prepare' in str(error.value).lower()
   assert time.perf_counter() - start < 10
   assert not (tmp_path / 'work').exists()
+
+
+def test_an_unset_compute_dtype_compares_as_float32():
+  """Checkpoints written before the configs set model.dtype resume under one that sets
+  'float32'; 'bfloat16' is a difference."""
+  config = load(pathlib.Path(__file__).parents[1] / 'configs/tiny.py')
+  saved = config.to_dict()
+  del saved['model']['dtype']
+  assert rundir.config_differences(json.dumps(saved), config) == []
+  config.model.dtype = 'bfloat16'
+  assert rundir.config_differences(json.dumps(saved), config) == [
+      "model.dtype: 'float32' -> 'bfloat16'"]

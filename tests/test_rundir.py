@@ -6,6 +6,7 @@ import pathlib
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -50,7 +51,8 @@ def test_eval_with_another_architecture_is_refused(trained, tmp_path):
 
 @pytest.mark.parametrize('key, value', [('supernet.steps', 8), ('seed', 1), ('batch_size', 16),
                                         ('gate.madds_scale', 1e6),
-                                        ('model.routing_space', (1, 2))])
+                                        ('model.routing_space', (1, 2)),
+                                        ('model.dtype', 'bfloat16')])
 def test_a_finished_workdir_refuses_a_changed_config(trained, tmp_path, key, value):
   workdir = copy_of(trained, tmp_path)
   with pytest.raises(rundir.ConfigMismatchError, match=f'{key}: '):
@@ -90,6 +92,16 @@ def test_what_a_checkpoint_holds_comes_from_its_meta_not_its_folder(trained, tmp
   report = eval_lib.evaluate_workdir(one_device(), str(tmp_path / 'eval_gate'),
                                      checkpoint=str(tmp_path / 'run1_gate'))
   assert report['gated'] == trained.report['gated']
+
+
+def test_a_checkpoint_restores_under_another_compute_dtype(trained):
+  """The variables are float32 whatever the compute dtype, so eval/export/a later stage may
+  use another one (resuming a stage may not: the parametrized test above)."""
+  gate = trained.workdir / 'checkpoints' / 'gate'
+  restored = restore(gate, one_device(**{'model.dtype': 'bfloat16'}))
+  assert restored.model.dtype == jnp.bfloat16
+  for a, b in zip(jax.tree.leaves(restore(gate).variables), jax.tree.leaves(restored.variables)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_each_stage_changes_only_what_it_trains(trained):

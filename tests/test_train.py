@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from checks import tiny_config
-from dsnet_jax import bn_calibration, config_lib, eval_lib, losses, optim, sharding, train_lib
+from dsnet_jax import (bn_calibration, config_lib, eval_lib, losses, optim, sharding,
+                       stand_in, train_lib)
 
 
 def leaves_equal(a, b):
@@ -157,12 +158,38 @@ def test_gate_stage_trains_only_the_routing_head(tmp_path):
   assert leaves_equal(trained['batch_stats'], variables['batch_stats'])
 
 
+def test_a_bfloat16_step_keeps_float32_state_and_a_finite_loss(tmp_path):
+  """model.dtype='bfloat16': a Stage I step of the largest route (train-mode BN, dropout, label
+  CE; one compile, the sandwich's other routes run the same code) computes in bfloat16 with a
+  finite loss, and what the step keeps (parameters, their gradients, BN statistics, optimizer
+  state, EMA) stays float32."""
+  config = tiny_config(num_devices=1, **{'model.dtype': 'bfloat16'})
+  run = train_lib.make_run(config, str(tmp_path))
+  assert run.model.dtype == jnp.bfloat16
+  variables = stand_in.random_variables(run.model, run.train_data.image_shape)
+  tx = optim.make_optimizer(config.supernet.optimizer, 2, variables['params'])
+  fns = train_lib.SupernetFunctions(run.model, tx, config.supernet, run.mesh)
+  state = train_lib.TrainState.create(variables, tx, with_ema=True)
+  grads, batch_stats, loss = fns.route_grad(
+      state.params, state.batch_stats, next(run.batches(0)), None, run.step_key(0, 0),
+      fns.zeros(state.params), route=run.table.largest)
+  state = fns.update(state, grads, batch_stats)
+  print(f'bfloat16 loss of the largest route: {float(loss):.4f}')
+  assert np.isfinite(loss) and loss > 0
+  floats = {x.dtype for x in jax.tree.leaves((state, grads))
+            if jnp.issubdtype(x.dtype, jnp.floating)}
+  assert floats == {jnp.dtype(jnp.float32)}
+  assert not leaves_equal(state.params, variables['params'])
+  assert not leaves_equal(state.batch_stats, variables['batch_stats'])
+
+
 @pytest.mark.parametrize('key, value, message', [
     ('supernet.lr', 0.1, "unknown config key 'supernet.lr'"),
     ('batch_size', 'big', "'batch_size'"),  # ConfigDict's own type check names it.
     ('stages', ('gate', 'supernet'), 'stages='),
     ('gate.steps', 0, "'gate.steps' must be > 0"),
     ('model.widths', (1, 2), 'unknown config key model.widths'),
+    ('model.dtype', 'float16', "model.dtype='float16': use one of 'float32', 'bfloat16'"),
     ('data.dirr', 'x', 'unknown config key data.dirr'),
 ])
 def test_bad_config_fails_before_training_naming_the_key(tmp_path, key, value, message):
