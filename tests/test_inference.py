@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import checks
 from dsnet_jax import bn_calibration, inference, stand_in
-from dsnet_jax.models import ds_mbnet
+from dsnet_jax.models import ds_mbnet, get_model
 from dsnet_jax.routes import UnknownRouteError
 
 IMAGE = (32, 32, 3)
@@ -125,6 +126,33 @@ def test_forced_route_mix_keeps_input_order(setup):
   # JAX inputs take the same path.
   on_device, _ = predictor.predict(jnp.asarray(x), routing_indices=forced)
   assert_close(on_device, logits)
+
+
+def test_a_bfloat16_model_routes_like_its_masked_path():
+  """A bfloat16 model (the training tests' tiny DS-MBNet): images go in as bfloat16, the model's
+  compute dtype; logits come out float32 and equal the masked path's per-example routes within
+  bfloat16 tolerance; the gate's choices are the masked path's argmax. One ladder size and
+  stand-in variables keep it to five compiles."""
+  config = checks.tiny_config()
+  model = get_model(config.model_name, **config.model, dtype='bfloat16')
+  shape = (16, 16, 1)
+  variables = stand_in.random_variables(model, shape)
+  x = np.random.default_rng(0).normal(size=(8, *shape)).astype(np.float32)
+  checks.assert_float32_where_it_matters(model, variables, jnp.asarray(x))
+  predictor = inference.RoutedPredictor(model, variables, shape, ladder=(8,))
+  assert predictor.dtype == jnp.bfloat16
+  forced = np.array([2, 0, 1, 1, 0, 2, 2, 0])
+  logits, _ = predictor.predict(x, routing_indices=forced)
+  masked, routing_logits, _ = jax.jit(lambda v, x: model.apply_gated(
+      v, x, lambda l: jax.nn.one_hot(forced, l.shape[-1], dtype=l.dtype)))(variables, x)
+  assert logits.dtype == masked.dtype == routing_logits.dtype == jnp.float32
+  scale = float(np.abs(np.asarray(masked)).max())
+  error = float(np.abs(np.asarray(logits) - np.asarray(masked)).max())
+  print(f'bfloat16 |routed - masked| {error:.2e} of logit scale {scale:.3g}')
+  assert error <= checks.tolerance(jnp.bfloat16, scale)
+  assert np.asarray(masked).std(0).mean() > 1e-3 * scale  # Not one output for every input.
+  _, routes = predictor.predict(x)
+  np.testing.assert_array_equal(routes, np.argmax(routing_logits, -1))
 
 
 def test_compiles_are_bounded(setup):
