@@ -4,10 +4,17 @@
   params.npz     the route's parameters, physically sliced to its widths (a much smaller tree),
                  with each BatchNorm (the route's own per-width statistics and the shared affine)
                  folded into the conv before it: kernel * s and a bias, s = scale/sqrt(var+eps);
-  config.json    the route, its widths, the static architecture (strides), shapes, sizes;
+  config.json    the route, its widths, the static architecture (strides), shapes, sizes, the
+                 compute dtype;
   forward.jaxexport  a serialized `jax.export` of the static forward, batch-polymorphic
-                 (`b, H, W, C`), lowered for CPU and CUDA, taking (params, images). It needs
-                 jax only: no gate, no supernet, no dsnet_jax code.
+                 (`b, H, W, C`), lowered for CPU and CUDA, taking (params, float32 images) and
+                 returning float32 logits. It needs jax only: no gate, no supernet, no
+                 dsnet_jax code.
+
+The compute dtype is the model's (`config.model.dtype`) unless `export_route` is given one:
+with bfloat16 the images are cast to it inside the program and the convs run in it, while the
+parameters stay float32 (BatchNorm is folded in float64) and the SE and the classifier run in
+float32 on the float32 pooled vector, as in the supernet.
 
     exported = export_route(model, variables, route=2, out_dir='/tmp/r2', image_shape=(224, 224, 3))
     static = load_exported('/tmp/r2')
@@ -143,9 +150,9 @@ def _mbnet_forward(config: dict, params, images):
     x = nn.silu(conv(x, block['dw'], stride, depthwise=True))
     attention = nn.sigmoid(dense(nn.relu(dense(global_avg_pool(x), block['se']['reduce'])),
                                  block['se']['expand']))
-    x = x * attention[:, None, None, :]
+    x = x * attention[:, None, None, :].astype(x.dtype)
     x = nn.silu(conv(x, block['pw']))
-  return dense(global_avg_pool(x), params['classifier'])
+  return dense(global_avg_pool(x), params['classifier'])  # The pool is float32 (or wider).
 
 
 STATIC_BUILDERS: dict[type, Callable[[Any, Any, Any], tuple[dict, dict]]] = {
@@ -172,7 +179,10 @@ def static_route(model, variables, route) -> tuple[dict, dict]:
 
 
 def static_forward(config: dict, params, images) -> jax.Array:
-  """Runs a static net built by `static_route` (pure JAX, no dsnet_jax model code)."""
+  """Runs a static net built by `static_route` (pure JAX, no dsnet_jax model code), in
+  `config['dtype']` when set (else in the images' dtype)."""
+  if config.get('dtype'):
+    images = images.astype(config['dtype'])
   return STATIC_FORWARDS[config['family']](config, params, images)
 
 
@@ -192,16 +202,21 @@ class ExportedRoute:
 
 def export_route(model, variables, route, out_dir: str, image_shape: Sequence[int],
                  batch_size: int | None = None, platforms: Sequence[str] = ('cpu', 'cuda'),
-                 verbose: bool = True, overwrite: bool = False) -> ExportedRoute:
+                 verbose: bool = True, overwrite: bool = False, dtype: Any = None
+                 ) -> ExportedRoute:
   """Writes `route` of the supernet as a standalone static model to `out_dir`.
 
   The jax.export program takes any batch size (symbolic `b`) unless `batch_size` fixes one,
-  and is lowered for every platform in `platforms` (no device of that kind is needed).
+  and is lowered for every platform in `platforms` (no device of that kind is needed). It
+  computes in `dtype` (default: the model's compute dtype, else float32).
   Raises:
     FileExistsError: `out_dir` is a file, or a non-empty directory and not `overwrite`.
   """
   check_output_dir(out_dir, overwrite)
   params, config = static_route(model, variables, route)
+  if dtype is None:
+    dtype = getattr(model, 'dtype', None)
+  config['dtype'] = jnp.dtype(jnp.float32 if dtype is None else dtype).name
   image_shape = tuple(int(d) for d in image_shape)
   batch = jax.export.symbolic_shape('b')[0] if batch_size is None else batch_size
   images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
@@ -226,7 +241,7 @@ def export_route(model, variables, route, out_dir: str, image_shape: Sequence[in
     print(f'route {config["route"]} widths {config["widths"]}: {count:,} parameters '
           f'({config["params_bytes"] / 2**20:.2f} MiB, BatchNorm folded) vs the supernet\'s '
           f'{supernet:,} parameters and {statistics:,} BN statistics ({count / supernet:.1%} '
-          f'of its parameters); wrote {out_dir}')
+          f'of its parameters); computes in {config["dtype"]}; wrote {out_dir}')
   return ExportedRoute(config, params, exported)
 
 

@@ -37,7 +37,8 @@ def exact_static_logits(config, variables, model, route, x):
   with jax.enable_x64(True):
     variables64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
     params64, _ = export.static_route(model, variables64, route)
-    return np.asarray(jax.jit(lambda p, x: export.static_forward(config, p, x))(
+    config64 = {**config, 'dtype': 'float64'}
+    return np.asarray(jax.jit(lambda p, x: export.static_forward(config64, p, x))(
         params64, x.astype(np.float64)))
 
 
@@ -85,7 +86,7 @@ def test_export_equals_supernet_route(setup, tmp_path, route):
 
 
 @pytest.mark.slow
-def test_cli_exports_a_route_of_a_training_workdir(tmp_path):
+def test_cli_exports_a_route_of_a_training_workdir_in_the_configs_dtype(tmp_path):
   pytest.importorskip('flatbuffers', reason='jax.export serialization needs flatbuffers')
   root = pathlib.Path(__file__).parents[1]
   config = _load_config(root / 'configs/tiny.py')
@@ -97,12 +98,20 @@ def test_cli_exports_a_route_of_a_training_workdir(tmp_path):
     ckpt.save(2, variables, {'stage': 'recalibrate'})
   out = tmp_path / 'route1'
   subprocess.run([sys.executable, '-m', 'dsnet_jax.export', f'--config={root}/configs/tiny.py',
-                  f'--workdir={workdir}', '--route=1', f'--out={out}', '--platforms=cpu'],
-                 check=True, cwd=root)
+                  '--config.model.dtype=bfloat16', f'--workdir={workdir}', '--route=1',
+                  f'--out={out}', '--platforms=cpu'], check=True, cwd=root)
   loaded = export.load_exported(str(out))
+  assert loaded.config['dtype'] == 'bfloat16'
   x = jax.random.normal(jax.random.key(0), (3, *image_shape))
-  supernet = np.asarray(model.apply(variables, x, route=1))
-  np.testing.assert_allclose(loaded(x), supernet, rtol=1e-4, atol=3e-5 * np.abs(supernet).max())
+  supernet = np.asarray(model.apply(variables, x, route=1))  # float32
+  logits = loaded(x)  # float32 images in, float32 logits out, bfloat16 inside.
+  assert logits.dtype == np.float32
+  # Within bfloat16's rounding of the float32 route: 2^-5 of the logit scale is eight 2^-8
+  # roundings of the largest logit (a wrong slice or fold is off by O(1) of it).
+  scale = np.abs(supernet).max()
+  print(f'|bfloat16 export - float32 route| = {np.abs(logits - supernet).max() / scale:.2e} of '
+        'the logit scale')
+  np.testing.assert_allclose(logits, supernet, rtol=0, atol=2.0 ** -5 * scale)
 
   before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
   again = subprocess.run([sys.executable, '-m', 'dsnet_jax.export',
