@@ -141,7 +141,11 @@ class RoutedPredictor:
       'prefix', 'suffix/<route>', 'route/<route>' (as `chunk_costs` holds after
       `warmup(measure=True)`, or as a latency table keeps them). Batches are cut into chunks
       by `plan_chunks` on these costs; programs not measured yet cost `linear_costs`.
-    dtype: the images' dtype in the compiled programs.
+    dtype: the images' dtype in the compiled programs (other inputs are cast to it on the
+      way in). float32 suits a bfloat16 model too: its stem casts to bfloat16 on the device,
+      where casting NumPy images on the host would cost more than the transfer it saves.
+      The hidden buffer holds the prefix's output in the model's compute dtype; logits are
+      float32.
   """
 
   def __init__(self, model, variables, image_shape: Sequence[int], *,
