@@ -97,13 +97,9 @@ def test_prefix_suffix_compose_to_call(model_and_variables):
 
 def test_bfloat16_keeps_float32_where_it_matters(model_and_variables):
   """Traced only: DS-ResNet's bfloat16 numerics are its layers', which the bfloat16 DS-MBNet
-  tests (inference, training) run. The casts cost no MAdds and read no more parameters."""
+  tests (inference, training) run."""
   model, _, variables, _ = model_and_variables
-  low = model.clone(dtype=jnp.bfloat16)
-  checks.assert_float32_where_it_matters(low, variables, images(2))
-  for route in (0, 'largest'):
-    assert (complexity.route_complexity(low, route, IMAGE, with_gate=True)
-            == complexity.route_complexity(model, route, IMAGE, with_gate=True))
+  checks.assert_float32_where_it_matters(model.clone(dtype=jnp.bfloat16), variables, images(2))
 
 
 def test_one_compile_per_route(model_and_variables):
