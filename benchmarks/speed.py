@@ -46,7 +46,7 @@ def parse_args(argv=None):
                  help="a route to show beside 'largest' (default: the widest numbered route)")
   p.add_argument('--rounds', type=int, default=5, help='timed rounds (median)')
   p.add_argument('--singles', type=int, default=8, help='images per batch-1 round')
-  p.add_argument('--dtype', default='float32', help='compute dtype, e.g. bfloat16')
+  p.add_argument('--dtype', default='float32', help="compute dtype: 'float32' or 'bfloat16'")
   return p.parse_args(argv)
 
 
@@ -60,9 +60,8 @@ def mix_counts(fractions, n):
 
 def speed_of(name: str, args) -> dict:
   """The latency table of one model, with the masked approach timed beside it."""
-  dtype = jnp.dtype(args.dtype)
   model = latency.model_for(name, args.image_size, num_classes=args.num_classes,
-                            **({} if dtype == jnp.float32 else {'dtype': dtype}))
+                            dtype=args.dtype)
   table = model.routes
   space = table.routing_space
   image_shape = (args.image_size, args.image_size, 3)
@@ -79,12 +78,11 @@ def speed_of(name: str, args) -> dict:
   routes = list(dict.fromkeys([table.largest, reference, *space]))
 
   variables = jax.device_put(stand_in.random_variables(model, image_shape))
-  predictor = inference.RoutedPredictor(model, variables, image_shape, max_batch=sizes[-1],
-                                        dtype=dtype)
+  predictor = inference.RoutedPredictor(model, variables, image_shape, max_batch=sizes[-1])
   result = latency.measure(predictor, images, routes=routes, batch_sizes=sizes,
                            singles=args.singles, rounds=args.rounds, routing_indices=forced)
   masked = jax.jit(lambda v, x, w: model.apply_gated(v, x, lambda _: w)[0])
-  batch = jnp.asarray(images[:sizes[-1]], dtype)
+  batch = jnp.asarray(images[:sizes[-1]])
   onehot = jax.nn.one_hot(forced[:sizes[-1]], len(space))
   seconds = timing.time_calls({'masked': lambda: masked(variables, batch, onehot)}, args.rounds)
   result['masked'] = {'madds': max(model.routing_madds(image_shape)),

@@ -75,6 +75,8 @@ def parse_args(argv=None):
   p.add_argument('--batch', type=int, default=0, help="global batch (0: the config's)")
   p.add_argument('--image_size', type=int, default=0, help="(0: the config's)")
   p.add_argument('--num_devices', type=int, default=-1, help="(-1: the config's)")
+  p.add_argument('--dtype', default='', help="compute dtype, 'float32' or 'bfloat16' (default: "
+                 "the config's model.dtype)")
   p.add_argument('--rounds', type=int, default=10, help='timed rounds (median, p90)')
   p.add_argument('--draws', type=int, default=2,
                  help='sandwich draws (step indices 0..draws-1) cycled over the rounds')
@@ -106,6 +108,10 @@ def benchmark_config(config, args):
     config.eval_batch_size = args.batch
   if args.num_devices >= 0:
     config.num_devices = args.num_devices
+  if args.dtype:
+    config.model.dtype = args.dtype
+  if args.image_size and 'image_size' in config.model:  # ViTs are built for one image size.
+    config.model.image_size = args.image_size
   data = config.data
   channels = data.get('channels') or config.model.get('in_channels') or 3
   num_classes = data.get('num_classes') or config.model.get('num_classes')

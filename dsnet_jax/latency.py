@@ -125,7 +125,8 @@ def measure(predictor: inference.RoutedPredictor, images, *,
                                              with_gate=True).madds for r in space]
   return {
       'device': device_description(), 'date': datetime.date.today().isoformat(),
-      'image_shape': list(image_shape), 'dtype': str(predictor.dtype),
+      'image_shape': list(image_shape),
+      'dtype': jnp.dtype(getattr(predictor.model, 'dtype', None) or jnp.float32).name,
       'batch_sizes': batch_sizes, 'rounds': rounds, 'singles': singles,
       'routing_space': [r.name for r in space],
       'routes': {r.name: {'madds': complexity.route_complexity(predictor.model, r,
@@ -212,6 +213,7 @@ def _define_flags():
   flags.DEFINE_string('model', '', 'Instead of a workdir: a model name, random weights.')
   flags.DEFINE_integer('image_size', 224, 'With --model: image height and width.')
   flags.DEFINE_integer('num_classes', 1000, 'With --model: classes.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'With --model: compute dtype.')
   flags.DEFINE_integer('batch', 0, 'Throughput batch (0: 64 on CPU, 256 on accelerators).')
   flags.DEFINE_list('batch_sizes', [], 'Batch sizes to time (default: 1 and --batch).')
   flags.DEFINE_list('routes', [], 'Routes to time (default: every route of the table).')
@@ -253,7 +255,8 @@ def main(argv):
     images = evaluation_images(pipeline, count)
   else:
     from dsnet_jax import stand_in
-    model = model_for(flags.model, flags.image_size, num_classes=flags.num_classes)
+    model = model_for(flags.model, flags.image_size, num_classes=flags.num_classes,
+                      dtype=flags.dtype)
     image_shape = (flags.image_size, flags.image_size, 3)
     variables = stand_in.random_variables(model, image_shape)
     images = np.random.default_rng(0).normal(size=(count, *image_shape)).astype(np.float32)
