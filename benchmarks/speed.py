@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsnet_jax import inference, latency, stand_in, timing  # noqa: E402
+from dsnet_jax.models import COMPUTE_DTYPES, available_models  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,7 +48,22 @@ def parse_args(argv=None):
   p.add_argument('--rounds', type=int, default=5, help='timed rounds (median)')
   p.add_argument('--singles', type=int, default=8, help='images per batch-1 round')
   p.add_argument('--dtype', default='float32', help="compute dtype: 'float32' or 'bfloat16'")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  try:
+    sizes = [int(b) for b in args.batch_sizes.split(',')]
+    mix = [float(f) for f in args.mix.split(',')]
+  except ValueError:
+    p.error(f'--batch_sizes must be integers and --mix numbers, got {args.batch_sizes!r}, '
+            f'{args.mix!r}')
+  if min(sizes) < 1 or args.rounds < 1 or args.singles < 1:
+    p.error('--batch_sizes, --rounds and --singles must be positive')
+  if not all(0 <= f < float('inf') for f in mix) or sum(mix) <= 0:
+    p.error(f'--mix needs finite, non-negative fractions with a positive sum, got {mix}')
+  unknown = set(args.models.split(',')) - set(available_models())
+  if unknown or args.dtype not in COMPUTE_DTYPES:
+    p.error(f'unknown models {sorted(unknown)} (available: {", ".join(available_models())}) '
+            f'or --dtype {args.dtype!r} (valid: {", ".join(COMPUTE_DTYPES)})')
+  return args
 
 
 def mix_counts(fractions, n):

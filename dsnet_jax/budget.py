@@ -74,7 +74,10 @@ def make_budget(gate_config, model, image_shape: Sequence[int], workdir: str = '
                   model.routing_madds(tuple(image_shape)).astype(np.float64))
   from dsnet_jax import latency as latency_lib  # The table's reader; it imports inference.
   path = os.path.join(workdir, latency_lib.LATENCY_FILE)
-  table = latency_lib.load(path)
+  try:
+    table = latency_lib.load(path, latency_lib.model_name(model))
+  except latency_lib.LatencyTableError as e:
+    raise BudgetError(f"gate.budget_unit='ms': {e}") from None
   names = [r.name for r in model.routes.routing_space]
   measure = (f'python -m dsnet_jax.latency --config=<this config> --output={path} (random '
              'weights of this model on this device)')

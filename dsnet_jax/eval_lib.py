@@ -149,7 +149,8 @@ def format_report(rows, gated, latency: dict[str, Any] | None = None) -> str:
       lines.append(f'budget {budget:.4g} ms/img, achieved ' + (
           f'{achieved:.4g} ms/img at batch {batch} ({100 * (achieved / budget - 1):+.2f} %; '
           'its route mix x each route\'s time)' if achieved else
-          'unknown (no latency table for these images in the workdir)'))
+          'unknown (the workdir\'s latency table does not time all of its routes)' if latency
+          else 'unknown (no usable latency table in the workdir)'))
   if latency:
     device = latency['device']
     routed = latency['routed']['ms_per_image']
@@ -256,12 +257,19 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '',
   os.makedirs(workdir, exist_ok=True)
   return evaluate_and_report(restored.model, restored.variables, pipeline, mesh, workdir,
                              gated=restored.gated, budget=budget_of(restored.meta),
-                             latency=workdir_latency(workdir, pipeline.image_shape))
+                             latency=workdir_latency(workdir, pipeline.image_shape,
+                                                     restored.model))
 
 
-def workdir_latency(workdir: str, image_shape) -> dict[str, Any] | None:
-  """The workdir's latency table, if there is one for these images."""
-  table = latency_lib.load(os.path.join(workdir, latency_lib.LATENCY_FILE))
+def workdir_latency(workdir: str, image_shape, model) -> dict[str, Any] | None:
+  """The workdir's latency table, if there is a valid one for this model and these images
+  (else a warning says why none is used)."""
+  try:
+    table = latency_lib.load(os.path.join(workdir, latency_lib.LATENCY_FILE),
+                             latency_lib.model_name(model))
+  except latency_lib.LatencyTableError as e:
+    print(f'warning: {e}: ms/img not shown', flush=True)
+    return None
   if table and tuple(table['image_shape']) != tuple(image_shape):
     print(f'warning: {latency_lib.LATENCY_FILE} in {workdir} was measured for images '
           f'{tuple(table["image_shape"])}, not {tuple(image_shape)}: not used', flush=True)

@@ -161,6 +161,10 @@ class RoutedPredictor:
       raise ValueError(f'ladder sizes must be positive, got {self.ladder}')
     self.chunk_costs = {name: {int(s): float(t) for s, t in costs.items()}
                         for name, costs in (chunk_costs or {}).items()}
+    bad = {name: costs for name, costs in self.chunk_costs.items()
+           if not all(s >= 1 and 0 < t < float('inf') for s, t in costs.items())}
+    if bad:
+      raise ValueError(f'chunk_costs need positive sizes and positive, finite seconds; got {bad}')
     self._plans: dict[tuple[str, int], list[tuple[int, int]]] = {}
     self._timing_inputs: dict[int, jax.Array] = {}
     self.dtype = jnp.dtype(dtype)

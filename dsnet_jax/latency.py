@@ -124,7 +124,8 @@ def measure(predictor: inference.RoutedPredictor, images, *,
   gated_madds = [complexity.route_complexity(predictor.model, r, image_shape,
                                              with_gate=True).madds for r in space]
   return {
-      'device': device_description(), 'date': datetime.date.today().isoformat(),
+      'model': model_name(predictor.model), 'device': device_description(),
+      'date': datetime.date.today().isoformat(),
       'image_shape': list(image_shape),
       'dtype': jnp.dtype(getattr(predictor.model, 'dtype', None) or jnp.float32).name,
       'batch_sizes': batch_sizes, 'rounds': rounds, 'singles': singles,
@@ -174,12 +175,45 @@ def save(latency: dict[str, Any], path: str) -> None:
     json.dump(latency, f, indent=1)
 
 
-def load(path: str) -> dict[str, Any] | None:
-  """The table at `path`, or None when there is none."""
+class LatencyTableError(ValueError):
+  """A latency.json that is not a table this library wrote, or one for another model."""
+
+
+def model_name(model) -> str:
+  """The registry name of a model ('ds_mbnet', ...): its module's name."""
+  return type(model).__module__.rsplit('.', 1)[-1]
+
+
+def load(path: str, model: str = '') -> dict[str, Any] | None:
+  """The table at `path`, checked, or None when there is none.
+
+  Raises:
+    LatencyTableError: not valid JSON, a missing or malformed key, non-finite or non-positive
+      times, or a table measured for another model than `model` (when given).
+  """
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      table = json.load(f)
+    sizes = [str(b) for b in table['batch_sizes']]
+    problems = [f'{key} missing' for key in ('device', 'image_shape', 'routes', ROUTED)
+                if key not in table]
+    if not sizes or sorted(map(int, sizes)) != list(map(int, sizes)):
+      problems.append(f'batch_sizes {table["batch_sizes"]} not increasing')
+    rows = [*table.get('routes', {}).items()] + ([(ROUTED, table[ROUTED])] if ROUTED in table
+                                                 else [])
+    for name, row in rows:
+      times = [row['ms_per_image'][b]['median'] for b in sizes]
+      if not all(isinstance(t, (int, float)) and 0 < t < float('inf') for t in times):
+        problems.append(f'route {name}: ms per image {times} not all positive and finite')
+  except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+    raise LatencyTableError(f'{path} is not a latency table: {type(e).__name__}: {e}') from None
+  if model and table.get('model', model) != model:
+    problems.append(f'measured for model {table["model"]!r}, not {model!r}')
+  if problems:
+    raise LatencyTableError(f'{path} cannot be used: {"; ".join(problems)}')
+  return table
 
 
 def model_for(name: str, image_size: int, **kwargs):
@@ -232,7 +266,15 @@ def main(argv):
     raise app.UsageError('give --config (with --workdir: its trained model; without: random '
                          'weights) or --model (random weights)')
   batch = flags.batch or default_throughput_batch()
-  sizes = sorted({int(b) for b in flags.batch_sizes} | {1, batch})
+  try:
+    sizes = sorted({int(b) for b in flags.batch_sizes} | {1, batch})
+  except ValueError:
+    raise app.UsageError(f'--batch_sizes must be integers, got {flags.batch_sizes}') from None
+  output = flags.output or (flags.workdir and os.path.join(flags.workdir, LATENCY_FILE))
+  if output and (os.path.isdir(output) or os.path.isfile(os.path.dirname(output) or '.')):
+    raise app.UsageError(f'--output={output} is a directory or under a file: give a file path')
+  if flags.model and (flags.image_size < 1 or flags.num_classes < 1):
+    raise app.UsageError('--image_size and --num_classes must be positive')
   if sizes[0] < 1 or flags.rounds < 1 or flags.singles < 1:
     raise app.UsageError(f'batch sizes, --rounds and --singles must be positive, got {sizes}, '
                          f'{flags.rounds}, {flags.singles}')
@@ -264,9 +306,7 @@ def main(argv):
                                         max_batch=sizes[-1])
   latency = measure(predictor, images, routes=flags.routes or None, batch_sizes=sizes,
                     singles=flags.singles, rounds=flags.rounds)
-  latency['model'] = flags.model or flags.config.model_name
   print(format_table(latency))
-  output = flags.output or (flags.workdir and os.path.join(flags.workdir, LATENCY_FILE))
   if output:
     save(latency, output)
     print(f'wrote {output}')
@@ -277,4 +317,4 @@ if __name__ == '__main__':
   from dsnet_jax import cli
   _define_flags()
   logging.set_verbosity(logging.WARNING)
-  app.run(cli.main_errors(main, inference.NotGatedError))
+  app.run(cli.main_errors(main, inference.NotGatedError, LatencyTableError))

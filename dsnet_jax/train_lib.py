@@ -202,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return eval_lib.evaluate_and_report(
         run.model, variables, run.eval_data, run.mesh, run.rundir.workdir, gated=gated,
         budget=budget, latency=eval_lib.workdir_latency(run.rundir.workdir,
-                                                        run.eval_data.image_shape))
+                                                        run.eval_data.image_shape, run.model))
 
 
 def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:

@@ -1,5 +1,6 @@
 """Latency tables: measured on the trained tiny workdir, read back by eval.py's report."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,27 @@ def test_a_gate_budget_in_milliseconds_on_this_device(trained, tmp_path, capsys)
   achieved = sum(c / total * ms[r] for r, c in gated['route_histogram'].items())
   assert gated['ms_per_image']['4'] == pytest.approx(achieved)
   assert f'budget 2.5 ms/img, achieved {achieved:.4g} ms/img at batch 4' in out
+
+
+@pytest.mark.parametrize('damage, message', [
+    (lambda t: '{"routes": [1, 2', 'is not a latency table: JSONDecodeError'),
+    (lambda t: {k: v for k, v in t.items() if k != 'routed'}, 'routed missing'),
+    (lambda t: dict(t, model='ds_resnet'), "measured for model 'ds_resnet', not 'ds_mbnet'"),
+    (lambda t: dict(t, batch_sizes=[4, 1]), 'batch_sizes [4, 1] not increasing'),
+    (lambda t: dict(t, routes={'0': {'madds': 1, 'ms_per_image': {
+        '1': {'median': float('nan')}, '4': {'median': 1.0}}}}),
+     'route 0: ms per image [nan, 1.0] not all positive and finite'),
+])
+def test_a_damaged_or_foreign_table_is_refused_naming_the_problem(measured, tmp_path, damage,
+                                                                 message, capsys):
+  workdir, _, model, predictor, _, table = measured
+  path = tmp_path / latency.LATENCY_FILE
+  damaged = damage(json.loads(json.dumps(table)))
+  path.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+  with pytest.raises(latency.LatencyTableError, match=re.escape(message)):
+    latency.load(str(path), 'ds_mbnet')
+  assert eval_lib.workdir_latency(str(tmp_path), (16, 16, 1), model) is None
+  assert message in capsys.readouterr().out  # eval.py warns and shows no ms.
+  with pytest.raises(ValueError, match='positive, finite seconds'):
+    inference.RoutedPredictor(model, predictor.variables, (16, 16, 1), max_batch=4,
+                              chunk_costs={'prefix': {1: float('nan'), 4: 1.0}})
