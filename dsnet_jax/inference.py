@@ -229,6 +229,7 @@ class RoutedPredictor:
       for (name, size), seconds in timing.time_calls(calls, rounds).items():
         self.chunk_costs.setdefault(name, {})[size] = float(np.median(seconds))
       self._plans.clear()
+      self._timing_inputs.clear()  # Up to a ladder of image batches: not kept on the device.
     return self
 
   def predict(self, images, routing_indices: Sequence[int] | np.ndarray | None = None
