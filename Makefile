@@ -6,10 +6,14 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test clean
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+# ONNX export (the tests run it): jax2onnx without its unused orbax-checkpoint pin.
+JAX2ONNX := jax2onnx==0.17.1
+
+$(VENV)/.installed: requirements.txt requirements-export.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-export.txt
+	$(PY) -m pip install -q --no-deps $(JAX2ONNX)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 

@@ -38,3 +38,11 @@ def main_errors(main, *more_user_errors: type[Exception]):
       print(f'error: {e}', file=sys.stderr, flush=True)
       sys.exit(1)
   return wrapped
+
+
+def quiet_library_logs() -> None:
+  """Libraries' INFO lines (orbax's on every restore) off unless `--verbosity` was given.
+  Call in an absl `main`."""
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)

@@ -1,248 +1,164 @@
-"""Export one route of a supernet as a standalone static model, for deployment.
+"""Deployment: one route, or the whole routed model, as programs that run without dsnet_jax.
 
-`export_route` writes to a directory:
-  params.npz     the route's parameters, physically sliced to its widths (a much smaller tree),
-                 with each BatchNorm (the route's own per-width statistics and the shared affine)
-                 folded into the conv before it: kernel * s and a bias, s = scale/sqrt(var+eps);
-  config.json    the route, its widths, the static architecture (strides), shapes, sizes, the
-                 compute dtype;
-  forward.jaxexport  a serialized `jax.export` of the static forward, batch-polymorphic
-                 (`b, H, W, C`), lowered for CPU and CUDA, taking (params, float32 images) and
-                 returning float32 logits. It needs jax only: no gate, no supernet, no
-                 dsnet_jax code.
+Each program is the model's own forward, specialised to the trained variables
+(`dsnet_jax.specialize`): prefix slices of the weights, the route's BatchNorm statistics folded
+into its convs (kernel * s and a bias), no gate where none runs, no masks, no per-width
+statistics. One mechanism serves DS-MBNet, DS-ResNet and DS-ViT. An export directory holds:
 
-The compute dtype is the model's (`config.model.dtype`) unless `export_route` is given one:
-with bfloat16 the images are cast to it inside the program and the convs run in it, while the
-parameters stay float32 (BatchNorm is folded in float64) and the SE and the classifier run in
-float32 on the float32 pooled vector, as in the supernet.
+  manifest.json       what it is (kind 'route' or 'routed'), the model, the input (shape,
+                      layout NHWC, float32, preprocessing constants), its routes (name, widths,
+                      MAdds, routing index), the calibrated routing offsets, and per program its
+                      files, inputs, outputs and parameter count.
+  <program>.npz       the program's parameters, a flat dict name -> array: pass them as
+                      loaded, `exported.call(dict(np.load(f)), images)`.
+  <program>.jaxexport a serialized `jax.export` (CPU and CUDA, batch dimension symbolic), taking
+                      (params, inputs); needs jax only.
+  <program>.onnx      ONNX with the parameters inside (format 'onnx', `pip install .[export]`),
+                      batch dimension dynamic; runs in onnxruntime.
 
-    exported = export_route(model, variables, route=2, out_dir='/tmp/r2', image_shape=(224, 224, 3))
-    static = load_exported('/tmp/r2')
-    logits = static(images)                  # jax.export artifact
-    logits = static.forward_python(images)   # the same static net written in JAX (static_forward)
+Programs: a route export has 'route' (images -> logits). The routed bundle has 'prefix'
+(images -> hidden, routing_index: the gate's argmax after the calibrated offsets) and
+'suffix_<i>' for each routing index i (hidden -> logits): run the prefix, group the images by
+routing index, run each group's suffix, scatter back (the README's reference router).
 
-The static net of a family is written out explicitly (for DS-MBNet: conv+bias -> SiLU, blocks of
-dw conv+bias -> SiLU -> SE -> pw conv+bias -> SiLU, pool, linear): folding BatchNorm into a conv
-needs the conv to have a bias, which the supernet's convs do not, so reusing the supernet module
-at the route's widths could only slice, not fold. `STATIC_BUILDERS` maps a model class to its
-builder and `STATIC_FORWARDS` a family to its forward; DS-ResNet and DS-ViT register theirs.
-
-    python -m dsnet_jax.export --config=configs/X.py --workdir=DIR --route=2 --out=DIR2
-    python -m dsnet_jax.export --config=configs/X.py --checkpoint=CKPT --route=2 --out=DIR2
+    python -m dsnet_jax.export --config=C --workdir=DIR --route=1 --out=OUT [--format=jax,onnx]
+    python -m dsnet_jax.export --config=C --workdir=DIR --routed --out=OUT
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import io
 import json
+import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsnet_jax.layers.attention_heads import global_avg_pool
-from dsnet_jax.layers.linear import depthwise_conv_by_taps
-from dsnet_jax.models import ds_mbnet
+from dsnet_jax.layers.linear import depthwise_implementation
+from dsnet_jax.specialize import StaticProgram, specialize
 
-PARAMS_FILE = 'params.npz'
-CONFIG_FILE = 'config.json'
-FORWARD_FILE = 'forward.jaxexport'
-
-
-# --- BatchNorm folding ------------------------------------------------------------------------
-
-def fold_batchnorm(kernel: np.ndarray, scale, bias, mean, var, epsilon: float,
-                   conv_bias=None) -> tuple[np.ndarray, np.ndarray]:
-  """conv (kernel, conv_bias) followed by eval-mode BN -> one conv (kernel', bias').
-
-  BN(y) = (y - mean) * s + bias with s = scale / sqrt(var + eps), per output channel (the
-  kernel's last axis), so BN(conv(x)) = conv'(x) with kernel' = kernel * s and
-  bias' = (conv_bias - mean) * s + bias. Computed in float64, returned in the kernel's dtype.
-  """
-  s = np.asarray(scale, np.float64) / np.sqrt(np.asarray(var, np.float64) + epsilon)
-  b = 0.0 if conv_bias is None else np.asarray(conv_bias, np.float64)
-  new_bias = (b - np.asarray(mean, np.float64)) * s + np.asarray(bias, np.float64)
-  dtype = np.asarray(kernel).dtype
-  return (np.asarray(kernel, np.float64) * s).astype(dtype), new_bias.astype(dtype)
+MANIFEST = 'manifest.json'
+FORMATS = ('jax', 'onnx')
+FORMAT_VERSION = 1
 
 
-# --- DS-MBNet -----------------------------------------------------------------------------------
+class ExportError(ValueError):
+  """What was asked of an export cannot be done (a format, the flags)."""
 
-def _mbnet_static(model: ds_mbnet.DSMBNet, variables, route) -> tuple[dict, dict]:
-  """Sliced, BN-folded parameters of one DS-MBNet route, and its static config."""
+
+class ExportDependencyError(ImportError):
+  """ONNX export asked for without the `export` extra installed."""
+
+
+def route_program(model, variables, route, image_shape: Sequence[int],
+                  batch_size: int | None = None) -> StaticProgram:
+  """`route`'s forward, images (batch, H, W, C) float32 -> logits, as a StaticProgram."""
   route = model.routes[route]
-  widths = route.widths
-  params = jax.tree.map(np.asarray, variables['params'])
-  stats = jax.tree.map(np.asarray, variables['batch_stats'])
-  bound = model.bind(variables)  # To read the layers' widths, strides and eps, not copy them.
-
-  def folded_conv(conv_path, bn_path, bn_module, c_in, c_out, depthwise=False):
-    kernel = _get(params, conv_path)['kernel']
-    kernel = kernel[..., :c_out] if depthwise else kernel[:, :, :c_in, :c_out]
-    affine, bn_stats = _get(params, bn_path), _get(stats, bn_path)
-    row = bn_module.row(c_out)  # The route's own statistics for this width.
-    k, b = fold_batchnorm(kernel, affine['scale'][:c_out], affine['bias'][:c_out],
-                          bn_stats['mean'][row, :c_out], bn_stats['var'][row, :c_out],
-                          bn_module.epsilon)
-    return {'kernel': k, 'bias': b}
-
-  static = {'stem': folded_conv(('stem_conv',), ('stem_bn',), bound.stem_bn, model.in_channels,
-                                widths[0])}
-  strides = []
-  c_in = widths[0]
-  index = 0
-  for g, depth in enumerate(model.group_depths):
-    c_out = widths[g + 1]
-    for b in range(depth):
-      name = f'groups_{g}_{b}'
-      block = bound.groups[g][b]
-      se_path = (name, 'gate', 'se') if block.num_routes else (name, 'se')
-      se = _get(params, se_path)
-      static[f'block_{index}'] = {
-          'dw': folded_conv((name, 'conv_dw'), (name, 'bn1'), block.bn1, c_in, c_in,
-                            depthwise=True),
-          'se': {'reduce': {'kernel': se['conv_reduce']['kernel'][:c_in],
-                            'bias': se['conv_reduce']['bias']},
-                 'expand': {'kernel': se['conv_expand']['kernel'][:, :c_in],
-                            'bias': se['conv_expand']['bias'][:c_in]}},
-          'pw': folded_conv((name, 'conv_pw'), (name, 'bn2'), block.bn2, c_in, c_out),
-      }
-      strides.append(block.conv_dw.stride)
-      c_in = c_out
-      index += 1
-  static['classifier'] = {'kernel': params['classifier']['kernel'][:c_in],
-                          'bias': params['classifier']['bias']}
-  config = {'family': 'mbnet', 'stem_stride': bound.stem_conv.stride, 'strides': strides}
-  return static, config
+  return _specialize(lambda v, x: model.apply(v, x, route=route), variables,
+                     _images_spec(image_shape, batch_size))
 
 
-def _mbnet_forward(config: dict, params, images):
-  """The static DS-MBNet of one route: no gate, no slicing, no BatchNorm."""
-  def conv(x, p, stride=1, depthwise=False):
-    kernel = p['kernel'].astype(x.dtype)
-    k = kernel.shape[0]
-    pad = (k - 1) // 2
-    if k == 1 and not depthwise:  # Pointwise: a matmul (faster on XLA:CPU, as in the model).
-      y = jnp.dot(x[:, ::stride, ::stride], kernel[0, 0])
-    else:
-      def grouped(x, kernel):
-        return jax.lax.conv_general_dilated(
-            x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-            feature_group_count=x.shape[-1] if depthwise else 1)
-
-      def taps(x, kernel):
-        return depthwise_conv_by_taps(x, kernel, stride, pad)
-      # Depthwise convs run as shifted taps on CPU (XLA:CPU's grouped conv is slow), chosen
-      # per platform when the program is lowered, so one artifact serves CPU and GPU.
-      y = (jax.lax.platform_dependent(x, kernel, cpu=taps, default=grouped) if depthwise
-           else grouped(x, kernel))
-    return y + p['bias'].astype(x.dtype)
-
-  def dense(x, p):
-    return jnp.dot(x, p['kernel'].astype(x.dtype)) + p['bias'].astype(x.dtype)
-
-  x = nn.silu(conv(images, params['stem'], config['stem_stride']))
-  for i, stride in enumerate(config['strides']):
-    block = params[f'block_{i}']
-    x = nn.silu(conv(x, block['dw'], stride, depthwise=True))
-    attention = nn.sigmoid(dense(nn.relu(dense(global_avg_pool(x), block['se']['reduce'])),
-                                 block['se']['expand']))
-    x = x * attention[:, None, None, :].astype(x.dtype)
-    x = nn.silu(conv(x, block['pw']))
-  return dense(global_avg_pool(x), params['classifier'])  # The pool is float32 (or wider).
+def prefix_program(model, variables, image_shape: Sequence[int],
+                   batch_size: int | None = None) -> StaticProgram:
+  """images -> (hidden, routing_index int32): the shared prefix, the gate, its calibrated
+  offsets and the argmax over the routing space."""
+  def prefix(v, x):
+    hidden, routing_logits = model.apply_prefix(v, x)
+    return hidden, jnp.argmax(routing_logits, axis=-1).astype(jnp.int32)
+  return _specialize(prefix, variables, _images_spec(image_shape, batch_size))
 
 
-STATIC_BUILDERS: dict[type, Callable[[Any, Any, Any], tuple[dict, dict]]] = {
-    ds_mbnet.DSMBNet: _mbnet_static,
-}
-STATIC_FORWARDS: dict[str, Callable[[dict, Any, Any], jax.Array]] = {
-    'mbnet': _mbnet_forward,
-}
-
-
-# --- public API ---------------------------------------------------------------------------------
-
-def static_route(model, variables, route) -> tuple[dict, dict]:
-  """(params, config) of `route` as a standalone static net, in memory (NumPy leaves)."""
-  builder = STATIC_BUILDERS.get(type(model))
-  if builder is None:
-    raise NotImplementedError(
-        f'no static exporter for {type(model).__name__}; known: '
-        f'{", ".join(t.__name__ for t in STATIC_BUILDERS)}. Register one in '
-        'dsnet_jax.export.STATIC_BUILDERS / STATIC_FORWARDS.')
+def suffix_program(model, variables, route, hidden_spec) -> StaticProgram:
+  """hidden -> logits of `route` (the prefix's hidden features, any batch)."""
   route = model.routes[route]
-  params, config = builder(model, variables, route)
-  return params, {**config, 'route': route.name, 'widths': list(route.widths)}
+  return _specialize(lambda v, h: model.apply_suffix(v, h, route), variables, hidden_spec)
 
 
-def static_forward(config: dict, params, images) -> jax.Array:
-  """Runs a static net built by `static_route` (pure JAX, no dsnet_jax model code), in
-  `config['dtype']` when set (else in the images' dtype)."""
-  if config.get('dtype'):
-    images = images.astype(config['dtype'])
-  return STATIC_FORWARDS[config['family']](config, params, images)
+def export_route(model, variables, route, out_dir: str, image_shape: Sequence[int], *,
+                 formats: Sequence[str] = ('jax',), platforms: Sequence[str] = ('cpu', 'cuda'),
+                 batch_size: int | None = None, preprocessing: Mapping[str, Any] | None = None,
+                 overwrite: bool = False, verbose: bool = True) -> dict:
+  """Writes `route` (a name, an index or a Route) as a standalone static model; returns the
+  manifest.
 
-
-@dataclasses.dataclass
-class ExportedRoute:
-  """A loaded static route: call it on (batch, H, W, C) images for logits."""
-  config: dict
-  params: dict
-  exported: jax.export.Exported
-
-  def __call__(self, images) -> jax.Array:
-    return self.exported.call(self.params, images)
-
-  def forward_python(self, images) -> jax.Array:
-    return static_forward(self.config, self.params, images)
-
-
-def export_route(model, variables, route, out_dir: str, image_shape: Sequence[int],
-                 batch_size: int | None = None, platforms: Sequence[str] = ('cpu', 'cuda'),
-                 verbose: bool = True, overwrite: bool = False, dtype: Any = None
-                 ) -> ExportedRoute:
-  """Writes `route` of the supernet as a standalone static model to `out_dir`.
-
-  The jax.export program takes any batch size (symbolic `b`) unless `batch_size` fixes one,
-  and is lowered for every platform in `platforms` (no device of that kind is needed). It
-  computes in `dtype` (default: the model's compute dtype, else float32).
   Raises:
     FileExistsError: `out_dir` is a file, or a non-empty directory and not `overwrite`.
+    ExportDependencyError: 'onnx' in `formats` without jax2onnx installed.
+    ExportError: an unknown format.
   """
+  formats = check_formats(formats)
   check_output_dir(out_dir, overwrite)
-  params, config = static_route(model, variables, route)
-  if dtype is None:
-    dtype = getattr(model, 'dtype', None)
-  config['dtype'] = jnp.dtype(jnp.float32 if dtype is None else dtype).name
-  image_shape = tuple(int(d) for d in image_shape)
-  batch = jax.export.symbolic_shape('b')[0] if batch_size is None else batch_size
-  images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
-  param_specs = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-  exported = jax.export.export(jax.jit(lambda p, x: static_forward(config, p, x)),
-                               platforms=tuple(platforms))(param_specs, images)
-
-  count = sum(p.size for p in jax.tree.leaves(params))
-  supernet = sum(np.size(p) for p in jax.tree.leaves(variables['params']))
-  statistics = sum(np.size(p) for p in jax.tree.leaves(variables.get('batch_stats', {})))
-  config = {**config, 'model': type(model).__name__, 'image_shape': list(image_shape),
-            'batch_size': batch_size, 'platforms': list(exported.platforms), 'params': int(count),
-            'params_bytes': int(sum(p.nbytes for p in jax.tree.leaves(params))),
-            'supernet_params': int(supernet), 'supernet_batch_stats': int(statistics)}
-  os.makedirs(out_dir, exist_ok=True)
-  np.savez(os.path.join(out_dir, PARAMS_FILE), **_flatten(params))
-  with open(os.path.join(out_dir, CONFIG_FILE), 'w') as f:
-    json.dump(config, f, indent=1)
-  with open(os.path.join(out_dir, FORWARD_FILE), 'wb') as f:
-    f.write(exported.serialize())
+  route = model.routes[route]
+  program = route_program(model, variables, route, image_shape, batch_size)
+  manifest = _manifest('route', model, variables, image_shape, preprocessing, [route])
+  _prepare(out_dir)
+  manifest['programs'] = {'route': _write(program, out_dir, 'route', formats, platforms,
+                                          ['images'], ['logits'])}
+  _write_manifest(out_dir, manifest)
   if verbose:
-    print(f'route {config["route"]} widths {config["widths"]}: {count:,} parameters '
-          f'({config["params_bytes"] / 2**20:.2f} MiB, BatchNorm folded) vs the supernet\'s '
-          f'{supernet:,} parameters and {statistics:,} BN statistics ({count / supernet:.1%} '
-          f'of its parameters); computes in {config["dtype"]}; wrote {out_dir}')
-  return ExportedRoute(config, params, exported)
+    print(describe(manifest, out_dir))
+  return manifest
+
+
+def export_routed(model, variables, out_dir: str, image_shape: Sequence[int], *,
+                  formats: Sequence[str] = ('jax',), platforms: Sequence[str] = ('cpu', 'cuda'),
+                  batch_size: int | None = None, preprocessing: Mapping[str, Any] | None = None,
+                  overwrite: bool = False, verbose: bool = True) -> dict:
+  """Writes the routed model as a bundle (prefix + one suffix per routing index, see the
+  module doc); returns the manifest. Raises as `export_route`."""
+  formats = check_formats(formats)
+  check_output_dir(out_dir, overwrite)
+  space = model.routes.routing_space
+  prefix = prefix_program(model, variables, image_shape, batch_size)
+  manifest = _manifest('routed', model, variables, image_shape, preprocessing, space)
+  _prepare(out_dir)
+  programs = {'prefix': _write(prefix, out_dir, 'prefix', formats, platforms, ['images'],
+                               ['hidden', 'routing_index'])}
+  hidden_spec = jax.eval_shape(lambda x: model.apply_prefix(variables, x)[0],
+                               prefix.input_specs[0])
+  for i, route in enumerate(space):
+    program = suffix_program(model, variables, route, hidden_spec)
+    programs[f'suffix_{i}'] = _write(program, out_dir, f'suffix_{i}', formats, platforms,
+                                     ['hidden'], ['logits'])
+  manifest['programs'] = programs
+  _write_manifest(out_dir, manifest)
+  if verbose:
+    print(describe(manifest, out_dir))
+  return manifest
+
+
+def describe(manifest: dict, out_dir: str) -> str:
+  """What an export wrote: programs, parameters, MAdds, files."""
+  lines = [f'{manifest["kind"]} export of {manifest["model"]} '
+           f'({", ".join(manifest["formats"])}, computes in {manifest["dtype"]}) -> {out_dir}']
+  for name, program in manifest['programs'].items():
+    sizes = ', '.join(f'{f} {os.path.getsize(os.path.join(out_dir, f)) / 2**20:.2f} MiB'
+                      for f in program['files'].values())
+    lines.append(f'  {name}: {program["params"]:,} parameters; {sizes}')
+  for route in manifest['routes']:
+    lines.append(f'  route {route["name"]} (routing index {route["routing_index"]}): widths '
+                 f'{route["widths"]}, {route["madds"] / 1e6:.4g} MMAdds per image'
+                 + (f' ({route["madds_with_gate"] / 1e6:.4g} with the gate)'
+                    if manifest['kind'] == 'routed' else ''))
+  lines.append(f'  the supernet: {manifest["supernet_params"]:,} parameters')
+  return '\n'.join(lines)
+
+
+def check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
+  """('jax', 'onnx') subset, in that order. Raises ExportError on an unknown one and
+  ExportDependencyError for 'onnx' without jax2onnx."""
+  if isinstance(formats, str):
+    formats = [f for f in formats.split(',') if f]
+  unknown = sorted(set(formats) - set(FORMATS))
+  if unknown or not formats:
+    raise ExportError(f'unknown export format {", ".join(unknown) or "(none)"}; valid: '
+                     f'{", ".join(FORMATS)}')
+  if 'onnx' in formats:
+    _jax2onnx()
+  return tuple(f for f in FORMATS if f in formats)
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
@@ -254,61 +170,171 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
                           'holds')
 
 
-def load_exported(out_dir: str) -> ExportedRoute:
-  """Loads what `export_route` wrote (config, params, the deserialized jax.export program)."""
-  with open(os.path.join(out_dir, CONFIG_FILE)) as f:
-    config = json.load(f)
-  with np.load(os.path.join(out_dir, PARAMS_FILE)) as data:
-    params = _unflatten({k: data[k] for k in data.files})
-  with open(os.path.join(out_dir, FORWARD_FILE), 'rb') as f:
+def _remove_previous_export(out_dir: str) -> None:
+  """Deletes the files a previous export's manifest lists, so none of them outlives it (a
+  bundle's suffixes under a route export). Files of anyone else stay."""
+  path = os.path.join(out_dir, MANIFEST)
+  if not os.path.isfile(path):
+    return
+  for program in load_manifest(out_dir).get('programs', {}).values():
+    for name in program.get('files', {}).values():
+      if os.path.isfile(os.path.join(out_dir, os.path.basename(name))):
+        os.remove(os.path.join(out_dir, os.path.basename(name)))
+  os.remove(path)
+
+
+def load_manifest(out_dir: str) -> dict:
+  with open(os.path.join(out_dir, MANIFEST)) as f:
+    return json.load(f)
+
+
+def load_program(out_dir: str, name: str):
+  """A program of an export directory as a function of its inputs (the jax.export artifact
+  called on its saved parameters)."""
+  files = load_manifest(out_dir)['programs'][name]['files']
+  with open(os.path.join(out_dir, files['jax']), 'rb') as f:
     exported = jax.export.deserialize(bytearray(f.read()))
-  return ExportedRoute(config, params, exported)
+  with np.load(os.path.join(out_dir, files['params'])) as data:
+    params = dict(data)
+  return lambda *inputs: exported.call(params, *inputs)
 
 
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
+# --- internals ----------------------------------------------------------------------------------
+
+def _prepare(out_dir: str) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  _remove_previous_export(out_dir)
 
 
-def _flatten(tree, prefix=''):
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}/'))
-    else:
-      flat[f'{prefix}{key}'] = np.asarray(value)
-  return flat
+def _specialize(fn, variables, *specs) -> StaticProgram:
+  # Depthwise convs are traced as convs, so that BatchNorm folds into their kernels; the
+  # program picks taps on CPU when it is lowered.
+  with depthwise_implementation('conv'):
+    return specialize(fn, variables, *specs)
 
 
-def _unflatten(flat: dict) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split('/')
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
+def _images_spec(image_shape, batch_size):
+  batch = jax.export.symbolic_shape('batch')[0] if batch_size is None else int(batch_size)
+  return jax.ShapeDtypeStruct((batch, *(int(d) for d in image_shape)), jnp.float32)
+
+
+def _write(program: StaticProgram, out_dir: str, name: str, formats, platforms,
+           input_names: list[str], output_names: list[str]) -> dict:
+  files = {'params': f'{name}.npz'}
+  np.savez(os.path.join(out_dir, files['params']), **program.params)
+  if 'jax' in formats:
+    files['jax'] = f'{name}.jaxexport'
+    with open(os.path.join(out_dir, files['jax']), 'wb') as f:
+      f.write(program.export(platforms).serialize())
+  if 'onnx' in formats:
+    files['onnx'] = f'{name}.onnx'
+    _to_onnx(program, os.path.join(out_dir, files['onnx']), name, input_names, output_names)
+  specs = [{'name': n, 'shape': [d if isinstance(d, int) else None for d in s.shape],
+            'dtype': jnp.dtype(s.dtype).name} for n, s in zip(input_names, program.input_specs)]
+  return {'files': files, 'inputs': specs, 'outputs': output_names,
+          'params': program.num_params,
+          'params_bytes': int(sum(p.nbytes for p in program.params.values()))}
+
+
+def _jax2onnx():
+  try:
+    import jax2onnx  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ExportDependencyError(
+        "ONNX export needs jax2onnx: pip install '.[export]' (jax2onnx, onnxruntime)") from e
+  return jax2onnx
+
+
+def _to_onnx(program: StaticProgram, path: str, name: str, input_names, output_names):
+  to_onnx = _jax2onnx().to_onnx
+  with _quiet():
+    to_onnx(lambda *inputs: program(program.params, *inputs, onnx=True),
+            inputs=list(program.input_specs), input_names=input_names,
+            output_names=output_names, model_name=name, return_mode='file', output_path=path)
+
+
+@contextlib.contextmanager
+def _quiet():
+  """The converter's INFO lines, its serializer's WARNINGs (unknown value types of shape
+  tensors) and jax2onnx 0.12's debug prints are noise to a user: errors only while it runs."""
+  previous = logging.root.manager.disable
+  logging.disable(logging.WARNING)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    logging.disable(previous)
+
+
+def _manifest(kind, model, variables, image_shape, preprocessing, routes) -> dict:
+  from dsnet_jax.complexity import route_complexity  # complexity traces models.
+  image_shape = [int(d) for d in image_shape]
+  space = [r.name for r in model.routes.routing_space]
+  entries = []
+  for route in routes:
+    entry = {'name': route.name, 'widths': _jsonable(route.widths),
+             'routing_index': space.index(route.name) if route.name in space else None,
+             'madds': int(route_complexity(model, route, tuple(image_shape)).madds)}
+    if kind == 'routed':
+      entry['madds_with_gate'] = int(route_complexity(model, route, tuple(image_shape),
+                                                      with_gate=True).madds)
+    entries.append(entry)
+  offsets = variables.get('routing', {}).get('offsets')
+  return {
+      'format_version': FORMAT_VERSION, 'kind': kind, 'model': type(model).__name__,
+      'dtype': jnp.dtype(getattr(model, 'dtype', None) or jnp.float32).name,
+      'input': {'name': 'images', 'shape': [None, *image_shape], 'layout': 'NHWC',
+                'dtype': 'float32', 'preprocessing': dict(preprocessing or {})},
+      'num_classes': int(model.num_classes),
+      'routes': entries,
+      'routing_offsets': None if offsets is None else np.asarray(offsets).tolist(),
+      'supernet_params': int(sum(np.size(p) for p in jax.tree.leaves(variables['params']))),
+  }
+
+
+def _write_manifest(out_dir: str, manifest: dict) -> None:
+  manifest['formats'] = sorted({f for p in manifest['programs'].values() for f in p['files']}
+                               - {'params'}, key=FORMATS.index)
+  with open(os.path.join(out_dir, MANIFEST), 'w') as f:
+    json.dump(manifest, f, indent=1)
+
+
+def _jsonable(value):
+  if isinstance(value, (tuple, list)):
+    return [_jsonable(v) for v in value]
+  return int(value) if isinstance(value, (int, np.integer)) else value
 
 
 def main(argv):
-  """`python -m dsnet_jax.export --config=C --workdir=DIR --route=R --out=DIR2`."""
+  """`python -m dsnet_jax.export --config=C (--workdir=DIR | --checkpoint=CKPT)
+  (--route=R | --routed) --out=OUT [--format=jax,onnx] [--overwrite]`."""
   del argv
-  from absl import flags
-  from dsnet_jax import rundir
-  from dsnet_jax.models import get_model
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from dsnet_jax import cli, rundir  # pylint: disable=import-outside-toplevel
+  from dsnet_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from dsnet_jax.models import get_model  # pylint: disable=import-outside-toplevel
+  cli.quiet_library_logs()
   f = flags.FLAGS
-  config = f.config
+  if (f.route is None) == (not f.routed):
+    raise ExportError('pass exactly one of --route=R (one route) and --routed (the bundle)')
+  if bool(f.workdir) == bool(f.checkpoint):
+    raise ExportError('pass exactly one of --workdir and --checkpoint')
+  formats = check_formats(f.format)
   check_output_dir(f.out, f.overwrite)
+  config = f.config
   model = get_model(config.model_name, **config.model)
-  size = config.data.get('image_size') or 224
-  image_shape = (size, size, config.model.get('in_channels', 3))
+  preprocess = input_pipeline.preprocessing(config.data)
+  image_shape = preprocess.image_shape
   directory = f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir()
   restored = rundir.restore_variables(directory, model, image_shape, config=config)
   print(f'restored {restored.describe()}')
-  export_route(restored.model, restored.variables, f.route, f.out, image_shape,
-               batch_size=f.batch_size, platforms=f.platforms, overwrite=f.overwrite)
+  kwargs = dict(formats=formats, platforms=f.platforms, batch_size=f.batch_size,
+                preprocessing=input_pipeline.describe_preprocessing(preprocess),
+                overwrite=f.overwrite)
+  if f.routed:
+    export_routed(restored.model, restored.variables, f.out, image_shape, **kwargs)
+  else:
+    export_route(restored.model, restored.variables, f.route, f.out, image_shape, **kwargs)
 
 
 if __name__ == '__main__':
@@ -317,11 +343,13 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'The config the checkpoint was trained with.')
   flags.DEFINE_string('workdir', '', 'Training workdir: exports its latest stage checkpoint.')
   flags.DEFINE_string('checkpoint', '', 'A stage checkpoint directory instead of --workdir.')
-  flags.DEFINE_string('route', None, "Route to export: 0, 1, ..., 'largest'.")
+  flags.DEFINE_string('route', None, "One route to export: 0, 1, ..., 'largest'.")
+  flags.DEFINE_bool('routed', False, 'Export the routed model: prefix + one suffix per route.')
+  flags.DEFINE_list('format', ['jax'], 'jax (jax.export), onnx (needs .[export]), or both.')
   flags.DEFINE_string('out', None, 'Output directory (must not exist or be empty).')
   flags.DEFINE_bool('overwrite', False, 'Replace what a non-empty --out holds.')
   flags.DEFINE_integer('batch_size', None, 'Export for this batch size only (default: any).')
-  flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms to lower the forward for.')
-  flags.mark_flags_as_required(['config', 'route', 'out'])
+  flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms to lower the jax.export for.')
+  flags.mark_flags_as_required(['config', 'out'])
   from dsnet_jax import cli
-  app.run(cli.main_errors(main))
+  app.run(cli.main_errors(main, ExportError, ExportDependencyError))

@@ -84,35 +84,52 @@ def _dataset(config: ml_collections.ConfigDict,
   """The split's random-access source, its preprocessing and its number of classes."""
   name = config.name
   _check_name(name)
-  data_dir = config.get('data_dir')
+  preprocess = preprocessing(config)
+  if name == 'fashion_mnist':
+    _check(config, 'num_classes', fashion_mnist.NUM_CLASSES, name)
+    sources = fashion_mnist.data_sources(
+        config.get('data_dir'), config.get('debian_dir') or fashion_mnist.DEBIAN_DIR)
+    num_classes = fashion_mnist.NUM_CLASSES
+  elif name == 'imagenet2012':
+    _check(config, 'num_classes', imagenet.NUM_CLASSES, name)
+    sources = imagenet.data_sources(config.get('data_dir'))
+    num_classes = imagenet.NUM_CLASSES
+  else:
+    sources = {s: SyntheticSource(config.get('synthetic_num_examples', 1024),
+                                  preprocess.image_shape, config.num_classes, seed=i)
+               for i, s in enumerate(('train', 'test'))}
+    num_classes = config.num_classes
+  if split not in sources:
+    raise ValueError(f'{name} has no split {split!r}; splits: {sorted(sources)}')
+  return sources[split], preprocess, num_classes
+
+
+def preprocessing(config: ml_collections.ConfigDict) -> Preprocess:
+  """The preprocessing of the data set `config` (config.data) names: image size, channels,
+  normalisation, augmentation."""
+  name = config.name
+  _check_name(name)
   augment = config.get('augment') or 'none'
   extra = dict(randaugment=config.get('randaugment') or '',
                random_erasing=float(config.get('random_erasing') or 0.0))
   if name == 'fashion_mnist':
     _check(config, 'image_size', 28, name)
-    _check(config, 'num_classes', fashion_mnist.NUM_CLASSES, name)
-    sources = fashion_mnist.data_sources(
-        data_dir, config.get('debian_dir') or fashion_mnist.DEBIAN_DIR)
-    preprocess = Preprocess(28, 1, fashion_mnist.MEAN, fashion_mnist.STD, augment, **extra)
-    num_classes = fashion_mnist.NUM_CLASSES
-  elif name == 'imagenet2012':
-    _check(config, 'num_classes', imagenet.NUM_CLASSES, name)
-    sources = imagenet.data_sources(data_dir)
-    preprocess = Preprocess(config.get('image_size') or 224, 3, imagenet.MEAN, imagenet.STD,
-                            augment, 'resize_crop', config.get('crop_pct') or 0.875, **extra)
-    num_classes = imagenet.NUM_CLASSES
-  else:
-    channels = config.get('channels', 3)
-    shape = (config.image_size, config.image_size, channels)
-    sources = {s: SyntheticSource(config.get('synthetic_num_examples', 1024), shape,
-                                  config.num_classes, seed=i)
-               for i, s in enumerate(('train', 'test'))}
-    preprocess = Preprocess(config.image_size, channels, (0.5,) * channels, (0.5,) * channels,
-                            augment, **extra)
-    num_classes = config.num_classes
-  if split not in sources:
-    raise ValueError(f'{name} has no split {split!r}; splits: {sorted(sources)}')
-  return sources[split], preprocess, num_classes
+    return Preprocess(28, 1, fashion_mnist.MEAN, fashion_mnist.STD, augment, **extra)
+  if name == 'imagenet2012':
+    return Preprocess(config.get('image_size') or 224, 3, imagenet.MEAN, imagenet.STD,
+                      augment, 'resize_crop', config.get('crop_pct') or 0.875, **extra)
+  channels = config.get('channels', 3)
+  return Preprocess(config.image_size, channels, (0.5,) * channels, (0.5,) * channels, augment,
+                    **extra)
+
+
+def describe_preprocessing(preprocess: Preprocess) -> dict[str, Any]:
+  """What a deployment must do to a uint8 HWC image before the model (JSON-ready)."""
+  return {'image_size': preprocess.image_size, 'channels': preprocess.channels,
+          'normalize': '(pixel / 255 - mean) / std, per channel',
+          'mean': list(preprocess.mean), 'std': list(preprocess.std),
+          'resize': (f'shorter side to image_size / {preprocess.crop_pct}, center crop'
+                     if preprocess.eval_resize == 'resize_crop' else 'none (image_size square)')}
 
 
 def check_available(config: ml_collections.ConfigDict, split: str | None = None) -> None:
