@@ -27,10 +27,14 @@ routing index, run each group's suffix, scatter back (the README's reference rou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
 import os
+import shutil
+import tempfile
+import zipfile
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -42,6 +46,7 @@ from dsnet_jax.specialize import StaticProgram, specialize
 
 MANIFEST = 'manifest.json'
 FORMATS = ('jax', 'onnx')
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 FORMAT_VERSION = 1
 
 
@@ -84,20 +89,21 @@ def export_route(model, variables, route, out_dir: str, image_shape: Sequence[in
   """Writes `route` (a name, an index or a Route) as a standalone static model; returns the
   manifest.
 
-  Raises:
+  Raises (before any work):
+    UnknownRouteError: `route` is not one of the model's.
     FileExistsError: `out_dir` is a file, or a non-empty directory and not `overwrite`.
+    ExportError: an unknown format or platform, a batch size < 1, preprocessing that is not
+      JSON, an `out_dir` holding a manifest that is not an export's.
     ExportDependencyError: 'onnx' in `formats` without jax2onnx installed.
-    ExportError: an unknown format.
   """
-  formats = check_formats(formats)
-  check_output_dir(out_dir, overwrite)
   route = model.routes[route]
-  program = route_program(model, variables, route, image_shape, batch_size)
-  manifest = _manifest('route', model, variables, image_shape, preprocessing, [route])
-  _prepare(out_dir)
-  manifest['programs'] = {'route': _write(program, out_dir, 'route', formats, platforms,
-                                          ['images'], ['logits'])}
-  _write_manifest(out_dir, manifest)
+  request = _Request.check(formats, platforms, batch_size, preprocessing, out_dir, overwrite)
+  manifest = _manifest('route', model, variables, image_shape, request, [route])
+  with _staged(out_dir) as staging:
+    program = route_program(model, variables, route, image_shape, batch_size)
+    manifest['programs'] = {'route': _write(program, staging, 'route', request, ['images'],
+                                            ['logits'])}
+    _write_manifest(staging, manifest)
   if verbose:
     print(describe(manifest, out_dir))
   return manifest
@@ -108,23 +114,23 @@ def export_routed(model, variables, out_dir: str, image_shape: Sequence[int], *,
                   batch_size: int | None = None, preprocessing: Mapping[str, Any] | None = None,
                   overwrite: bool = False, verbose: bool = True) -> dict:
   """Writes the routed model as a bundle (prefix + one suffix per routing index, see the
-  module doc); returns the manifest. Raises as `export_route`."""
-  formats = check_formats(formats)
-  check_output_dir(out_dir, overwrite)
+  module doc); returns the manifest. `batch_size` fixes the prefix's batch only: a suffix
+  runs on the images routed to it, any number. Raises as `export_route`."""
+  request = _Request.check(formats, platforms, batch_size, preprocessing, out_dir, overwrite)
   space = model.routes.routing_space
-  prefix = prefix_program(model, variables, image_shape, batch_size)
-  manifest = _manifest('routed', model, variables, image_shape, preprocessing, space)
-  _prepare(out_dir)
-  programs = {'prefix': _write(prefix, out_dir, 'prefix', formats, platforms, ['images'],
-                               ['hidden', 'routing_index'])}
-  hidden_spec = jax.eval_shape(lambda x: model.apply_prefix(variables, x)[0],
-                               prefix.input_specs[0])
-  for i, route in enumerate(space):
-    program = suffix_program(model, variables, route, hidden_spec)
-    programs[f'suffix_{i}'] = _write(program, out_dir, f'suffix_{i}', formats, platforms,
-                                     ['hidden'], ['logits'])
-  manifest['programs'] = programs
-  _write_manifest(out_dir, manifest)
+  manifest = _manifest('routed', model, variables, image_shape, request, space)
+  with _staged(out_dir) as staging:
+    prefix = prefix_program(model, variables, image_shape, batch_size)
+    programs = {'prefix': _write(prefix, staging, 'prefix', request, ['images'],
+                                 ['hidden', 'routing_index'])}
+    hidden_spec = jax.eval_shape(lambda x: model.apply_prefix(variables, x)[0],
+                                 _images_spec(image_shape, None))
+    for i, route in enumerate(space):
+      program = suffix_program(model, variables, route, hidden_spec)
+      programs[f'suffix_{i}'] = _write(program, staging, f'suffix_{i}', request, ['hidden'],
+                                       ['logits'])
+    manifest['programs'] = programs
+    _write_manifest(staging, manifest)
   if verbose:
     print(describe(manifest, out_dir))
   return manifest
@@ -139,10 +145,11 @@ def describe(manifest: dict, out_dir: str) -> str:
                       for f in program['files'].values())
     lines.append(f'  {name}: {program["params"]:,} parameters; {sizes}')
   for route in manifest['routes']:
-    lines.append(f'  route {route["name"]} (routing index {route["routing_index"]}): widths '
-                 f'{route["widths"]}, {route["madds"] / 1e6:.4g} MMAdds per image'
-                 + (f' ({route["madds_with_gate"] / 1e6:.4g} with the gate)'
-                    if manifest['kind'] == 'routed' else ''))
+    routed = manifest['kind'] == 'routed'
+    lines.append(f'  route {route["name"]}'
+                 + (f' (routing index {route["routing_index"]})' if routed else '')
+                 + f': widths {route["widths"]}, {route["madds"] / 1e6:.4g} MMAdds per image'
+                 + (f' ({route["madds_with_gate"] / 1e6:.4g} with the gate)' if routed else ''))
   lines.append(f'  the supernet: {manifest["supernet_params"]:,} parameters')
   return '\n'.join(lines)
 
@@ -151,7 +158,8 @@ def check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
   """('jax', 'onnx') subset, in that order. Raises ExportError on an unknown one and
   ExportDependencyError for 'onnx' without jax2onnx."""
   if isinstance(formats, str):
-    formats = [f for f in formats.split(',') if f]
+    formats = formats.split(',')
+  formats = [f.strip() for f in formats if f.strip()]
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown or not formats:
     raise ExportError(f'unknown export format {", ".join(unknown) or "(none)"}; valid: '
@@ -161,26 +169,53 @@ def check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
   return tuple(f for f in FORMATS if f in formats)
 
 
+def check_platforms(platforms: Sequence[str] | str) -> tuple[str, ...]:
+  """The platforms a jax.export is lowered for, checked. Raises ExportError."""
+  if isinstance(platforms, str):
+    platforms = platforms.split(',')
+  platforms = tuple(dict.fromkeys(p.strip().lower() for p in platforms if p.strip()))
+  unknown = sorted(set(platforms) - set(PLATFORMS))
+  if unknown or not platforms:
+    raise ExportError(f'unknown platform {", ".join(unknown) or "(none)"}; valid: '
+                      f'{", ".join(PLATFORMS)}')
+  return platforms
+
+
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
-  """Raises FileExistsError unless `out_dir` is missing, empty, or may be overwritten."""
+  """Raises FileExistsError unless `out_dir` is missing, empty, or may be overwritten, and
+  ExportError where it cannot be a directory or holds a manifest that is not an export's."""
+  if not out_dir:
+    raise ExportError('--out is empty: name the directory to write')
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FileExistsError(f'--out {out_dir} is a file, not a directory')
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f'--out {out_dir} is not empty; pass --overwrite to replace what it '
-                          'holds')
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ExportError(f'--out {out_dir} cannot be a directory: {parent} is a file')
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    if not overwrite:
+      raise FileExistsError(f'--out {out_dir} is not empty; pass --overwrite to replace what it '
+                            'holds')
+    _previous_files(out_dir)  # Raises now, not after the work, on a foreign manifest.
 
 
-def _remove_previous_export(out_dir: str) -> None:
-  """Deletes the files a previous export's manifest lists, so none of them outlives it (a
-  bundle's suffixes under a route export). Files of anyone else stay."""
+def _previous_files(out_dir: str) -> list[str]:
+  """The files a previous export in `out_dir` wrote (its manifest's), [] where there is none.
+  Raises ExportError on a manifest.json that is not an export's."""
   path = os.path.join(out_dir, MANIFEST)
-  if not os.path.isfile(path):
-    return
-  for program in load_manifest(out_dir).get('programs', {}).values():
-    for name in program.get('files', {}).values():
-      if os.path.isfile(os.path.join(out_dir, os.path.basename(name))):
-        os.remove(os.path.join(out_dir, os.path.basename(name)))
-  os.remove(path)
+  if not os.path.exists(path):
+    return []
+  try:
+    manifest = load_manifest(out_dir)
+    files = [os.path.basename(f) for p in manifest['programs'].values()
+             for f in p['files'].values()]
+    if 'format_version' not in manifest or not all(isinstance(f, str) for f in files):
+      raise ValueError('not written by dsnet_jax.export')
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ExportError(f'{path} is not the manifest of an export ({type(e).__name__}: {e}); '
+                      'remove it or choose another --out') from e
+  return [MANIFEST, *files]
 
 
 def load_manifest(out_dir: str) -> dict:
@@ -190,20 +225,89 @@ def load_manifest(out_dir: str) -> dict:
 
 def load_program(out_dir: str, name: str):
   """A program of an export directory as a function of its inputs (the jax.export artifact
-  called on its saved parameters)."""
-  files = load_manifest(out_dir)['programs'][name]['files']
-  with open(os.path.join(out_dir, files['jax']), 'rb') as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
-  with np.load(os.path.join(out_dir, files['params'])) as data:
-    params = dict(data)
+  called on its saved parameters).
+
+  Raises:
+    FileNotFoundError: a file is missing.
+    ExportError: no such program, no jax.export of it, or a file that cannot be read.
+  """
+  programs = load_manifest(out_dir)['programs']
+  if name not in programs:
+    raise ExportError(f'{out_dir} has no program {name!r}; it has {", ".join(programs)}')
+  files = programs[name]['files']
+  if 'jax' not in files:
+    raise ExportError(f'{out_dir} holds {name} as {", ".join(sorted(set(files) - {"params"}))} '
+                      'only; export it with --format=jax to load it in JAX')
+  path = os.path.join(out_dir, files['jax'])
+  with open(path, 'rb') as f:
+    serialized = bytearray(f.read())
+  try:
+    exported = jax.export.deserialize(serialized)
+  except Exception as e:  # flatbuffers raises struct.error, IndexError, ... on damage.
+    raise ExportError(f'{path} is not a readable jax.export artifact (truncated or corrupt: '
+                      f'{type(e).__name__})') from e
+  path = os.path.join(out_dir, files['params'])
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no parameters file {path}')
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      params = dict(data)
+  except (ValueError, OSError, zipfile.BadZipFile) as e:
+    raise ExportError(f'{path} is not a readable .npz of parameters (truncated or corrupt)'
+                      ) from e
   return lambda *inputs: exported.call(params, *inputs)
 
 
 # --- internals ----------------------------------------------------------------------------------
 
-def _prepare(out_dir: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  _remove_previous_export(out_dir)
+@dataclasses.dataclass(frozen=True)
+class _Request:
+  """An export's options, checked before any work."""
+  formats: tuple[str, ...]
+  platforms: tuple[str, ...]
+  batch_size: int | None
+  preprocessing: dict
+
+  @classmethod
+  def check(cls, formats, platforms, batch_size, preprocessing, out_dir, overwrite) -> _Request:
+    formats = check_formats(formats)
+    platforms = check_platforms(platforms)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(
+        batch_size, (int, np.integer)) or batch_size < 1):
+      raise ExportError(f'batch size {batch_size!r} is not an integer >= 1 (None: any)')
+    try:
+      preprocessing = json.loads(json.dumps(dict(preprocessing or {}), default=_to_json))
+    except (TypeError, ValueError) as e:
+      raise ExportError(f'preprocessing must be JSON data (numbers, strings, lists): {e}') from e
+    check_output_dir(out_dir, overwrite)
+    return cls(formats, platforms, None if batch_size is None else int(batch_size),
+               preprocessing)
+
+
+@contextlib.contextmanager
+def _staged(out_dir: str):
+  """A hidden directory beside `out_dir` to write into; on success the previous export's
+  files leave `out_dir` and the new ones move in, so an interrupted export changes nothing."""
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(out_dir))}.',
+                             dir=parent)
+  try:
+    yield staging
+    os.makedirs(out_dir, exist_ok=True)
+    for name in _previous_files(out_dir):
+      if os.path.isfile(os.path.join(out_dir, name)):
+        os.remove(os.path.join(out_dir, name))
+    for name in sorted(os.listdir(staging), key=lambda n: n == MANIFEST):  # Manifest last.
+      os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _to_json(value):
+  if isinstance(value, (np.ndarray, np.generic)):
+    return value.tolist()
+  raise TypeError(f'{type(value).__name__} {value!r} is not JSON')
 
 
 def _specialize(fn, variables, *specs) -> StaticProgram:
@@ -218,15 +322,15 @@ def _images_spec(image_shape, batch_size):
   return jax.ShapeDtypeStruct((batch, *(int(d) for d in image_shape)), jnp.float32)
 
 
-def _write(program: StaticProgram, out_dir: str, name: str, formats, platforms,
+def _write(program: StaticProgram, out_dir: str, name: str, request: _Request,
            input_names: list[str], output_names: list[str]) -> dict:
   files = {'params': f'{name}.npz'}
   np.savez(os.path.join(out_dir, files['params']), **program.params)
-  if 'jax' in formats:
+  if 'jax' in request.formats:
     files['jax'] = f'{name}.jaxexport'
     with open(os.path.join(out_dir, files['jax']), 'wb') as f:
-      f.write(program.export(platforms).serialize())
-  if 'onnx' in formats:
+      f.write(program.export(request.platforms).serialize())
+  if 'onnx' in request.formats:
     files['onnx'] = f'{name}.onnx'
     _to_onnx(program, os.path.join(out_dir, files['onnx']), name, input_names, output_names)
   specs = [{'name': n, 'shape': [d if isinstance(d, int) else None for d in s.shape],
@@ -266,16 +370,16 @@ def _quiet():
     logging.disable(previous)
 
 
-def _manifest(kind, model, variables, image_shape, preprocessing, routes) -> dict:
+def _manifest(kind, model, variables, image_shape, request: _Request, routes) -> dict:
   from dsnet_jax.complexity import route_complexity  # complexity traces models.
   image_shape = [int(d) for d in image_shape]
   space = [r.name for r in model.routes.routing_space]
   entries = []
   for route in routes:
     entry = {'name': route.name, 'widths': _jsonable(route.widths),
-             'routing_index': space.index(route.name) if route.name in space else None,
              'madds': int(route_complexity(model, route, tuple(image_shape)).madds)}
     if kind == 'routed':
+      entry['routing_index'] = space.index(route.name)
       entry['madds_with_gate'] = int(route_complexity(model, route, tuple(image_shape),
                                                       with_gate=True).madds)
     entries.append(entry)
@@ -283,11 +387,13 @@ def _manifest(kind, model, variables, image_shape, preprocessing, routes) -> dic
   return {
       'format_version': FORMAT_VERSION, 'kind': kind, 'model': type(model).__name__,
       'dtype': jnp.dtype(getattr(model, 'dtype', None) or jnp.float32).name,
-      'input': {'name': 'images', 'shape': [None, *image_shape], 'layout': 'NHWC',
-                'dtype': 'float32', 'preprocessing': dict(preprocessing or {})},
+      'input': {'name': 'images', 'shape': [request.batch_size, *image_shape], 'layout': 'NHWC',
+                'dtype': 'float32', 'preprocessing': request.preprocessing},
       'num_classes': int(model.num_classes),
+      'platforms': list(request.platforms),
       'routes': entries,
-      'routing_offsets': None if offsets is None else np.asarray(offsets).tolist(),
+      **({'routing_offsets': None if offsets is None else np.asarray(offsets).tolist()}
+         if kind == 'routed' else {}),
       'supernet_params': int(sum(np.size(p) for p in jax.tree.leaves(variables['params']))),
   }
 
@@ -319,19 +425,24 @@ def main(argv):
     raise ExportError('pass exactly one of --route=R (one route) and --routed (the bundle)')
   if bool(f.workdir) == bool(f.checkpoint):
     raise ExportError('pass exactly one of --workdir and --checkpoint')
-  formats = check_formats(f.format)
-  check_output_dir(f.out, f.overwrite)
   config = f.config
   model = get_model(config.model_name, **config.model)
   preprocess = input_pipeline.preprocessing(config.data)
   image_shape = preprocess.image_shape
+  if f.route is not None:
+    model.routes[f.route]  # pylint: disable=pointless-statement  # Raises on an unknown route.
+  kwargs = dict(formats=f.format, platforms=f.platforms, batch_size=f.batch_size,
+                preprocessing=input_pipeline.describe_preprocessing(preprocess),
+                overwrite=f.overwrite)
+  _Request.check(out_dir=f.out, **kwargs)  # Before restoring anything.
   directory = f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir()
   restored = rundir.restore_variables(directory, model, image_shape, config=config)
   print(f'restored {restored.describe()}')
-  kwargs = dict(formats=formats, platforms=f.platforms, batch_size=f.batch_size,
-                preprocessing=input_pipeline.describe_preprocessing(preprocess),
-                overwrite=f.overwrite)
   if f.routed:
+    if not restored.gated:
+      raise ExportError(f'{directory} holds no trained gate (stage '
+                        f'{restored.meta.get("stage", "?")}): a routed bundle would route by '
+                        'a random one. Export a gate-stage checkpoint, or one route with --route')
     export_routed(restored.model, restored.variables, f.out, image_shape, **kwargs)
   else:
     export_route(restored.model, restored.variables, f.route, f.out, image_shape, **kwargs)
@@ -345,10 +456,12 @@ if __name__ == '__main__':
   flags.DEFINE_string('checkpoint', '', 'A stage checkpoint directory instead of --workdir.')
   flags.DEFINE_string('route', None, "One route to export: 0, 1, ..., 'largest'.")
   flags.DEFINE_bool('routed', False, 'Export the routed model: prefix + one suffix per route.')
-  flags.DEFINE_list('format', ['jax'], 'jax (jax.export), onnx (needs .[export]), or both.')
+  flags.DEFINE_list('format', ['jax'], 'jax (jax.export, the default), onnx (needs .[export]), '
+                    'or both: jax,onnx.')
   flags.DEFINE_string('out', None, 'Output directory (must not exist or be empty).')
   flags.DEFINE_bool('overwrite', False, 'Replace what a non-empty --out holds.')
-  flags.DEFINE_integer('batch_size', None, 'Export for this batch size only (default: any).')
+  flags.DEFINE_integer('batch_size', None, 'Export for this batch size only (default: any); '
+                       "with --routed, the prefix's (a suffix takes any number).")
   flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms to lower the jax.export for.')
   flags.mark_flags_as_required(['config', 'out'])
   from dsnet_jax import cli

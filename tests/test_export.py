@@ -195,15 +195,80 @@ def test_bad_requests_fail_before_writing(tmp_path, monkeypatch):
     export.export_route(model, variables, 14, str(out), IMAGE)
   with pytest.raises(export.ExportError, match='unknown export format tflite'):
     export.export_route(model, variables, 1, str(out), IMAGE, formats=('jax', 'tflite'))
+  with pytest.raises(export.ExportError, match='unknown platform garbage; valid: cpu, cuda'):
+    export.export_route(model, variables, 1, str(out), IMAGE, platforms='cpu,garbage')
+  for bad in (0, -3, 2.7, True):
+    with pytest.raises(export.ExportError, match='is not an integer >= 1'):
+      export.export_route(model, variables, 1, str(out), IMAGE, batch_size=bad)
+  with pytest.raises(export.ExportError, match='preprocessing must be JSON'):
+    export.export_route(model, variables, 1, str(out), IMAGE, preprocessing={'f': object()})
+  with pytest.raises(export.ExportError, match='--out is empty'):
+    export.export_route(model, variables, 1, '', IMAGE)
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(export.ExportError, match='is a file'):
+    export.export_route(model, variables, 1, str(tmp_path / 'a_file' / 'sub'), IMAGE)
   monkeypatch.setitem(sys.modules, 'jax2onnx', None)  # As without the export extra.
   with pytest.raises(export.ExportDependencyError, match=r"pip install '\.\[export\]'"):
     export.export_routed(model, variables, str(out), IMAGE, formats=('onnx',))
-  assert not out.exists()
+  assert not out.exists() and os.listdir(tmp_path) == ['a_file']
   out.mkdir()
   (out / 'keep.txt').write_text('mine')
   with pytest.raises(FileExistsError, match='is not empty; pass --overwrite'):
     export.export_route(model, variables, 1, str(out), IMAGE)
-  assert [p.name for p in out.iterdir()] == ['keep.txt']
+  (out / 'manifest.json').write_text('{"not": "an export"')  # Someone else's, and damaged.
+  with pytest.raises(export.ExportError, match='is not the manifest of an export'):
+    export.export_route(model, variables, 1, str(out), IMAGE, overwrite=True)
+  assert sorted(p.name for p in out.iterdir()) == ['keep.txt', 'manifest.json']
+
+
+def test_overwrite_replaces_the_previous_export_whole_and_only_on_success(tmp_path, monkeypatch):
+  model = ds_mbnet.Model(**tiny_config().model)
+  variables = trained_like(model)
+  out = tmp_path / 'out'
+  export.export_routed(model, variables, str(out), IMAGE, platforms='cpu', verbose=False,
+                       preprocessing={'mean': np.float32([0.5])})  # NumPy values become JSON.
+  (out / 'notes.txt').write_text('mine')
+  bundle = sorted(p.name for p in out.iterdir())
+  assert export.load_manifest(str(out))['input']['preprocessing'] == {'mean': [0.5]}
+
+  def fail(*args, **kwargs):
+    raise KeyboardInterrupt  # An export stopped halfway changes nothing.
+  with monkeypatch.context() as patch:
+    patch.setattr(export, '_write_manifest', fail)
+    with pytest.raises(KeyboardInterrupt):
+      export.export_route(model, variables, 1, str(out), IMAGE, platforms='cpu', overwrite=True,
+                          verbose=False)
+  assert sorted(p.name for p in out.iterdir()) == bundle
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['out']  # No staging left behind.
+
+  export.export_route(model, variables, 1, str(out), IMAGE, platforms='cpu', overwrite=True,
+                      verbose=False)
+  assert sorted(p.name for p in out.iterdir()) == [
+      'manifest.json', 'notes.txt', 'route.jaxexport', 'route.npz']
+  manifest = export.load_manifest(str(out))
+  assert manifest['kind'] == 'route' and 'routing_offsets' not in manifest
+
+
+def test_loading_a_damaged_export_says_what_is_wrong(tmp_path):
+  model = ds_mbnet.Model(**tiny_config().model)
+  variables = stand_in.random_variables(model, IMAGE)
+  out = str(tmp_path / 'r')
+  export.export_route(model, variables, 1, out, IMAGE, platforms='cpu', verbose=False)
+  with pytest.raises(export.ExportError, match="has no program 'prefix'; it has route"):
+    export.load_program(out, 'prefix')
+  data = (tmp_path / 'r' / 'route.jaxexport').read_bytes()
+  (tmp_path / 'r' / 'route.jaxexport').write_bytes(data[:len(data) // 2])
+  with pytest.raises(export.ExportError, match='not a readable jax.export artifact'):
+    export.load_program(out, 'route')
+  (tmp_path / 'r' / 'route.jaxexport').write_bytes(data)
+  (tmp_path / 'r' / 'route.npz').write_bytes(b'PK\x03\x04 damaged')
+  with pytest.raises(export.ExportError, match='not a readable .npz'):
+    export.load_program(out, 'route')
+  manifest = export.load_manifest(out)
+  del manifest['programs']['route']['files']['jax']
+  (tmp_path / 'r' / 'manifest.json').write_text(json.dumps(manifest))
+  with pytest.raises(export.ExportError, match='only; export it with --format=jax'):
+    export.load_program(out, 'route')
 
 
 @pytest.mark.slow
@@ -231,6 +296,11 @@ def test_cli_exports_a_trained_workdir(trained, tmp_path):
   both = subprocess.run([*command, '--route=1', '--routed', f'--out={out}'], cwd=ROOT,
                         capture_output=True, text=True)
   assert both.returncode == 1 and 'exactly one of --route=R' in both.stderr
+  ungated = subprocess.run(
+      [*command[:4], f'--checkpoint={trained.workdir}/checkpoints/supernet', '--routed',
+       f'--out={tmp_path / "ungated"}'], cwd=ROOT, capture_output=True, text=True)
+  assert ungated.returncode == 1 and 'holds no trained gate' in ungated.stderr, ungated.stderr
+  assert not (tmp_path / 'ungated').exists()
   subprocess.run([*command, '--route=1', f'--out={out}', '--overwrite'], cwd=ROOT,
                  capture_output=True, check=True)
   assert export.load_manifest(str(out))['kind'] == 'route'

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import ml_collections
 
+from dsnet_jax.config_lib import ConfigError
 from dsnet_jax.data import fashion_mnist, imagenet
 from dsnet_jax.data.augment import Mixing
 from dsnet_jax.data.in_memory import ArraySource, load_numpy
@@ -76,7 +77,7 @@ def _check_name(name: str) -> None:
 
 def _check(config: ml_collections.ConfigDict, field: str, expected: int, name: str) -> None:
   if config.get(field) not in (None, expected):  # None: take the dataset's.
-    raise ValueError(f'config.data.{field}={config.get(field)} but {name} has {expected}')
+    raise ConfigError(f'config.data.{field}={config.get(field)} but {name} has {expected}')
 
 
 def _dataset(config: ml_collections.ConfigDict,
