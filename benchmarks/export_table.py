@@ -1,8 +1,9 @@
 """Every family exported, checked against the supernet, and ONNX timed against JAX, in one run.
 
     python benchmarks/export_table.py --models=ds_mbnet,ds_resnet,ds_vit --image_size=224
+    python benchmarks/export_table.py --config=configs/tiny.py   # a config's model instead
 
-For each model (random weights, BatchNorm statistics of real activations of random images, and
+For each model (random weights, BatchNorm statistics of real activations of 64 random images, and
 routing offsets that spread a batch over the routing space, so that a wrong slice, fold or
 route shows): route 0, the routing space's middle route, 'largest' and the routed bundle, each
 written as jax.export and ONNX (`dsnet_jax.export`). Printed: the max abs logits error of each
@@ -25,14 +26,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsnet_jax import bn_calibration, export, latency, stand_in, timing  # noqa: E402
+from dsnet_jax import bn_calibration, config_lib, export, latency, stand_in, timing  # noqa: E402
+from dsnet_jax.data import input_pipeline  # noqa: E402
 from dsnet_jax.inference import RoutedPredictor  # noqa: E402
-from dsnet_jax.models import available_models  # noqa: E402
+from dsnet_jax.models import available_models, get_model  # noqa: E402
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--models', default='ds_mbnet,ds_resnet,ds_vit')
+  p.add_argument('--config', default='', help="a config file: its model and image shape "
+                 'instead of --models, --image_size and --num_classes')
   p.add_argument('--image_size', type=int, default=224)
   p.add_argument('--num_classes', type=int, default=1000)
   p.add_argument('--images', type=int, default=8, help='images the errors are measured on')
@@ -101,15 +105,26 @@ def routed(load, manifest, images):
 
 
 def size_mib(out_dir: str, manifest: dict, fmt: str) -> float:
-  files = [p['files'][fmt] for p in manifest['programs'].values()]
-  files += [p['files']['params'] for p in manifest['programs'].values()] * (fmt == 'jax')
+  """What a deployment in `fmt` ships: jax.export + .npz, or .onnx + .onnx.data."""
+  kinds = {'jax': ('jax', 'params'), 'onnx': ('onnx', 'onnx_data')}[fmt]
+  files = [f for p in manifest['programs'].values() for k, f in p['files'].items() if k in kinds]
   return sum(os.path.getsize(os.path.join(out_dir, f)) for f in files) / 2**20
 
 
-def family_rows(name: str, args, root: str) -> list[dict]:
-  model = latency.model_for(name, args.image_size, num_classes=args.num_classes)
-  shape = (args.image_size, args.image_size, 3)
-  variables = trained_like(model, shape, max(args.images, 8))
+def models(args):
+  """(name, model, image shape) of each model to export."""
+  if args.config:
+    config = config_lib.load_config_file(args.config)
+    shape = input_pipeline.preprocessing(config.data).image_shape
+    yield config.model_name, get_model(config.model_name, **config.model), shape
+    return
+  for name in args.models:
+    yield (name, latency.model_for(name, args.image_size, num_classes=args.num_classes),
+           (args.image_size, args.image_size, 3))
+
+
+def family_rows(name: str, model, shape, args, root: str) -> list[dict]:
+  variables = trained_like(model, shape, 64)
   x = np.random.default_rng(1).normal(size=(args.images, *shape)).astype(np.float32)
   space = model.routes.routing_space
   rows = []
@@ -119,7 +134,8 @@ def family_rows(name: str, args, root: str) -> list[dict]:
                                    platforms=('cpu',), verbose=False)
     want = np.asarray(jax.jit(lambda v, x, r=route: model.apply(v, x, route=r))(variables, x))
     row = {'model': name, 'what': f'route {route.name}',
-           'params': manifest['programs']['route']['params']}
+           'params': manifest['programs']['route']['params'],
+           'logit_scale': float(np.abs(want).max())}
     for fmt in args.formats:
       got = np.asarray(program_runner(out, fmt)('route')(x))
       row[fmt] = (float(np.abs(got - want).max()), size_mib(out, manifest, fmt))
@@ -130,6 +146,7 @@ def family_rows(name: str, args, root: str) -> list[dict]:
   want, want_index = RoutedPredictor(model, variables, shape).predict(x)
   row = {'model': name, 'what': 'routed bundle',
          'params': sum(p['params'] for p in manifest['programs'].values()),
+         'logit_scale': float(np.abs(np.asarray(want)).max()),
          'mix': np.bincount(np.asarray(want_index), minlength=len(space)).tolist()}
   for fmt in args.formats:
     got, index = routed(program_runner(out, fmt), manifest, x)
@@ -143,12 +160,13 @@ def family_rows(name: str, args, root: str) -> list[dict]:
 
 
 def format_rows(rows: list[dict], formats) -> str:
-  head = '| model | exported | parameters | ' + ' | '.join(
+  head = '| model | exported | parameters | max abs logit | ' + ' | '.join(
       f'{f} max abs error | {f} MiB' for f in formats) + ' |'
-  lines = [head, '|' + '---|' * (3 + 2 * len(formats))]
+  lines = [head, '|' + '---|' * (4 + 2 * len(formats))]
   for r in rows:
     cells = [r['model'], r['what'] + (f' (mix {r["mix"]})' if 'mix' in r else ''),
-             f'{r["params"]:,} ({r["params"] / r["supernet_params"]:.0%} of the supernet)']
+             f'{r["params"]:,} ({r["params"] / r["supernet_params"]:.0%} of the supernet)',
+             f'{r["logit_scale"]:.1f}']
     for f in formats:
       error, mib = r[f]
       cells += [f'{error:.1e}', f'{mib:.2f}']
@@ -158,8 +176,11 @@ def format_rows(rows: list[dict], formats) -> str:
 
 def timing_table(args, root: str) -> str:
   """ONNX (onnxruntime) vs jax.export vs the supernet's jitted route, ms per image."""
-  model = latency.model_for(args.timed_model, args.image_size, num_classes=args.num_classes)
-  shape = (args.image_size, args.image_size, 3)
+  if args.config:
+    _, model, shape = next(models(args))
+  else:
+    model = latency.model_for(args.timed_model, args.image_size, num_classes=args.num_classes)
+    shape = (args.image_size, args.image_size, 3)
   variables = trained_like(model, shape, 8)
   route = model.routes[args.timed_route]
   out = os.path.join(root, 'timed')
@@ -179,7 +200,7 @@ def timing_table(args, root: str) -> str:
     ms = {k: float(np.median(v)) * 1e3 / batch for k, v in times.items()}
     lines.append(f'| {batch} | {ms["onnx"]:.2f} | {ms["jax"]:.2f} | {ms["supernet"]:.2f} | '
                  f'{ms["onnx"] / ms["jax"]:.2f} |')
-  return (f'{args.timed_model} route {route.name} at {args.image_size} px, onnxruntime '
+  return (f'{type(model).__name__} route {route.name} at {shape[0]} px, onnxruntime '
           f'{_version("onnxruntime")} vs jax {jax.__version__} on {jax.devices()[0].device_kind}'
           f' ({args.rounds} rounds, round-robin):\n' + '\n'.join(lines))
 
@@ -192,12 +213,13 @@ def _version(package: str) -> str:
 def main(argv=None):
   args = parse_args(argv)
   print(f'# export table, {datetime.date.today()}, jax {jax.__version__}, '
-        f'{jax.devices()[0].device_kind}, {args.image_size} px, {args.num_classes} classes, '
-        f'errors on {args.images} images')
+        f'{jax.devices()[0].device_kind}, '
+        + (args.config if args.config else f'{args.image_size} px, {args.num_classes} classes')
+        + f', errors on {args.images} images')
   with tempfile.TemporaryDirectory() as root:
     rows = []
-    for name in args.models:
-      rows += family_rows(name, args, root)
+    for name, model, shape in models(args):
+      rows += family_rows(name, model, shape, args, root)
       print(f'{name}: done', flush=True)
     print(format_rows(rows, args.formats))
     if args.timed_model and args.timing_batches:

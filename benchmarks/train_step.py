@@ -42,7 +42,6 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import importlib.util
 import os
 import platform
 import sys
@@ -56,7 +55,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dsnet_jax import sharding, stand_in, train_lib  # noqa: E402
+from dsnet_jax import config_lib, sharding, stand_in, train_lib  # noqa: E402
 from dsnet_jax.complexity import route_complexity  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/ds_mbnet_fmnist.py'
@@ -86,19 +85,6 @@ def parse_args(argv=None):
   if args.rounds < 1 or args.draws < 1:
     p.error('--rounds and --draws must be >= 1')
   return args
-
-
-def load_config(spec: str):
-  """`get_config(arg)` of a config file given as 'path' or 'path:arg', unlocked."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isabs(path) and not os.path.exists(path):
-    path = os.path.join(ROOT, path)
-  module_spec = importlib.util.spec_from_file_location('benchmarked_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  config.unlock()
-  return config
 
 
 def benchmark_config(config, args):
@@ -219,7 +205,7 @@ def part_label(call: Call, calls: list[Call], table) -> str:
 
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
-  config = benchmark_config(load_config(args.config), args)
+  config = benchmark_config(config_lib.load_config_file(args.config), args)
   with tempfile.TemporaryDirectory() as workdir:  # make_run reads none; nothing is saved.
     run = train_lib.make_run(config, workdir)
   cfg, table, mesh = config.supernet, run.table, run.mesh

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -49,6 +51,22 @@ def stage_data(config: ml_collections.ConfigDict, stage: str) -> ml_collections.
     data.update(_unmixed_single_view().to_dict())
     data.update(config[stage].data.to_dict())
   return data
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file given as 'path' or 'path:arg' (as --config takes it;
+  a relative path not found here is looked up in the repository), unlocked."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+  if not os.path.isfile(path):
+    raise ConfigError(f'no config file {spec}')
+  module_spec = importlib.util.spec_from_file_location('loaded_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  config.unlock()
+  return config
 
 
 def defaults() -> ml_collections.ConfigDict:

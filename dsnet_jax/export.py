@@ -13,8 +13,9 @@ statistics. One mechanism serves DS-MBNet, DS-ResNet and DS-ViT. An export direc
                       loaded, `exported.call(dict(np.load(f)), images)`.
   <program>.jaxexport a serialized `jax.export` (CPU and CUDA, batch dimension symbolic), taking
                       (params, inputs); needs jax only.
-  <program>.onnx      ONNX with the parameters inside (format 'onnx', `pip install .[export]`),
-                      batch dimension dynamic; runs in onnxruntime.
+  <program>.onnx      ONNX (format 'onnx', `pip install .[export]`), batch dimension dynamic;
+                      runs in onnxruntime. Its weights are inside, or (tensors over 1 MB) in
+                      <program>.onnx.data beside it, which onnxruntime reads from there.
 
 Programs: a route export has 'route' (images -> logits). The routed bundle has 'prefix'
 (images -> hidden, routing_index: the gate's argmax after the calibrated offsets) and
@@ -236,7 +237,7 @@ def load_program(out_dir: str, name: str):
     raise ExportError(f'{out_dir} has no program {name!r}; it has {", ".join(programs)}')
   files = programs[name]['files']
   if 'jax' not in files:
-    raise ExportError(f'{out_dir} holds {name} as {", ".join(sorted(set(files) - {"params"}))} '
+    raise ExportError(f'{out_dir} holds {name} as {", ".join(sorted(set(files) & set(FORMATS)))} '
                       'only; export it with --format=jax to load it in JAX')
   path = os.path.join(out_dir, files['jax'])
   with open(path, 'rb') as f:
@@ -251,11 +252,12 @@ def load_program(out_dir: str, name: str):
     raise FileNotFoundError(f'no parameters file {path}')
   try:
     with np.load(path, allow_pickle=False) as data:
-      params = dict(data)
+      params = jax.device_put(dict(data))  # Once, not at every call.
   except (ValueError, OSError, zipfile.BadZipFile) as e:
     raise ExportError(f'{path} is not a readable .npz of parameters (truncated or corrupt)'
                       ) from e
-  return lambda *inputs: exported.call(params, *inputs)
+  call = jax.jit(exported.call)  # Cached per input shape: `exported.call` alone re-traces.
+  return lambda *inputs: call(params, *inputs)
 
 
 # --- internals ----------------------------------------------------------------------------------
@@ -333,6 +335,8 @@ def _write(program: StaticProgram, out_dir: str, name: str, request: _Request,
   if 'onnx' in request.formats:
     files['onnx'] = f'{name}.onnx'
     _to_onnx(program, os.path.join(out_dir, files['onnx']), name, input_names, output_names)
+    if os.path.exists(os.path.join(out_dir, f'{name}.onnx.data')):
+      files['onnx_data'] = f'{name}.onnx.data'  # Weights over 1 MB, read from beside the .onnx.
   specs = [{'name': n, 'shape': [d if isinstance(d, int) else None for d in s.shape],
             'dtype': jnp.dtype(s.dtype).name} for n, s in zip(input_names, program.input_specs)]
   return {'files': files, 'inputs': specs, 'outputs': output_names,
@@ -400,7 +404,7 @@ def _manifest(kind, model, variables, image_shape, request: _Request, routes) ->
 
 def _write_manifest(out_dir: str, manifest: dict) -> None:
   manifest['formats'] = sorted({f for p in manifest['programs'].values() for f in p['files']}
-                               - {'params'}, key=FORMATS.index)
+                               & set(FORMATS), key=FORMATS.index)
   with open(os.path.join(out_dir, MANIFEST), 'w') as f:
     json.dump(manifest, f, indent=1)
 

@@ -40,3 +40,24 @@ def test_train_step_benchmark_on_the_tiny_config(capsys):
   assert '| sandwich step | 1 |' in printed and '| sum of parts | 7 |' in printed
   assert '| jax |' in printed and '| backend | cpu' in printed
   assert 'overhead (sandwich step - sum of parts' in printed
+
+
+def test_export_table_on_the_tiny_config(capsys):
+  """Route 0, the middle route, 'largest' and the bundle of the tiny model, both formats where
+  the export extra is installed, and the ONNX-vs-JAX timing at two batch sizes."""
+  export_table = load_benchmark('export_table')
+  has_onnx = importlib.util.find_spec('jax2onnx') is not None
+  formats = 'jax,onnx' if has_onnx else 'jax'
+  export_table.main(['--config=configs/tiny.py', '--images=4', f'--formats={formats}',
+                     '--rounds=1', '--timing_batches=1,4'] + ([] if has_onnx else
+                                                               ['--timed_model=']))
+  printed = capsys.readouterr().out
+  rows = [line for line in printed.splitlines() if line.startswith('| ds_mbnet |')]
+  names = [r.split(' | ')[1] for r in rows]
+  assert names[:3] == ['route 0', 'route 1', 'route largest'], names
+  assert len(names) == 4 and names[3].startswith('routed bundle (mix ['), names
+  for row in rows:  # Every artifact within float32 rounding of the supernet.
+    errors = [float(c) for c in row.split(' | ')[4::2]]
+    assert len(errors) == len(formats.split(',')) and max(errors) <= 1e-4, row
+  if has_onnx:
+    assert '| 1 |' in printed and '| 4 |' in printed and 'ONNX / jax.export' in printed

@@ -102,6 +102,23 @@ def test_every_family_exports_a_middle_route_equal_to_the_supernet(family, tmp_p
     assert np.abs(onnx_logits - want).max() <= MAX_ERROR
 
 
+@pytest.mark.skipif(not HAS_ONNX, reason="needs the export extra: pip install '.[export]'")
+def test_onnx_weights_over_1mb_ship_beside_the_model(tmp_path):
+  """jax2onnx writes tensors over 1 MB to <program>.onnx.data: the manifest lists it (so
+  --overwrite removes it too) and onnxruntime reads it from beside the .onnx."""
+  model = FAMILIES['ds_vit']().clone(num_classes=12_000)  # A 24 x 12000 float32 head: 1.1 MB.
+  variables = trained_like(model, spread_routes=False)
+  manifest = export.export_route(model, variables, 'largest', str(tmp_path / 'big'), IMAGE,
+                                 formats=('onnx',), verbose=False)
+  files = manifest['programs']['route']['files']
+  assert files == {'params': 'route.npz', 'onnx': 'route.onnx', 'onnx_data': 'route.onnx.data'}
+  assert (tmp_path / 'big' / 'route.onnx.data').stat().st_size > 2**20
+  x = images(2)
+  (logits,) = onnx_run(tmp_path / 'big' / 'route.onnx', x)
+  want = supernet_logits(model, variables, 'largest', x)
+  assert np.abs(logits - want).max() <= MAX_ERROR
+
+
 def test_routed_bundle_reproduces_the_routed_predictor(family, tmp_path):
   name, model, variables = family
   x = images(24, seed=3)
