@@ -2,6 +2,8 @@
 
     python benchmarks/export_table.py --models=ds_mbnet,ds_resnet,ds_vit --image_size=224
     python benchmarks/export_table.py --config=configs/tiny.py   # a config's model instead
+    python benchmarks/export_table.py --config=configs/ds_mbnet_fmnist.py \
+        --workdir=workdir/ds_mbnet_fmnist   # its trained weights, on its evaluation images
 
 For each model (random weights, BatchNorm statistics of real activations of 64 random images, and
 routing offsets that spread a batch over the routing space, so that a wrong slice, fold or
@@ -26,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsnet_jax import bn_calibration, config_lib, export, latency, stand_in, timing  # noqa: E402
+from dsnet_jax import (bn_calibration, config_lib, eval_lib, export, latency,  # noqa: E402
+                       stand_in, timing)
 from dsnet_jax.data import input_pipeline  # noqa: E402
 from dsnet_jax.inference import RoutedPredictor  # noqa: E402
 from dsnet_jax.models import available_models, get_model  # noqa: E402
@@ -37,6 +40,8 @@ def parse_args(argv=None):
   p.add_argument('--models', default='ds_mbnet,ds_resnet,ds_vit')
   p.add_argument('--config', default='', help="a config file: its model and image shape "
                  'instead of --models, --image_size and --num_classes')
+  p.add_argument('--workdir', default='', help='with --config: the trained weights of this '
+                 'workdir and its evaluation images instead of random ones')
   p.add_argument('--image_size', type=int, default=224)
   p.add_argument('--num_classes', type=int, default=1000)
   p.add_argument('--images', type=int, default=8, help='images the errors are measured on')
@@ -57,6 +62,8 @@ def parse_args(argv=None):
     args.formats = export.check_formats(args.formats)
   except (ValueError, ImportError) as e:
     p.error(str(e))
+  if args.workdir and not args.config:
+    p.error('--workdir needs the --config it was trained with')
   if args.image_size < 16 or args.images < 1 or args.rounds < 1 or (
       args.timing_batches and min(args.timing_batches) < 1):
     p.error('--image_size must be >= 16, --images, --rounds and --timing_batches positive')
@@ -112,20 +119,29 @@ def size_mib(out_dir: str, manifest: dict, fmt: str) -> float:
 
 
 def models(args):
-  """(name, model, image shape) of each model to export."""
+  """(name, model, image shape, variables, images) of each model to export."""
+  if args.workdir:
+    config = config_lib.load_config_file(args.config)
+    restored, pipeline, _ = eval_lib.restore_workdir(config, args.workdir)
+    images = latency.evaluation_images(pipeline, args.images)
+    yield (config.model_name, restored.model, images.shape[1:],
+           jax.device_get(restored.variables), images)
+    return
   if args.config:
     config = config_lib.load_config_file(args.config)
     shape = input_pipeline.preprocessing(config.data).image_shape
-    yield config.model_name, get_model(config.model_name, **config.model), shape
+    model = get_model(config.model_name, **config.model)
+    yield config.model_name, model, shape, trained_like(model, shape, 64), None
     return
   for name in args.models:
-    yield (name, latency.model_for(name, args.image_size, num_classes=args.num_classes),
-           (args.image_size, args.image_size, 3))
+    model = latency.model_for(name, args.image_size, num_classes=args.num_classes)
+    shape = (args.image_size, args.image_size, 3)
+    yield name, model, shape, trained_like(model, shape, 64), None
 
 
-def family_rows(name: str, model, shape, args, root: str) -> list[dict]:
-  variables = trained_like(model, shape, 64)
-  x = np.random.default_rng(1).normal(size=(args.images, *shape)).astype(np.float32)
+def family_rows(name: str, model, shape, variables, images, args, root: str) -> list[dict]:
+  x = images if images is not None else np.random.default_rng(1).normal(
+      size=(args.images, *shape)).astype(np.float32)
   space = model.routes.routing_space
   rows = []
   for route in dict.fromkeys([space[0], space[len(space) // 2], model.routes.largest]):
@@ -177,11 +193,11 @@ def format_rows(rows: list[dict], formats) -> str:
 def timing_table(args, root: str) -> str:
   """ONNX (onnxruntime) vs jax.export vs the supernet's jitted route, ms per image."""
   if args.config:
-    _, model, shape = next(models(args))
+    _, model, shape, variables, _ = next(models(args))
   else:
     model = latency.model_for(args.timed_model, args.image_size, num_classes=args.num_classes)
     shape = (args.image_size, args.image_size, 3)
-  variables = trained_like(model, shape, 8)
+    variables = trained_like(model, shape, 8)
   route = model.routes[args.timed_route]
   out = os.path.join(root, 'timed')
   export.export_route(model, variables, route, out, shape, formats=('jax', 'onnx'),
@@ -214,12 +230,13 @@ def main(argv=None):
   args = parse_args(argv)
   print(f'# export table, {datetime.date.today()}, jax {jax.__version__}, '
         f'{jax.devices()[0].device_kind}, '
-        + (args.config if args.config else f'{args.image_size} px, {args.num_classes} classes')
+        + (f'{args.config} {args.workdir or "(random weights)"}' if args.config
+           else f'{args.image_size} px, {args.num_classes} classes (random weights)')
         + f', errors on {args.images} images')
   with tempfile.TemporaryDirectory() as root:
     rows = []
-    for name, model, shape in models(args):
-      rows += family_rows(name, model, shape, args, root)
+    for name, model, shape, variables, images in models(args):
+      rows += family_rows(name, model, shape, variables, images, args, root)
       print(f'{name}: done', flush=True)
     print(format_rows(rows, args.formats))
     if args.timed_model and args.timing_batches:
