@@ -101,6 +101,19 @@ class RouteTable:
   def __iter__(self) -> Iterator[Route]:
     return iter(self._routes.values())
 
+  def __repr__(self) -> str:
+    """The routes, one per line, with their widths and routing index (where the gate can
+    choose them)."""
+    space = [r.name for r in self.routing_space]
+    width = max(len(str(r.widths)) for r in self)
+    lines = [f'RouteTable: {len(self)} routes; routing space [{", ".join(space)}]'
+             f'{" (auto)" if self.auto else ""}; {self.shared_prefix} widths shared before the '
+             'gate', f'  {"route":>8}  {"widths":<{width}}  routing index']
+    for route in self:
+      index = space.index(route.name) if route.name in space else ''
+      lines.append(f'  {route.name:>8}  {str(route.widths):<{width}}  {index}')
+    return '\n'.join(lines)
+
   def __len__(self) -> int:
     return len(self._routes)
 

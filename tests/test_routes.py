@@ -58,3 +58,14 @@ def test_every_family_validates_its_routing_space(family, kwargs):
     get_model(family, routing_space=(1, 1), **kwargs).routes
   assert [r.name for r in get_model(family, routing_space=(0, 3), **kwargs).routes
           .routing_space] == ['0', '3']
+
+
+def test_a_route_table_prints_its_routes_widths_and_routing_indices():
+  text = repr(ds_mbnet.Model(routing_space=(0, 6, 13)).routes)
+  lines = text.splitlines()
+  assert lines[0] == ('RouteTable: 15 routes; routing space [0, 6, 13]; 4 widths shared before '
+                      'the gate')
+  assert lines[2].split() == ['0', '(16,', '32,', '48,', '96,', '224,', '736)', '0']
+  assert lines[8].split()[0] == '6' and lines[8].split()[-1] == '1'  # Routing index 1.
+  assert lines[3].split()[0] == '1' and lines[3].rstrip().endswith(')')  # Not in the space.
+  assert lines[-1].split()[0] == 'largest' and len(lines) == 2 + 15
