@@ -31,6 +31,7 @@ import re
 from typing import Any, Iterable, Iterator, Sequence
 
 from flax import traverse_util
+import ml_collections
 import jax
 
 from dsnet_jax import budget as budget_lib
@@ -174,6 +175,60 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
   if 'routing_offsets' in meta:
     variables = budget_lib.with_offsets(variables, meta['routing_offsets'], mesh)
   return Restored(variables, meta, step, directory, stored['model'])
+
+
+@dataclasses.dataclass
+class Loaded:
+  """What `load` returns: a trained model ready to apply."""
+  model: Any
+  variables: dict[str, Any]
+  config: Any  # ml_collections.ConfigDict
+  image_shape: tuple[int, int, int]
+  restored: Restored
+
+  @property
+  def routes(self):
+    """The model's RouteTable (routes, routing space)."""
+    return self.model.routes
+
+
+def load(workdir: str | os.PathLike = '', checkpoint: str | os.PathLike = '', config=None,
+         log=print) -> Loaded:
+  """The model, variables and route table of a training workdir's latest stage (or of the
+  stage folder `checkpoint`), in one call.
+
+      loaded = dsnet_jax.load('workdir/ds_mbnet_fmnist')
+      logits = loaded.model.apply(loaded.variables, images, route=loaded.routes.largest)
+
+  The config is the one saved with the checkpoint unless `config` is given (an imported
+  checkpoint has none). Raises as `restore_variables`, and ValueError for a checkpoint without
+  a saved config and no `config`.
+  """
+  from dsnet_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from dsnet_jax.models import get_model  # pylint: disable=import-outside-toplevel
+  directory = os.fspath(checkpoint) if checkpoint else RunDir(workdir).latest_stage_dir()
+  if config is None:
+    with checkpointing.Checkpointer(directory, keep=None, create=False) as ckpt:
+      if ckpt.latest_step() is None:
+        raise FileNotFoundError(f'no checkpoint in {directory}')
+      meta = ckpt.restore_meta()
+    if 'config' not in meta:
+      raise ValueError(f'{directory} saved no config (an imported checkpoint?): pass config=')
+    saved = json.loads(meta['config']) if isinstance(meta['config'], str) else meta['config']
+    config = ml_collections.ConfigDict(_tuples(saved))
+  model = get_model(config.model_name, **config.model)
+  image_shape = input_pipeline.preprocessing(config.data).image_shape
+  restored = restore_variables(directory, model, image_shape, config=config, log=log)
+  return Loaded(restored.model, restored.variables, config, image_shape, restored)
+
+
+def _tuples(tree):
+  """JSON's lists back to the tuples configs hold (model fields must be hashable)."""
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_tuples(v) for v in tree)
+  return tree
 
 
 def _routing_space(model) -> tuple[str, ...]:
