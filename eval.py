@@ -1,27 +1,33 @@
-"""Evaluates a trained workdir: route table, gated result, eval.json and eval.png.
+"""Evaluates a trained workdir: route table, gated result; eval.json, eval.png, routes.npy.
 
     python eval.py --config=configs/ds_mbnet_fmnist.py --workdir=workdir/ds_mbnet_fmnist
+
+The report goes to --output_dir, by default the evaluated checkpoint's folder
+(<workdir>/checkpoints/<stage>), never over what training wrote in the workdir.
 """
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from dsnet_jax import cli, eval_lib
 
 config_flags.DEFINE_config_file('config', None, 'The config the workdir was trained with.')
-flags.DEFINE_string('workdir', None, 'Training workdir to evaluate (results are written there).')
+flags.DEFINE_string('workdir', None, 'Training workdir to evaluate (its latest stage).')
 flags.DEFINE_string('checkpoint', '', 'A checkpoint directory (a step folder\'s parent) '
                     'instead of the latest stage in --workdir.')
 flags.DEFINE_list('allow_config_change', [], 'Model config keys that may differ from the '
                   'checkpoint\'s saved config.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_string('output_dir', '', 'Where eval.json, eval.png and routes.npy go (default: '
+                    'the evaluated checkpoint\'s folder).')
+flags.DEFINE_bool('print_config', False, 'Print the config (after overrides) and exit.')
+flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
   del argv
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+  if not cli.start(flags.FLAGS):
+    return
   eval_lib.evaluate_workdir(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.checkpoint,
-                            flags.FLAGS.allow_config_change)
+                            flags.FLAGS.allow_config_change, flags.FLAGS.output_dir or None)
 
 
 if __name__ == '__main__':

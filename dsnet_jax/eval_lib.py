@@ -19,6 +19,9 @@ from dsnet_jax.data import input_pipeline
 from dsnet_jax.models import get_model
 
 
+ROUTES_FILE = 'routes.npy'  # Each evaluation example's routing index (gated models).
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'route'))
 def _route_counts(model, variables, batch, route):
   """(correct, real examples) of one padded batch."""
@@ -28,10 +31,12 @@ def _route_counts(model, variables, batch, route):
 
 @functools.partial(jax.jit, static_argnames='model')
 def _gated_counts(model, variables, batch):
-  """Argmax routing (deterministic) through the masked path: (correct, examples per route)."""
+  """Argmax routing (deterministic) through the masked path: (correct, examples per route,
+  each example's routing index)."""
   logits, _, weights = model.apply_gated(variables, batch['image'])
   correct = ((jnp.argmax(logits, -1) == batch['label']) & batch['mask']).sum()
-  return correct, (weights * batch['mask'][:, None]).sum(0).astype(jnp.int32)
+  return (correct, (weights * batch['mask'][:, None]).sum(0).astype(jnp.int32),
+          jnp.argmax(weights, -1).astype(jnp.int32))
 
 
 def _eval_batches(pipeline, mesh):
@@ -46,25 +51,31 @@ def route_accuracy(model, variables, pipeline, route, mesh) -> float:
 
 
 def gated_result(model, variables, pipeline, mesh) -> dict[str, Any]:
-  """Accuracy, average MAdds (gate included) and route histogram of the gated model."""
+  """Accuracy, average MAdds (gate included), route histogram of the gated model, and
+  `routing_indices`: each evaluation example's routing index, in the split's order (int32)."""
   space = model.routes.routing_space
   madds = model.routing_madds(pipeline.image_shape)
-  results = jax.device_get([_gated_counts(model, variables, b)
-                            for b in _eval_batches(pipeline, mesh)])
-  correct = sum(int(c) for c, _ in results)
-  counts = np.sum([np.asarray(h) for _, h in results], axis=0)
+  correct, counts, indices = 0, np.zeros(len(space), np.int64), []
+  for batch in pipeline.batches():
+    c, h, i = jax.device_get(_gated_counts(model, variables, sharding.global_batch(batch, mesh)))
+    correct, counts = correct + int(c), counts + np.asarray(h)
+    indices.append(np.asarray(i)[np.asarray(batch['mask']).astype(bool)])
   total = int(counts.sum())
   return {'accuracy': correct / total, 'madds': float(counts @ madds / total),
-          'route_histogram': {r.name: int(c) for r, c in zip(space, counts)}}
+          'route_histogram': {r.name: int(c) for r, c in zip(space, counts)},
+          'routing_indices': np.concatenate(indices)}
 
 
 def route_table(model, variables, pipeline, mesh) -> list[dict[str, Any]]:
+  """Accuracy, MAdds and parameters of every route; a progress line per route."""
   rows = []
-  for route in model.routes:
+  for i, route in enumerate(model.routes):
     c = route_complexity(model, route, pipeline.image_shape)
     rows.append({'route': route.name, 'accuracy': route_accuracy(model, variables, pipeline,
                                                                  route, mesh),
                  'madds': c.madds, 'params': c.params})
+    print(f'[eval] route {route.name} ({i + 1}/{len(model.routes)}): accuracy '
+          f'{rows[-1]["accuracy"]:.4f}', flush=True)
   return rows
 
 
@@ -162,7 +173,7 @@ def format_report(rows, gated, latency: dict[str, Any] | None = None) -> str:
   return '\n'.join(lines)
 
 
-def plot(rows, gated, path: str):
+def plot(rows, gated, path: str, title: str = ''):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -182,6 +193,8 @@ def plot(rows, gated, path: str):
       ax.axvline(gated['budget_madds'] / 1e6, color='gray', ls=':', label='budget')
   ax.set_xlabel('MAdds (M)')
   ax.set_ylabel('accuracy (%)')
+  if title:
+    ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -189,24 +202,36 @@ def plot(rows, gated, path: str):
   plt.close(fig)
 
 
-def evaluate_and_report(model, variables, pipeline, mesh, workdir: str, gated: bool = True,
+def evaluate_and_report(model, variables, pipeline, mesh, output_dir: str, gated: bool = True,
                         budget: dict[str, float] | None = None,
-                        latency: dict[str, Any] | None = None) -> dict[str, Any]:
+                        latency: dict[str, Any] | None = None, title: str = '') -> dict[str, Any]:
   """Prints the route table (and the gated result against the static routes' curve and the
   budget, MAdds per image, when set; ms/image from a latency table when given), writes
-  eval.json and eval.png."""
+  eval.json, eval.png (titled `title`) and, for a gated model, routes.npy (each evaluation
+  example's routing index, in the split's order) into `output_dir`."""
   rows = route_table(model, variables, pipeline, mesh)
-  result = None
+  result, routing_indices = None, None
   if gated:
-    result = compare_with_static(rows, gated_result(model, variables, pipeline, mesh), budget)
+    result = gated_result(model, variables, pipeline, mesh)
+    routing_indices = result.pop('routing_indices')
+    result = compare_with_static(rows, result, budget)
   if latency:
     add_latency(rows, result, latency)
   print(format_report(rows, result, latency), flush=True)
   report = {'routes': rows, 'gated': result}
-  with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, 'eval.json'), 'w') as f:
     json.dump(report, f, indent=1)
-  plot(rows, result, os.path.join(workdir, 'eval.png'))
+  if routing_indices is not None:
+    np.save(os.path.join(output_dir, ROUTES_FILE), routing_indices)
+  plot(rows, result, os.path.join(output_dir, 'eval.png'), title)
   return report
+
+
+def report_title(model, config, restored) -> str:
+  """'<model> on <data set>, <stage> step <n>': what a plot shows."""
+  stage = restored.meta.get('stage') or restored.meta.get('source') or 'imported'
+  return f'{type(model).__name__} on {config.data.name}, {stage} step {restored.step}'
 
 
 def eval_pipeline(config) -> input_pipeline.Pipeline:
@@ -247,18 +272,24 @@ def restore_workdir(config, workdir: str, checkpoint: str = '',
 
 
 def evaluate_workdir(config, workdir: str, checkpoint: str = '',
-                     allow_config_changes: Sequence[str] = ()) -> dict[str, Any]:
+                     allow_config_changes: Sequence[str] = (),
+                     output_dir: str | None = None) -> dict[str, Any]:
   """Restores the latest stage of `workdir` (or the stage folder `checkpoint`) and reports.
 
-  With a latency table (`latency.json`) in the workdir, the report gives ms/image beside MAdds.
+  The report (eval.json, eval.png, routes.npy) goes to `output_dir`, by default the evaluated
+  checkpoint's own folder (e.g. <workdir>/checkpoints/gate), so evaluating another checkpoint
+  never overwrites what training wrote in the workdir. With a latency table (`latency.json`)
+  in the workdir, the report gives ms/image beside MAdds.
   Raises: as `restore_workdir`; nothing is created before the restore succeeds.
   """
   restored, pipeline, mesh = restore_workdir(config, workdir, checkpoint, allow_config_changes)
-  os.makedirs(workdir, exist_ok=True)
-  return evaluate_and_report(restored.model, restored.variables, pipeline, mesh, workdir,
+  output_dir = output_dir or restored.directory
+  print(f'report -> {output_dir}', flush=True)
+  return evaluate_and_report(restored.model, restored.variables, pipeline, mesh, output_dir,
                              gated=restored.gated, budget=budget_of(restored.meta),
                              latency=workdir_latency(workdir, pipeline.image_shape,
-                                                     restored.model))
+                                                     restored.model),
+                             title=report_title(restored.model, config, restored))
 
 
 def workdir_latency(workdir: str, image_shape, model) -> dict[str, Any] | None:
