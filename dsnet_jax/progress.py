@@ -1,47 +1,93 @@
-"""Progress lines on stdout and metrics appended to a JSON-lines file (the workdir's
-metrics.jsonl)."""
+"""Progress lines on stdout; metrics appended to the workdir's metrics.jsonl and written as
+TensorBoard scalars (tensorboardX event files under <workdir>/tensorboard), by process 0 only."""
 from __future__ import annotations
 
 import json
+import os
 import time
+import weakref
 from typing import Any
 
 import jax
 import numpy as np
 
+TENSORBOARD_DIR = 'tensorboard'
+
 
 class ProgressLogger:
-  """Logs `step, loss, images/s, ETA` for one stage; every record also goes to metrics.jsonl."""
+  """Logs `step, loss, images/s, ETA` for one stage; every record also goes to metrics.jsonl
+  and to TensorBoard (tag '<stage>/<metric>').
+
+  Images/s and the ETA count only steps after the first: `compiled(step)` marks where the
+  first step (which compiles) ended. Every process prints; only process 0 writes files.
+  """
 
   def __init__(self, path: str, stage: str, total_steps: int, batch_size: int):
     self.path = path
     self.stage, self.total_steps, self.batch_size = stage, total_steps, batch_size
     self._last_time, self._last_step = None, None
+    self._first_step_seconds = None
+    self._writes = jax.process_index() == 0
+    self._tensorboard = None
+    self._start_step = 0
 
   def start(self, step: int):
     self._last_time, self._last_step = time.perf_counter(), step
+    self._start_step = step
+
+  def compiled(self, step: int):
+    """The first step (compilation included) finished at `step`: rates start from here."""
+    now = time.perf_counter()
+    self._first_step_seconds = now - self._last_time
+    self._last_time, self._last_step = now, step
 
   def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
     """Fetches `metrics` (one host sync), prints the progress line and appends the record."""
     metrics = {k: _to_python(v) for k, v in jax.device_get(metrics).items()}
     now = time.perf_counter()
     steps = step - self._last_step
-    rate = steps * self.batch_size / max(now - self._last_time, 1e-9) if steps else 0.0
-    eta = (self.total_steps - step) * self.batch_size / rate if rate else float('nan')
-    self._last_time, self._last_step = now, step
     loss = metrics.get('loss', float('nan'))
     if not np.isfinite(loss):
       raise FloatingPointError(f'{self.stage}: loss is {loss} at step {step}; stopping')
-    print(f'[{self.stage}] step {step}/{self.total_steps}  loss {loss:.4f}  '
-          f'{rate:.0f} img/s  ETA {_duration(eta)}  ' +
+    if steps:
+      rate = steps * self.batch_size / max(now - self._last_time, 1e-9)
+      speed = f'{rate:.0f} img/s  ETA {_duration((self.total_steps - step) * self.batch_size / rate)}'
+      self._last_time, self._last_step = now, step
+    else:
+      speed = f'first step {self._first_step_seconds or 0:.1f}s (compiling)'
+    print(f'[{self.stage}] step {step}/{self.total_steps}  loss {loss:.4f}  {speed}  ' +
           '  '.join(f'{k} {_fmt(v)}' for k, v in metrics.items() if k != 'loss'), flush=True)
     return self.write(step, metrics)
 
   def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
     record = {'stage': self.stage, 'step': step, **metrics}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    if self._writes:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+      self._write_tensorboard(step, metrics)
     return record
+
+  def _write_tensorboard(self, step: int, metrics: dict[str, Any]):
+    if self._tensorboard is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      # A resumed stage: TensorBoard drops what an earlier run logged from `purge_step` on,
+      # as metrics.jsonl is truncated there.
+      self._tensorboard = SummaryWriter(
+          os.path.join(os.path.dirname(self.path), TENSORBOARD_DIR, self.stage),
+          purge_step=self._start_step or None)
+      weakref.finalize(self, self._tensorboard.close)
+    for name, value in _scalars(metrics):
+      self._tensorboard.add_scalar(f'{self.stage}/{name}', value, step)
+    self._tensorboard.flush()
+
+
+def _scalars(metrics: dict[str, Any], prefix: str = ''):
+  """(name, float) of every number in `metrics`, nested dicts as 'a/b'."""
+  for key, value in metrics.items():
+    if isinstance(value, dict):
+      yield from _scalars(value, f'{prefix}{key}/')
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      yield f'{prefix}{key}', float(value)
 
 
 def _to_python(value):

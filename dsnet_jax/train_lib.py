@@ -202,7 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return eval_lib.evaluate_and_report(
         run.model, variables, run.eval_data, run.mesh, run.rundir.workdir, gated=gated,
         budget=budget, latency=eval_lib.workdir_latency(run.rundir.workdir,
-                                                        run.eval_data.image_shape, run.model))
+                                                        run.eval_data.image_shape, run.model),
+        title=f'{type(run.model).__name__} on {config.data.name}, after {config.stages[-1]}')
 
 
 def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
@@ -346,6 +347,9 @@ def _train_steps(run: Run, stage: str, state, start: int, total: int, step_fn: C
     for step, batch in zip(range(start, total), run.batches(start, stage)):
       state, metrics = step_fn(state, batch, step)
       done = step + 1
+      if step == start:  # The first step compiles: speed and ETA count from its end.
+        jax.block_until_ready(metrics)
+        logger.compiled(done)
       if done % config.log_every_steps == 0 or done == total:
         logger.log(done, metrics)
       if after_step:
