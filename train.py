@@ -2,7 +2,7 @@
 
     python train.py --config=configs/ds_mbnet_fmnist.py --workdir=workdir/ds_mbnet_fmnist
 """
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from dsnet_jax import cli, train_lib
@@ -12,13 +12,14 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and eval result
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
 flags.DEFINE_list('allow_config_change', [], 'Config keys (or "section." prefixes) that may '
                   'differ from the workdir\'s checkpoints, e.g. supernet.steps to extend a stage.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_bool('print_config', False, 'Print the config (after overrides) and exit.')
+flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
   del argv
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+  if not cli.start(flags.FLAGS):
+    return
   if flags.FLAGS.distributed:
     import jax
     jax.distributed.initialize()

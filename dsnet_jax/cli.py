@@ -46,3 +46,16 @@ def quiet_library_logs() -> None:
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def start(flag_values) -> bool:
+  """What train.py and eval.py do first: library INFO logs off (see quiet_library_logs);
+  with --print_config, print the config (overrides applied) and return False (exit); else
+  require --workdir and return True."""
+  quiet_library_logs()
+  if flag_values.print_config:
+    print(flag_values.config)
+    return False
+  if not flag_values.workdir:
+    raise config_lib.ConfigError('--workdir is required (only --print_config goes without)')
+  return True

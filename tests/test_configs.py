@@ -2,10 +2,13 @@
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 import time
 
 import pytest
 
+from checks import ROOT
 from dsnet_jax import config_lib, rundir, train_lib
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
@@ -45,3 +48,14 @@ def test_an_unset_compute_dtype_compares_as_float32():
   config.model.dtype = 'bfloat16'
   assert rundir.config_differences(json.dumps(saved), config) == [
       "model.dtype: 'float32' -> 'bfloat16'"]
+
+
+def test_print_config_shows_the_overrides_and_exits_without_a_workdir():
+  for script in ('train.py', 'eval.py'):
+    done = subprocess.run([sys.executable, script, '--config=configs/tiny.py',
+                           '--config.batch_size=4', '--print_config'], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    assert 'batch_size: 4\n' in done.stdout and 'model_name: ds_mbnet' in done.stdout
+    missing = subprocess.run([sys.executable, script, '--config=configs/tiny.py'], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and '--workdir is required' in missing.stderr

@@ -354,3 +354,44 @@ def test_the_gate_budget_experiment_runs_on_a_tiny_supernet(trained, tmp_path):
                                                                                         summary)
   with pytest.raises(FileNotFoundError, match='no finished supernet'):
     experiment.run_one(config, str(tmp_path / 'nothing'), str(tmp_path / 'run2'), 0.5, 0)
+
+
+def test_load_returns_a_trained_workdirs_model_variables_and_routes(trained):
+  import dsnet_jax
+  loaded = dsnet_jax.load(trained.workdir)  # The config saved with the checkpoint.
+  assert loaded.restored.gated and loaded.image_shape == (16, 16, 1)
+  assert loaded.routes is loaded.model.routes and loaded.config.model_name == 'ds_mbnet'
+  gate = restore(trained.workdir / 'checkpoints' / 'gate')
+  for a, b in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(gate.variables)):
+    np.testing.assert_array_equal(a, b)
+  images = np.random.default_rng(0).normal(size=(3, 16, 16, 1)).astype(np.float32)
+  np.testing.assert_array_equal(
+      loaded.model.apply(loaded.variables, images, route=loaded.routes.largest),
+      gate.model.apply(gate.variables, images, route='largest'))
+
+
+def test_eval_writes_beside_the_checkpoint_it_evaluated(trained, tmp_path):
+  """Not over the workdir's eval.json; routes.npy holds each test example's routing index,
+  the same as the routed engine's and the histogram's; --output_dir elsewhere."""
+  workdir = copy_of(trained, tmp_path)
+  before = (workdir / 'eval.json').read_bytes()
+  report = eval_lib.evaluate_workdir(one_device(), str(workdir))
+  stage = workdir / 'checkpoints' / 'gate'
+  assert (workdir / 'eval.json').read_bytes() == before
+  assert json.loads((stage / 'eval.json').read_text()) == json.loads(json.dumps(report))
+  indices = np.load(stage / eval_lib.ROUTES_FILE)
+  histogram = report['gated']['route_histogram']
+  assert indices.shape == (sum(histogram.values()),) and indices.dtype == np.int32
+  np.testing.assert_array_equal(np.bincount(indices, minlength=len(histogram)),
+                                list(histogram.values()))
+  pipeline = eval_lib.eval_pipeline(one_device())
+  images = np.concatenate([b['image'][b['mask'].astype(bool)] for b in pipeline.batches()])
+  gate = restore(stage)
+  _, routed = inference.RoutedPredictor(gate.model, gate.variables, (16, 16, 1)).predict(images)
+  np.testing.assert_array_equal(indices, routed)
+  assert restore(stage).step == gate.step  # The report beside the steps harms no restore.
+  eval_lib.evaluate_workdir(one_device(), str(workdir), output_dir=str(tmp_path / 'elsewhere'))
+  assert {p.name for p in (tmp_path / 'elsewhere').iterdir()} == {
+      'eval.json', 'eval.png', eval_lib.ROUTES_FILE}
+  assert eval_lib.report_title(gate.model, one_device(), gate) == (
+      f'DSMBNet on synthetic, gate step {gate.step}')

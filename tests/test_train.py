@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,36 @@ from dsnet_jax import (bn_calibration, config_lib, eval_lib, losses, optim, shar
 
 def leaves_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+  """tag -> [(step, value)] of the event files in `directory`, read without TensorBoard: the
+  TFRecord framing (length, CRC, Event proto, CRC) and tensorboardX's Event proto."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for path in sorted(directory.glob('events.out.tfevents.*')):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (length,) = struct.unpack('<Q', data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      i += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def test_tensorboard_holds_each_stages_metrics_as_metrics_jsonl_does(trained):
+  records = [json.loads(line) for line in open(trained.workdir / 'metrics.jsonl')]
+  for stage, name in (('supernet', 'loss'), ('supernet', 'eval_accuracy_largest'),
+                      ('gate', 'loss'), ('gate', 'mean_cost'), ('gate', 'route_histogram/0')):
+    scalars = tensorboard_scalars(trained.workdir / 'tensorboard' / stage)
+    key, _, sub = name.partition('/')
+    logged = [(r['step'], r[key][sub] if sub else r[key]) for r in records
+              if r['stage'] == stage and key in r]
+    assert logged, (stage, name)
+    assert scalars[f'{stage}/{name}'] == [(s, pytest.approx(v)) for s, v in logged]
+  # Speed counts from the end of the first (compiling) step: no '0 img/s' line.
+  assert 'img/s' in trained.output and ' 0 img/s' not in trained.output
 
 
 @pytest.mark.slow
