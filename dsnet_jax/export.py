@@ -380,7 +380,7 @@ def _manifest(kind, model, variables, image_shape, request: _Request, routes) ->
   space = [r.name for r in model.routes.routing_space]
   entries = []
   for route in routes:
-    entry = {'name': route.name, 'widths': _jsonable(route.widths),
+    entry = {'name': route.name, 'widths': json.loads(json.dumps(route.widths, default=_to_json)),
              'madds': int(route_complexity(model, route, tuple(image_shape)).madds)}
     if kind == 'routed':
       entry['routing_index'] = space.index(route.name)
@@ -407,12 +407,6 @@ def _write_manifest(out_dir: str, manifest: dict) -> None:
                                & set(FORMATS), key=FORMATS.index)
   with open(os.path.join(out_dir, MANIFEST), 'w') as f:
     json.dump(manifest, f, indent=1)
-
-
-def _jsonable(value):
-  if isinstance(value, (tuple, list)):
-    return [_jsonable(v) for v in value]
-  return int(value) if isinstance(value, (int, np.integer)) else value
 
 
 def main(argv):

@@ -144,7 +144,7 @@ class StaticProgram:
   _outputs: list[int]
   _param_nodes: dict[str, int]
   _constants: dict[int, Any]
-  _exported: Any = None
+  _call: Any = None  # The exported program's call, jitted (cached per input shape).
 
   def __call__(self, params, *inputs, onnx: bool = False):
     """Traces the program on `params` (a dict like `self.params`) and inputs shaped like
@@ -192,9 +192,9 @@ class StaticProgram:
 
   def call(self, *inputs):
     """Runs the program on concrete inputs of any batch size, with its own params."""
-    if self._exported is None:
-      self._exported = self.export((jax.default_backend(),))
-    return self._exported.call(self.params, *inputs)
+    if self._call is None:
+      self._call = jax.jit(self.export((jax.default_backend(),)).call)
+    return self._call(self.params, *inputs)
 
   @property
   def num_params(self) -> int:
