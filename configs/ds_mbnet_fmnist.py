@@ -11,8 +11,8 @@ from dsnet_jax import config_lib
 def get_config(arg=None):
   del arg
   config = config_lib.fashion_mnist_recipe(config_lib.defaults())
-  config.model = dict(
-      num_classes=10, in_channels=1, stem_widths=(16, 24), stem_stride=2,
+  config_lib.set_model(
+      config, 'ds_mbnet', num_classes=10, in_channels=1, stem_widths=(16, 24), stem_stride=2,
       group_widths=((24, 32), (32, 48), (48, 64),
                     tuple(range(32, 129, 16)), tuple(range(64, 257, 32))),
       group_depths=(1, 1, 1, 2, 1), group_strides=(1, 1, 2, 1, 2), routing_space=(0, 2, 4, 6),

@@ -8,13 +8,14 @@ from dsnet_jax import config_lib
 def get_config(arg=None):
   del arg
   config = config_lib.defaults()
-  config.model = dict(
-      num_classes=4, in_channels=1, stem_widths=(4, 8), stem_stride=1,
+  config_lib.set_model(
+      config, 'ds_mbnet', num_classes=4, in_channels=1, stem_widths=(4, 8), stem_stride=1,
       group_widths=((8, 12), (8, 12), (12, 16), (8, 12, 16, 20), (16, 20, 24, 28)),
       group_depths=(1, 1, 1, 2, 1), group_strides=(1, 2, 1, 2, 1), routing_space=(0, 1, 2),
       dtype='float32')
-  config.data = dict(name='synthetic', image_size=16, channels=1, num_classes=4,
-                     synthetic_num_examples=64, augment='pad_crop_flip')
+  config.data = config_lib.data_section(
+      name='synthetic', image_size=16, channels=1, num_classes=4, synthetic_num_examples=64,
+      augment='pad_crop_flip')
   config.batch_size = 8
   config.eval_batch_size = 16
   config.supernet.steps = 4

@@ -16,24 +16,23 @@ from dsnet_jax import config_lib
 
 def get_config(arg=None):
   config = config_lib.defaults()
-  config.model_name = 'ds_vit'
   # dtype: the compute dtype; 'bfloat16' on accelerators (parameters stay float32).
-  config.model = dict(variant='S/16', image_size=224, num_classes=1000, drop_path_rate=0.1,
-                      dtype='float32')
-  config.data = dict(name='imagenet2012', image_size=224, num_classes=1000, augment='rrc_flip',
-                     views=2, mixup_alpha=0.8, cutmix_alpha=1.0, randaugment='rand-m9-n2',
-                     random_erasing=0.25, num_threads=32, prefetch=4)
+  config_lib.set_model(config, 'ds_vit', variant='S/16', image_size=224, num_classes=1000,
+                       drop_path_rate=0.1, dtype='float32')
+  config.data = config_lib.data_section(
+      name='imagenet2012', image_size=224, num_classes=1000, augment='rrc_flip', views=2,
+      mixup_alpha=0.8, cutmix_alpha=1.0, randaugment='rand-m9-n2', random_erasing=0.25,
+      num_threads=32, prefetch=4)
   config.batch_size = 1024
   config.eval_batch_size = 1024
-  steps_per_epoch = config_lib.IMAGENET_TRAIN_IMAGES // config.batch_size
 
-  config.supernet.steps = 300 * steps_per_epoch
+  config.supernet.steps, config.supernet.epochs = 0, 300.0
   config.supernet.label_smoothing = 0.1
   config.supernet.ema_decay = 0.9998
   config.supernet.mvco = True
   opt = config.supernet.optimizer
   opt.name, opt.end_lr, opt.weight_decay = 'adamw', 1e-5, 0.05
-  opt.lr = 5e-4 * config.batch_size / 512
-  opt.warmup_steps = 5 * steps_per_epoch
+  opt.lr, opt.lr_batch_size = 5e-4, 512  # Scaled to the batch size at train time.
+  opt.warmup_epochs = 5.0
   config.recalibrate.num_batches = 1  # No BatchNorm in a ViT: nothing to recalibrate.
   return config_lib.imagenet_recipe(config, arg)

@@ -9,10 +9,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import json
+import math
 import os
-from typing import Any
+import types
+import typing
+from typing import Any, Mapping
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from dsnet_jax import models
 from dsnet_jax.routes import AUTO, RouteTable
@@ -21,19 +26,97 @@ STAGES = ('supernet', 'recalibrate', 'gate')
 SGS_TARGETS = ('smallest_wrong', 'widest_helps')
 # gate.budget as a fraction of 'largest' MAdds, in MAdds, or in ms on this device (latency.json).
 BUDGET_UNITS = ('largest', 'madds', 'ms')
-DATA_KEYS = ('name', 'data_dir', 'debian_dir', 'image_size', 'num_classes', 'augment', 'crop_pct',
-             'in_memory', 'num_workers', 'num_threads', 'prefetch', 'channels',
-             'synthetic_num_examples', 'randaugment', 'random_erasing', 'views', 'mixup_alpha',
-             'cutmix_alpha', 'mix_prob', 'switch_prob')
+# Every key of config.data as (type, default); None: unset, the data set's own value (e.g.
+# image_size, num_classes) or, for data_dir, tfds's default.
+DATA_FIELDS = dict(
+    name=(str, 'fashion_mnist'), data_dir=(str, None), debian_dir=(str, None),
+    image_size=(int, None), num_classes=(int, None), channels=(int, 3),
+    augment=(str, 'none'), crop_pct=(float, 0.875), randaugment=(str, ''),
+    random_erasing=(float, 0.0), views=(int, 1), mixup_alpha=(float, 0.0),
+    cutmix_alpha=(float, 0.0), mix_prob=(float, 1.0), switch_prob=(float, 0.5),
+    in_memory=(bool, False), num_workers=(int, 0), num_threads=(int, 2), prefetch=(int, 2),
+    synthetic_num_examples=(int, 1024))
+DATA_KEYS = tuple(DATA_FIELDS)
 
 
 class ConfigError(ValueError):
   """A config key or value that cannot work."""
 
 
+def _section(fields: Mapping[str, tuple[type, Any]], values: Mapping[str, Any], what: str
+             ) -> ml_collections.ConfigDict:
+  """A section holding every field: `values`, else the default; an unset (None) field is a
+  typed placeholder, so that `--config.<section>.<key>=...` can set it."""
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ConfigError(f'unknown config key {what}.{unknown[0]}; valid: {", ".join(fields)}')
+  section = {}
+  for key, (kind, default) in fields.items():
+    value = values.get(key, default)
+    section[key] = placeholder(kind) if value is None else value
+  return ml_collections.ConfigDict(section)
+
+
+def data_section(**values) -> ml_collections.ConfigDict:
+  """`config.data` with every key of DATA_FIELDS: `values`, the rest at their defaults."""
+  return _section(DATA_FIELDS, values, 'data')
+
+
+def model_fields(model_name: str) -> dict[str, tuple[type, Any]]:
+  """{field: (type, default)} of `models.<model_name>.Model`; `dtype` by name ('float32')."""
+  model_cls = importlib.import_module(f'dsnet_jax.models.{model_name}').Model
+  hints = typing.get_type_hints(model_cls)
+  fields = {}
+  for field in dataclasses.fields(model_cls):
+    if field.name in ('parent', 'name'):
+      continue
+    if field.name == 'dtype':
+      fields['dtype'] = (str, 'float32')
+      continue
+    default = field.default
+    fields[field.name] = (type(default) if default is not None
+                          else _concrete_type(hints[field.name]), default)
+  return fields
+
+
+def _concrete_type(hint) -> type:
+  """int | None -> int; tuple[int, ...] | None -> tuple."""
+  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+    hint = next(h for h in typing.get_args(hint) if h is not type(None))
+  return typing.get_origin(hint) or hint
+
+
+def with_defaults(tree: dict[str, Any]) -> dict[str, Any]:
+  """A config as JSON data (e.g. a checkpoint's) with the model and data keys it leaves unset
+  at their defaults, so that one written before a key existed compares equal to one that
+  sets the default."""
+  tree = dict(tree)
+  sections = {'data': DATA_FIELDS}
+  if tree.get('model_name') in models.available_models():
+    sections['model'] = model_fields(tree['model_name'])
+  for name, fields in sections.items():
+    if isinstance(tree.get(name), dict):
+      defaults_json = json.loads(_section(fields, {}, name).to_json())
+      tree[name] = {**defaults_json, **tree[name]}
+  return tree
+
+
+def set_model(config: ml_collections.ConfigDict, model_name: str, **values) -> None:
+  """Sets `config.model_name` and `config.model`: every field of that model's `Model`, at
+  `values` or its default."""
+  if model_name not in models.available_models():
+    raise ConfigError(f'unknown model {model_name!r}; available: '
+                      f'{", ".join(models.available_models())}')
+  config.model_name = model_name
+  config.model = _section(model_fields(model_name), values, 'model')
+
+
 def _optimizer(**overrides) -> ml_collections.ConfigDict:
-  opt = dict(name='sgd', lr=0.08, end_lr=1e-5, warmup_steps=0, momentum=0.9, nesterov=True,
-             b1=0.9, b2=0.999, weight_decay=1e-4, param_groups=(('.*', 1.0),))
+  # lr_batch_size: the batch size `lr` is for (0: lr as given); train time scales lr linearly
+  # to config.batch_size. warmup_epochs, when > 0, sets warmup_steps (see resolve_durations).
+  opt = dict(name='sgd', lr=0.08, lr_batch_size=0, end_lr=1e-5, warmup_steps=0,
+             warmup_epochs=0.0, momentum=0.9, nesterov=True, b1=0.9, b2=0.999,
+             weight_decay=1e-4, param_groups=(('.*', 1.0),))
   opt.update(overrides)
   return ml_collections.ConfigDict(opt)
 
@@ -73,26 +156,29 @@ def defaults() -> ml_collections.ConfigDict:
   """Every key a config may set, at its default (the reference recipe's choices)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model_name = 'ds_mbnet'
-  # Keyword arguments of models.<model_name>.Model, and `dtype`: the compute dtype, by name,
-  # 'float32' (when unset) or 'bfloat16'. Parameters, optimizer state, BatchNorm statistics,
-  # the EMA, logits, losses and the gate's routing stay float32 either way.
-  c.model = ml_collections.ConfigDict()
-  c.data = ml_collections.ConfigDict(dict(name='fashion_mnist'))
+  # Keyword arguments of models.<model_name>.Model (all of them: set_model), and `dtype`: the
+  # compute dtype, by name, 'float32' or 'bfloat16'. Parameters, optimizer state, BatchNorm
+  # statistics, the EMA, logits, losses and the gate's routing stay float32 either way.
+  set_model(c, 'ds_mbnet')
+  c.data = data_section()
   c.batch_size = 128
   c.eval_batch_size = 256
   c.num_devices = 0  # 0: every device.
   c.stages = STAGES
   c.init_checkpoint = ''  # Variables to start from (e.g. an imported checkpoint).
 
+  # A training stage lasts `steps`, or `epochs` of its training examples when > 0 (then
+  # steps must be 0); resolve_durations turns epochs into steps at the final batch size.
   c.supernet = ml_collections.ConfigDict(dict(
-      steps=1000, num_random_routes=2, label_smoothing=0.1, ema_decay=0.997,
+      steps=1000, epochs=0.0, num_random_routes=2, label_smoothing=0.1, ema_decay=0.997,
       ensemble_ib=False, mvco=False, optimizer=_optimizer()))
   # `data` of a later stage overrides config.data for that stage's batches. The default is the
   # authors' gate stage: the supernet's augmentation, but no mixup/cutmix and one view.
-  c.recalibrate = ml_collections.ConfigDict(dict(num_batches=20, data=_unmixed_single_view()))
+  # `examples` > 0 sets num_batches (examples / batch_size, rounded up).
+  c.recalibrate = ml_collections.ConfigDict(dict(num_batches=20, examples=0,
+                                                 data=_unmixed_single_view()))
   c.gate = ml_collections.ConfigDict(dict(
-      steps=500, gumbel_tau=1.0, ce_weight=1.0, gate_ce_weight=1.0, madds_weight=0.5,
+      steps=500, epochs=0.0, gumbel_tau=1.0, ce_weight=1.0, gate_ce_weight=1.0, madds_weight=0.5,
       madds_scale=1e9, madds_target=0.0, double_softmax=False, data=_unmixed_single_view(),
       # The authors' gate stage (reference section 5): label smoothing in both CEs, an EMA of
       # the model whose gated metrics are reported, Gumbel noise on the gate loss's logits.
@@ -110,6 +196,7 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.eval_every_steps = 0  # 0: evaluate at the end of each stage only.
+  c.eval_every_epochs = 0.0  # > 0: sets eval_every_steps (in supernet epochs).
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.lock()
@@ -118,8 +205,8 @@ def defaults() -> ml_collections.ConfigDict:
 
 def fashion_mnist_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The CPU-sized Fashion-MNIST recipe the demo configs share (both stages in minutes)."""
-  config.data = dict(name='fashion_mnist', image_size=28, num_classes=10,
-                     augment='pad_crop_flip', in_memory=True)
+  config.data = data_section(name='fashion_mnist', image_size=28, num_classes=10,
+                            augment='pad_crop_flip', in_memory=True)
   config.batch_size = 128
   config.eval_batch_size = 500
   config.supernet.steps = 800
@@ -135,28 +222,92 @@ def fashion_mnist_recipe(config: ml_collections.ConfigDict) -> ml_collections.Co
   return config
 
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
-
-
 def imagenet_recipe(config: ml_collections.ConfigDict, arg: str | None
                     ) -> ml_collections.ConfigDict:
   """What the ImageNet configs share once `batch_size` and `supernet` are set: Stage II (30
   epochs, SGD 0.08, weight decay 0.01, MAdds in G), logging, and `:runlocal` shrinking."""
-  steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
-  config.gate.steps = 30 * steps_per_epoch
+  config.gate.steps, config.gate.epochs = 0, 30.0
   config.gate.optimizer.lr = 0.08
   config.gate.optimizer.weight_decay = 0.01
   config.gate.madds_scale = 1e9
   config.log_every_steps = 100
-  config.eval_every_steps = 10 * steps_per_epoch
+  config.eval_every_epochs = 10.0
   config.checkpoint_every_steps = 2000
   if arg == 'runlocal':
     config.batch_size = config.eval_batch_size = 8
-    config.supernet.steps, config.gate.steps = 10, 5
-    config.recalibrate.num_batches = min(config.recalibrate.num_batches, 2)
+    for stage, steps in (('supernet', 10), ('gate', 5)):
+      config[stage].steps, config[stage].epochs = steps, 0.0
+      config[stage].optimizer.warmup_steps, config[stage].optimizer.warmup_epochs = 1, 0.0
+    config.recalibrate.num_batches, config.recalibrate.examples = 2, 0
     config.log_every_steps = config.checkpoint_every_steps = 5
-    config.eval_every_steps = 0
+    config.eval_every_epochs = 0.0
   return config
+
+
+TRAINED_STAGES = ('supernet', 'gate')
+
+
+def resolve_durations(config: ml_collections.ConfigDict, train_examples: Mapping[str, int]
+                      ) -> ml_collections.ConfigDict:
+  """A copy of `config` with every duration in steps at its batch size (big_vision's
+  `utils.steps`): `<stage>.epochs` -> `<stage>.steps`, `optimizer.warmup_epochs` ->
+  `warmup_steps`, `recalibrate.examples` -> `num_batches`, `eval_every_epochs` ->
+  `eval_every_steps`; and `optimizer.lr` for `optimizer.lr_batch_size` scaled linearly to
+  `batch_size` (Goyal et al. 2017; lr_batch_size then reads batch_size). Idempotent.
+
+  Args:
+    config: a validated training config.
+    train_examples: {'supernet': n, 'gate': n} the examples an epoch of that stage covers.
+  Raises:
+    ConfigError: a duration given both in steps and in epochs, or one that rounds to 0 steps.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  batch_size = config.batch_size
+
+  def steps(epochs: float, examples: int, what: str) -> int:
+    count = int(epochs * examples / batch_size)
+    if count < 1:
+      raise ConfigError(f'config key {what}={epochs} is {epochs * examples:.0f} examples, less '
+                        f'than one batch of {batch_size}')
+    return count
+
+  def from_epochs(section, steps_key: str, epochs_key: str, examples: int, path: str):
+    if not section[epochs_key]:
+      return
+    count = steps(section[epochs_key], examples, f'{path}{epochs_key}')
+    if section[steps_key] not in (0, count):
+      raise ConfigError(f'config keys {path}{steps_key}={section[steps_key]} and '
+                        f'{path}{epochs_key}={section[epochs_key]} are both set; set one (the '
+                        f'other to 0), e.g. --config.{path}{steps_key}=0')
+    section[steps_key] = count
+
+  for stage in TRAINED_STAGES:
+    section, examples = config[stage], train_examples[stage]
+    from_epochs(section, 'steps', 'epochs', examples, f'{stage}.')
+    from_epochs(section.optimizer, 'warmup_steps', 'warmup_epochs', examples,
+                f'{stage}.optimizer.')
+    opt = section.optimizer
+    if opt.lr_batch_size:
+      opt.lr, opt.lr_batch_size = opt.lr * batch_size / opt.lr_batch_size, batch_size
+  from_epochs(config, 'eval_every_steps', 'eval_every_epochs', train_examples['supernet'], '')
+  if config.recalibrate.examples:
+    config.recalibrate.num_batches = math.ceil(config.recalibrate.examples / batch_size)
+  return config
+
+
+# Keys resolve_durations derives from others: allowing one to change allows its derived key.
+DERIVED_KEYS = {'epochs': 'steps', 'warmup_epochs': 'warmup_steps', 'examples': 'num_batches',
+                'eval_every_epochs': 'eval_every_steps'}
+
+
+def with_derived_keys(keys) -> tuple[str, ...]:
+  """`keys` (config paths) and the keys resolve_durations derives from them."""
+  out = list(keys)
+  for key in keys:
+    head, _, last = key.rpartition('.')
+    if last in DERIVED_KEYS:
+      out.append(f'{head}.{DERIVED_KEYS[last]}' if head else DERIVED_KEYS[last])
+  return tuple(out)
 
 
 def _walk(config, reference, prefix=''):
@@ -232,7 +383,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.num_devices < 0:
     raise ConfigError(f'config key num_devices must be >= 0 (0: every device), got '
                       f'{config.num_devices}')
-  positive = ['batch_size', 'eval_batch_size', 'supernet.steps', 'gate.steps', 'data.image_size',
+  for stage in TRAINED_STAGES:
+    if config[stage].steps < 0 or config[stage].epochs < 0 or not (
+        config[stage].steps or config[stage].epochs):
+      raise ConfigError(f'config keys {stage}.steps={config[stage].steps} and {stage}.epochs='
+                        f'{config[stage].epochs}: set one > 0 (the other 0)')
+  positive = ['batch_size', 'eval_batch_size', 'data.image_size',
               'recalibrate.num_batches', 'log_every_steps', 'checkpoint_every_steps',
               'keep_checkpoints', 'gate.gumbel_tau', 'supernet.optimizer.lr', 'gate.optimizer.lr']
   for path in positive:

@@ -143,8 +143,9 @@ class Run:
 
 def make_run(config: ml_collections.ConfigDict, workdir: str,
              allow_config_changes: Iterable[str] = ()) -> Run:
-  """Validates the config, the data and the batch sizes before building anything heavy."""
-  config_lib.validate(config)
+  """Validates the config, the data and the batch sizes before building anything heavy; the
+  run holds the config with its durations resolved (resolve_config)."""
+  config = resolve_config(config)
   config_lib.check_key_paths(config, allow_config_changes, '--allow_config_change key')
   config_lib.validate_devices(config, len(jax.devices()), jax.process_count())
   input_pipeline.check_available(config.data)
@@ -170,10 +171,27 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
       config_lib.stage_data(config, 'gate'), 'train', batch_size=config.eval_batch_size,
       train=False, examples=(-held_out, None)) if held_out else None
   eval_data = eval_lib.eval_pipeline(config)
-  run = Run(config, run_dir, model, mesh, train_data, eval_data, tuple(allow_config_changes),
+  run = Run(config, run_dir, model, mesh, train_data, eval_data,
+            config_lib.with_derived_keys(allow_config_changes),
             stage_data, calibration_data)
   run.budget = budget  # Checked above, before any work.
   return run
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config as training runs it: validated, with every duration in steps at its batch
+  size (config_lib.resolve_durations; an epoch of the gate stage leaves out the examples
+  held out to calibrate the budget).
+
+  Raises:
+    config_lib.ConfigError: an invalid config; FileNotFoundError: the data is missing.
+  """
+  config_lib.validate(config)
+  input_pipeline.check_available(config.data, 'train')
+  examples = input_pipeline.num_examples(config_lib.stage_data(config, 'supernet'), 'train')
+  held_out = config.gate.calibration_examples if config.gate.budget else 0
+  return config_lib.resolve_durations(config, {'supernet': examples,
+                                               'gate': examples - held_out})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

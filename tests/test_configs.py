@@ -1,4 +1,7 @@
-"""Every shipped config validates; ImageNet configs stop at once when the data is missing."""
+"""Every shipped config validates and overrides like big_vision's; durations resolve at the
+final batch size; ImageNet configs stop at once when the data is missing."""
+import dataclasses
+import importlib
 import importlib.util
 import json
 import pathlib
@@ -7,6 +10,8 @@ import sys
 import time
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from checks import ROOT
 from dsnet_jax import config_lib, rundir, train_lib
@@ -59,3 +64,105 @@ def test_print_config_shows_the_overrides_and_exits_without_a_workdir():
     missing = subprocess.run([sys.executable, script, '--config=configs/tiny.py'], cwd=ROOT,
                              capture_output=True, text=True)
     assert missing.returncode == 1 and '--workdir is required' in missing.stderr
+
+
+def parse(path, *overrides):
+  """The config as train.py's --config flag makes it, overrides applied."""
+  argv = ['train.py', f'--config={path}', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_every_model_and_data_field_overrides_from_the_command_line(path):
+  config = parse(path)
+  model_cls = importlib.import_module(f'dsnet_jax.models.{config.model_name}').Model
+  fields = {f.name for f in dataclasses.fields(model_cls)} - {'parent', 'name'}
+  assert set(config.model) == fields
+  assert set(config.data) == set(config_lib.DATA_KEYS)
+  unset_int = next((k for k, v in config.model.items() if v is None and k != 'variant'), None)
+  overrides = ['--config.data.data_dir=/some/dir', '--config.data.mix_prob=0.5',
+               '--config.model.num_classes=7', '--config.batch_size=32']
+  if unset_int:  # e.g. ds_vit's width: an unset (None) field takes a value too.
+    overrides.append(f'--config.model.{unset_int}=5')
+  overridden = parse(path, *overrides)
+  assert overridden.data.data_dir == '/some/dir' and overridden.data.mix_prob == 0.5
+  assert overridden.model.num_classes == 7 and overridden.batch_size == 32
+  if unset_int:
+    assert overridden.model[unset_int] == 5
+
+
+def test_set_model_names_the_available_models_on_a_typo():
+  config = config_lib.defaults()
+  with pytest.raises(config_lib.ConfigError, match="'ds_mbent'.*ds_mbnet, ds_resnet, ds_vit"):
+    config_lib.set_model(config, 'ds_mbent')
+  with pytest.raises(config_lib.ConfigError, match='model.widht'):
+    config_lib.set_model(config, 'ds_vit', widht=3)
+
+
+def test_durations_in_epochs_resolve_at_the_final_batch_size():
+  config = config_lib.defaults()
+  config.batch_size = 500
+  config.supernet.steps, config.supernet.epochs = 0, 2.5
+  config.supernet.optimizer.warmup_epochs = 0.5
+  config.supernet.optimizer.lr, config.supernet.optimizer.lr_batch_size = 0.1, 250
+  config.gate.steps, config.gate.epochs = 0, 1.0
+  config.recalibrate.examples = 1001
+  config.eval_every_epochs = 1.0
+  examples = {'supernet': 60_000, 'gate': 55_000}
+  resolved = config_lib.resolve_durations(config, examples)
+  assert resolved.supernet.steps == 300  # 2.5 * 60000 / 500
+  assert resolved.supernet.optimizer.warmup_steps == 60
+  assert resolved.supernet.optimizer.lr == pytest.approx(0.2)  # 0.1 per 250 images.
+  assert resolved.supernet.optimizer.lr_batch_size == 500
+  assert resolved.gate.steps == 110 and resolved.gate.optimizer.warmup_steps == 0
+  assert resolved.recalibrate.num_batches == 3  # 1001 / 500, rounded up.
+  assert resolved.eval_every_steps == 120
+  assert config.supernet.steps == 0  # The input is left as it was.
+  assert config_lib.resolve_durations(resolved, examples).to_dict() == resolved.to_dict()
+  config.batch_size = 1000  # As --config.batch_size=1000 would.
+  bigger = config_lib.resolve_durations(config, examples)
+  assert (bigger.supernet.steps, bigger.supernet.optimizer.lr) == (150, pytest.approx(0.4))
+  config.supernet.steps = 10
+  with pytest.raises(config_lib.ConfigError, match='supernet.steps=10 and supernet.epochs=2.5'):
+    config_lib.resolve_durations(config, examples)
+  config.supernet.steps, config.supernet.epochs = 0, 0.001
+  with pytest.raises(config_lib.ConfigError, match='less than one batch'):
+    config_lib.resolve_durations(config, examples)
+
+
+def test_imagenet_configs_follow_a_batch_size_override():
+  for name, epochs, lr in (('resnet50', 150, 0.1 * 512 / 256), ('vit_s', 300, 5e-4)):
+    config = parse(pathlib.Path(__file__).parents[1] / f'configs/{name}.py',
+                   '--config.batch_size=512')
+    resolved = config_lib.resolve_durations(config, {'supernet': 1_281_167, 'gate': 1_276_167})
+    assert resolved.supernet.steps == int(epochs * 1_281_167 / 512)
+    assert resolved.supernet.optimizer.warmup_steps == int(5 * 1_281_167 / 512)
+    assert resolved.supernet.optimizer.lr == pytest.approx(lr)
+    assert resolved.gate.steps == int(30 * 1_276_167 / 512)
+
+
+def test_print_config_resolves_epochs_into_steps():
+  done = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/tiny.py', '--config.batch_size=16',
+       '--config.supernet.steps=0', '--config.supernet.epochs=2', '--print_config'],
+      cwd=ROOT, capture_output=True, text=True, check=True)
+  supernet = done.stdout.split('supernet:')[1]
+  assert '  steps: 8\n' in supernet  # 2 epochs of 64 synthetic examples at batch 16.
+
+
+def test_extending_a_stage_in_epochs_allows_its_steps_to_change():
+  assert config_lib.with_derived_keys(['supernet.epochs', 'batch_size']) == (
+      'supernet.epochs', 'batch_size', 'supernet.steps')
+
+
+def test_a_saved_config_without_newer_model_and_data_keys_compares_equal():
+  config = load(pathlib.Path(__file__).parents[1] / 'configs/tiny.py')
+  saved = config.to_dict()
+  del saved['model']['se_ratio'], saved['data']['switch_prob']
+  assert rundir.config_differences(json.dumps(saved), config) == []
+  config.model.se_ratio = 0.5
+  assert rundir.config_differences(json.dumps(saved), config) == ['model.se_ratio: 0.25 -> 0.5']

@@ -218,7 +218,8 @@ def test_a_bfloat16_step_keeps_float32_state_and_a_finite_loss(tmp_path):
     ('supernet.lr', 0.1, "unknown config key 'supernet.lr'"),
     ('batch_size', 'big', "'batch_size'"),  # ConfigDict's own type check names it.
     ('stages', ('gate', 'supernet'), 'stages='),
-    ('gate.steps', 0, "'gate.steps' must be > 0"),
+    ('gate.steps', 0, r'gate.steps=0 and gate.epochs=0.0: set one > 0'),
+    ('supernet.epochs', -1.0, r'supernet.steps=4 and supernet.epochs=-1.0: set one > 0'),
     ('model.widths', (1, 2), 'unknown config key model.widths'),
     ('model.dtype', 'float16', "model.dtype='float16': use one of 'float32', 'bfloat16'"),
     ('data.dirr', 'x', 'unknown config key data.dirr'),

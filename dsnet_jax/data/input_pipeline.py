@@ -140,6 +140,11 @@ def check_available(config: ml_collections.ConfigDict, split: str | None = None)
   _dataset(config, split or EVAL_SPLITS[name])
 
 
+def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
+  """The number of records in `split` of the data set `config` (config.data) names."""
+  return len(_dataset(config, split)[0])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Subrange:
   """Records [start, stop) of a random-access source, renumbered from 0."""
