@@ -9,20 +9,27 @@ from dsnet_jax import cli, train_lib
 
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and eval results go here.')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host); on '
+                  'TPU VMs and SLURM it finds its peers, elsewhere give the three flags below.')
+flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port of process 0.')
+flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes.')
+flags.DEFINE_integer('process_id', None, 'With --distributed: this process\'s index.')
 flags.DEFINE_list('allow_config_change', [], 'Config keys (or "section." prefixes) that may '
                   'differ from the workdir\'s checkpoints, e.g. supernet.steps to extend a stage.')
-flags.DEFINE_bool('print_config', False, 'Print the config (after overrides) and exit.')
+flags.DEFINE_bool('print_config', False, 'Print the config (after overrides, durations '
+                  'resolved into steps) and exit.')
 flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
   del argv
-  if not cli.start(flags.FLAGS):
+  if not cli.start(flags.FLAGS, train_lib.resolve_config):
     return
   if flags.FLAGS.distributed:
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                               flags.FLAGS.process_id)
+    cli.quiet_unless_process_0()
   train_lib.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
                                flags.FLAGS.allow_config_change)
 

@@ -29,6 +29,7 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+from etils import epath
 import jax.numpy as jnp
 import numpy as np
 
@@ -73,7 +74,7 @@ def make_budget(gate_config, model, image_shape: Sequence[int], workdir: str = '
     return Budget(budget_madds(gate_config, model, image_shape), 'madds',
                   model.routing_madds(tuple(image_shape)).astype(np.float64))
   from dsnet_jax import latency as latency_lib  # The table's reader; it imports inference.
-  path = os.path.join(workdir, latency_lib.LATENCY_FILE)
+  path = os.fspath(epath.Path(workdir) / latency_lib.LATENCY_FILE)
   try:
     table = latency_lib.load(path, latency_lib.model_name(model))
   except latency_lib.LatencyTableError as e:

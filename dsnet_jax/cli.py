@@ -48,13 +48,27 @@ def quiet_library_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def start(flag_values) -> bool:
+def quiet_unless_process_0() -> None:
+  """Progress lines from process 0 only: the others' stdout goes nowhere (errors still show,
+  on stderr)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:
+    sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
+
+
+def start(flag_values, resolve=None) -> bool:
   """What train.py and eval.py do first: library INFO logs off (see quiet_library_logs);
-  with --print_config, print the config (overrides applied) and return False (exit); else
-  require --workdir and return True."""
+  with --print_config, print the config (overrides applied, then `resolve`d if given and the
+  data is there) and return False (exit); else require --workdir and return True."""
   quiet_library_logs()
   if flag_values.print_config:
-    print(flag_values.config)
+    config = flag_values.config
+    if resolve is not None:
+      try:
+        config = resolve(config)
+      except FileNotFoundError as e:
+        print(f'# durations not resolved into steps (needs the data): {e}', file=sys.stderr)
+    print(config)
     return False
   if not flag_values.workdir:
     raise config_lib.ConfigError('--workdir is required (only --print_config goes without)')

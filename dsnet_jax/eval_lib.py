@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,10 +57,11 @@ def gated_result(model, variables, pipeline, mesh) -> dict[str, Any]:
   space = model.routes.routing_space
   madds = model.routing_madds(pipeline.image_shape)
   correct, counts, indices = 0, np.zeros(len(space), np.int64), []
-  for batch in pipeline.batches():
-    c, h, i = jax.device_get(_gated_counts(model, variables, sharding.global_batch(batch, mesh)))
+  for batch in _eval_batches(pipeline, mesh):
+    c, h, i = _gated_counts(model, variables, batch)
     correct, counts = correct + int(c), counts + np.asarray(h)
-    indices.append(np.asarray(i)[np.asarray(batch['mask']).astype(bool)])
+    i, mask = sharding.gather(i, batch['mask'])
+    indices.append(i[mask.astype(bool)])
   total = int(counts.sum())
   return {'accuracy': correct / total, 'madds': float(counts @ madds / total),
           'route_histogram': {r.name: int(c) for r, c in zip(space, counts)},
@@ -198,7 +200,8 @@ def plot(rows, gated, path: str, title: str = ''):
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, format='png', dpi=120)
   plt.close(fig)
 
 
@@ -208,7 +211,8 @@ def evaluate_and_report(model, variables, pipeline, mesh, output_dir: str, gated
   """Prints the route table (and the gated result against the static routes' curve and the
   budget, MAdds per image, when set; ms/image from a latency table when given), writes
   eval.json, eval.png (titled `title`) and, for a gated model, routes.npy (each evaluation
-  example's routing index, in the split's order) into `output_dir`."""
+  example's routing index, in the split's order) into `output_dir` (local or gs://; process
+  0 writes)."""
   rows = route_table(model, variables, pipeline, mesh)
   result, routing_indices = None, None
   if gated:
@@ -219,12 +223,15 @@ def evaluate_and_report(model, variables, pipeline, mesh, output_dir: str, gated
     add_latency(rows, result, latency)
   print(format_report(rows, result, latency), flush=True)
   report = {'routes': rows, 'gated': result}
-  os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, 'eval.json'), 'w') as f:
-    json.dump(report, f, indent=1)
+  if jax.process_index() != 0:
+    return report
+  output_dir = epath.Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  (output_dir / 'eval.json').write_text(json.dumps(report, indent=1))
   if routing_indices is not None:
-    np.save(os.path.join(output_dir, ROUTES_FILE), routing_indices)
-  plot(rows, result, os.path.join(output_dir, 'eval.png'), title)
+    with (output_dir / ROUTES_FILE).open('wb') as f:
+      np.save(f, routing_indices)
+  plot(rows, result, os.fspath(output_dir / 'eval.png'), title)
   return report
 
 
@@ -296,7 +303,7 @@ def workdir_latency(workdir: str, image_shape, model) -> dict[str, Any] | None:
   """The workdir's latency table, if there is a valid one for this model and these images
   (else a warning says why none is used)."""
   try:
-    table = latency_lib.load(os.path.join(workdir, latency_lib.LATENCY_FILE),
+    table = latency_lib.load(os.fspath(epath.Path(workdir) / latency_lib.LATENCY_FILE),
                              latency_lib.model_name(model))
   except latency_lib.LatencyTableError as e:
     print(f'warning: {e}: ms/img not shown', flush=True)

@@ -28,6 +28,7 @@ import platform
 import sys
 from typing import Any, Sequence
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,9 +171,9 @@ def format_table(latency: dict[str, Any]) -> str:
 
 
 def save(latency: dict[str, Any], path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(latency, f, indent=1)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(latency, indent=1))
 
 
 class LatencyTableError(ValueError):
@@ -191,11 +192,10 @@ def load(path: str, model: str = '') -> dict[str, Any] | None:
     LatencyTableError: not valid JSON, a missing or malformed key, non-finite or non-positive
       times, or a table measured for another model than `model` (when given).
   """
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return None
   try:
-    with open(path) as f:
-      table = json.load(f)
+    table = json.loads(epath.Path(path).read_text())
     sizes = [str(b) for b in table['batch_sizes']]
     problems = [f'{key} missing' for key in ('device', 'image_shape', 'routes', ROUTED)
                 if key not in table]

@@ -8,6 +8,7 @@ import time
 import weakref
 from typing import Any
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -62,7 +63,7 @@ class ProgressLogger:
   def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
     record = {'stage': self.stage, 'step': step, **metrics}
     if self._writes:
-      with open(self.path, 'a') as f:
+      with epath.Path(self.path).open('a') as f:
         f.write(json.dumps(record) + '\n')
       self._write_tensorboard(step, metrics)
     return record
@@ -73,7 +74,7 @@ class ProgressLogger:
       # A resumed stage: TensorBoard drops what an earlier run logged from `purge_step` on,
       # as metrics.jsonl is truncated there.
       self._tensorboard = SummaryWriter(
-          os.path.join(os.path.dirname(self.path), TENSORBOARD_DIR, self.stage),
+          os.fspath(epath.Path(self.path).parent / TENSORBOARD_DIR / self.stage),
           purge_step=self._start_step or None)
       weakref.finalize(self, self._tensorboard.close)
     for name, value in _scalars(metrics):

@@ -30,6 +30,7 @@ import os
 import re
 from typing import Any, Iterable, Iterator, Sequence
 
+from etils import epath
 from flax import traverse_util
 import ml_collections
 import jax
@@ -55,11 +56,6 @@ MODEL_KEYS = ('model_name', 'model.', 'data.name', 'data.image_size', 'data.num_
 # eval, export, a later stage, init_checkpoint) under another one. Resuming a stage still
 # compares it: it changes the numbers the run computes.
 COMPUTE_KEYS = ('model.dtype',)
-# What an unset key means, so that a checkpoint written before a config set it compares equal
-# to a config that sets that value.
-UNSET_MEANS = {('model', 'dtype'): 'float32'}
-
-
 class ConfigMismatchError(ValueError):
   """The current config differs from the one a checkpoint was written with."""
 
@@ -133,7 +129,7 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
       `allow_changes`, the compute dtype, and the routing space of an ungated checkpoint).
   """
   directory = os.fspath(directory)
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f'no checkpoint directory {directory}')
   stored = {}  # The model the checkpoint was written for, when only its routing space differs.
 
@@ -280,11 +276,7 @@ def config_differences(saved: dict[str, Any], current, keys: Sequence[str] | Non
   except json.JSONDecodeError as e:
     raise ConfigMismatchError(f'the saved config is not JSON ({e}); cannot compare') from None
   current = json.loads(current.to_json() if hasattr(current, 'to_json') else json.dumps(current))
-  for tree in (saved, current):
-    for (section, key), value in UNSET_MEANS.items():
-      if isinstance(tree.get(section), dict):
-        tree[section].setdefault(key, value)
-  old, new = config_lib.flat_items(saved), config_lib.flat_items(current)
+  old, new = (config_lib.flat_items(config_lib.with_defaults(tree)) for tree in (saved, current))
 
   def matches(key, patterns):
     return any(key == p or (p.endswith('.') and key.startswith(p)) for p in patterns)
@@ -326,19 +318,30 @@ class StageStatus:
     return self.step is not None
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+  """A URL such as gs://bucket/dir (read and written through etils.epath)."""
+  return '://' in os.fspath(path)
+
+
+def absolute(path: str | os.PathLike) -> str:
+  """A local path made absolute; a remote one (gs://...) as given."""
+  path = os.fspath(path)
+  return path if is_remote(path) else os.path.abspath(path)
+
+
 class RunDir:
-  """A training workdir. Reading never creates anything; `lock()` and checkpointers for
-  saving do."""
+  """A training workdir, local or remote (gs://, through etils.epath, as big_vision's).
+  Reading never creates anything; `lock()` and checkpointers for saving do."""
 
   def __init__(self, workdir: str | os.PathLike):
-    self.workdir = os.path.abspath(os.fspath(workdir))
+    self.workdir = absolute(workdir)
 
   @property
   def metrics_path(self) -> str:
-    return os.path.join(self.workdir, 'metrics.jsonl')
+    return os.fspath(epath.Path(self.workdir) / 'metrics.jsonl')
 
   def stage_dir(self, stage: str) -> str:
-    return os.path.join(self.workdir, 'checkpoints', stage)
+    return os.fspath(epath.Path(self.workdir) / 'checkpoints' / stage)
 
   def checkpointer(self, stage: str, keep: int | None) -> checkpointing.Checkpointer:
     """The stage's checkpointer for saving (creates the folder)."""
@@ -346,7 +349,7 @@ class RunDir:
 
   def status(self, stage: str) -> StageStatus:
     directory = self.stage_dir(stage)
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
       return StageStatus(stage, None, {})
     with checkpointing.Checkpointer(directory, keep=None, create=False) as ckpt:
       step = ckpt.latest_step()
@@ -358,21 +361,27 @@ class RunDir:
 
   def latest_stage_dir(self) -> str:
     """The checkpoint folder of the last stage (in training order) that saved a step."""
-    if not os.path.isdir(self.workdir):
+    if not epath.Path(self.workdir).is_dir():
       raise FileNotFoundError(f'no workdir {self.workdir}')
     for stage in reversed(STAGES):
       if self.status(stage).exists:
         return self.stage_dir(stage)
-    raise FileNotFoundError(f'no checkpoint under {os.path.join(self.workdir, "checkpoints")}; '
+    raise FileNotFoundError(f'no checkpoint under {epath.Path(self.workdir) / "checkpoints"}; '
                             'train first (train.py) or pass --checkpoint')
 
   @contextlib.contextmanager
   def lock(self) -> Iterator[None]:
-    """Holds `workdir/.lock` (an flock, released even on kill -9) while training.
+    """Holds `workdir/.lock` (an flock, released even on kill -9) while training; process 0
+    holds it for a multi-process run. A remote workdir (gs://) has no file locks: nothing is
+    held there (as in big_vision, one run per workdir is the user's to keep).
 
     Raises:
       WorkdirLockedError: another process holds it (its PID is named).
     """
+    if jax.process_index() != 0 or is_remote(self.workdir):
+      epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
+      yield
+      return
     os.makedirs(self.workdir, exist_ok=True)
     path = os.path.join(self.workdir, '.lock')
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -392,16 +401,15 @@ class RunDir:
 
   def truncate_metrics(self, stage: str, after_step: int) -> None:
     """Drops `stage`'s records past `after_step` (a resumed stage logs those steps again)."""
-    if not os.path.exists(self.metrics_path) or jax.process_index() != 0:
+    path = epath.Path(self.metrics_path)
+    if jax.process_index() != 0 or not path.exists():
       return
-    with open(self.metrics_path) as f:
-      lines = f.readlines()
+    lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if not _record_after(line, stage, after_step)]
     if len(kept) != len(lines):
-      tmp = self.metrics_path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(kept)
-      os.replace(tmp, self.metrics_path)
+      tmp = path.with_name(path.name + '.tmp')
+      tmp.write_text(''.join(kept))
+      tmp.replace(path)
 
 
 def _record_after(line: str, stage: str, step: int) -> bool:

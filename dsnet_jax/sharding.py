@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = 'data'
@@ -34,6 +35,11 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """Assembles each host's slice of a batch into global arrays split along `data`."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def gather(*arrays: jax.Array) -> list[np.ndarray]:
+  """Host copies of global arrays, every process's shards included (each process gets all)."""
+  return [np.asarray(a) for a in multihost_utils.process_allgather(arrays, tiled=True)]
 
 
 def replicate(tree, mesh: Mesh):
