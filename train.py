@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(cli.main_errors(main))
+  app.run(cli.main_errors(main), flags_parser=cli.parse_flags)

@@ -1,4 +1,4 @@
-"""A few steps of every stage on synthetic data, for tests (under a minute on a CPU).
+"""A few steps of every stage on synthetic data, for tests (about a minute on a quiet 2-core CPU).
 
     python train.py --config=configs/tiny.py --workdir=/tmp/tiny
 """

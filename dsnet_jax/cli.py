@@ -40,6 +40,23 @@ def main_errors(main, *more_user_errors: type[Exception]):
   return wrapped
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (app.run's `flags_parser`), with an override of a key the config
+  lacks (`--config.model.bogus=1`) as one error line instead of ml_collections' traceback."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on '
+          'flags.', file=sys.stderr)
+  except (AttributeError, KeyError) as e:
+    key = next((a.split('=')[0] for a in argv if a.startswith('--config.')
+                and str(e).strip('"\'').split("'")[0] in a), 'a --config. override')
+    print(f'error: {key}: no such config key ({e}); --print_config lists them',
+          file=sys.stderr)
+  sys.exit(1)
+
+
 def quiet_library_logs() -> None:
   """Libraries' INFO lines (orbax's on every restore) off unless `--verbosity` was given.
   Call in an absl `main`."""
@@ -66,8 +83,9 @@ def start(flag_values, resolve=None) -> bool:
     if resolve is not None:
       try:
         config = resolve(config)
-      except FileNotFoundError as e:
-        print(f'# durations not resolved into steps (needs the data): {e}', file=sys.stderr)
+      except FileNotFoundError as e:  # The learning rate still scales; epochs stay epochs.
+        config = config_lib.resolve_durations(config, None)
+        print(f'# epochs not resolved into steps (needs the data): {e}', file=sys.stderr)
     print(config)
     return False
   if not flag_values.workdir:

@@ -30,7 +30,7 @@ BUDGET_UNITS = ('largest', 'madds', 'ms')
 # image_size, num_classes) or, for data_dir, tfds's default.
 DATA_FIELDS = dict(
     name=(str, 'fashion_mnist'), data_dir=(str, None), debian_dir=(str, None),
-    image_size=(int, None), num_classes=(int, None), channels=(int, 3),
+    image_size=(int, None), num_classes=(int, None), channels=(int, None),
     augment=(str, 'none'), crop_pct=(float, 0.875), randaugment=(str, ''),
     random_erasing=(float, 0.0), views=(int, 1), mixup_alpha=(float, 0.0),
     cutmix_alpha=(float, 0.0), mix_prob=(float, 1.0), switch_prob=(float, 0.5),
@@ -247,7 +247,14 @@ def imagenet_recipe(config: ml_collections.ConfigDict, arg: str | None
 TRAINED_STAGES = ('supernet', 'gate')
 
 
-def resolve_durations(config: ml_collections.ConfigDict, train_examples: Mapping[str, int]
+def counts_in_epochs(config: ml_collections.ConfigDict) -> bool:
+  """Whether a duration is given in epochs (resolving it needs the training split's size)."""
+  return bool(config.eval_every_epochs or any(
+      config[s].epochs or config[s].optimizer.warmup_epochs for s in TRAINED_STAGES))
+
+
+def resolve_durations(config: ml_collections.ConfigDict,
+                      train_examples: Mapping[str, int] | None
                       ) -> ml_collections.ConfigDict:
   """A copy of `config` with every duration in steps at its batch size (big_vision's
   `utils.steps`): `<stage>.epochs` -> `<stage>.steps`, `optimizer.warmup_epochs` ->
@@ -257,7 +264,8 @@ def resolve_durations(config: ml_collections.ConfigDict, train_examples: Mapping
 
   Args:
     config: a validated training config.
-    train_examples: {'supernet': n, 'gate': n} the examples an epoch of that stage covers.
+    train_examples: {'supernet': n, 'gate': n} the examples an epoch of that stage covers;
+      None: durations in epochs stay unresolved (the rest is resolved).
   Raises:
     ConfigError: a duration given both in steps and in epochs, or one that rounds to 0 steps.
   """
@@ -271,8 +279,8 @@ def resolve_durations(config: ml_collections.ConfigDict, train_examples: Mapping
                         f'than one batch of {batch_size}')
     return count
 
-  def from_epochs(section, steps_key: str, epochs_key: str, examples: int, path: str):
-    if not section[epochs_key]:
+  def from_epochs(section, steps_key: str, epochs_key: str, examples: int | None, path: str):
+    if not section[epochs_key] or examples is None:
       return
     count = steps(section[epochs_key], examples, f'{path}{epochs_key}')
     if section[steps_key] not in (0, count):
@@ -281,15 +289,17 @@ def resolve_durations(config: ml_collections.ConfigDict, train_examples: Mapping
                         f'other to 0), e.g. --config.{path}{steps_key}=0')
     section[steps_key] = count
 
+  train_examples = train_examples or {}
   for stage in TRAINED_STAGES:
-    section, examples = config[stage], train_examples[stage]
+    section, examples = config[stage], train_examples.get(stage)
     from_epochs(section, 'steps', 'epochs', examples, f'{stage}.')
     from_epochs(section.optimizer, 'warmup_steps', 'warmup_epochs', examples,
                 f'{stage}.optimizer.')
     opt = section.optimizer
     if opt.lr_batch_size:
       opt.lr, opt.lr_batch_size = opt.lr * batch_size / opt.lr_batch_size, batch_size
-  from_epochs(config, 'eval_every_steps', 'eval_every_epochs', train_examples['supernet'], '')
+  from_epochs(config, 'eval_every_steps', 'eval_every_epochs', train_examples.get('supernet'),
+              '')
   if config.recalibrate.examples:
     config.recalibrate.num_batches = math.ceil(config.recalibrate.examples / batch_size)
   return config

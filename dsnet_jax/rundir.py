@@ -203,19 +203,28 @@ def load(workdir: str | os.PathLike = '', checkpoint: str | os.PathLike = '', co
   from dsnet_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
   from dsnet_jax.models import get_model  # pylint: disable=import-outside-toplevel
   directory = os.fspath(checkpoint) if checkpoint else RunDir(workdir).latest_stage_dir()
-  if config is None:
-    with checkpointing.Checkpointer(directory, keep=None, create=False) as ckpt:
-      if ckpt.latest_step() is None:
-        raise FileNotFoundError(f'no checkpoint in {directory}')
-      meta = ckpt.restore_meta()
-    if 'config' not in meta:
-      raise ValueError(f'{directory} saved no config (an imported checkpoint?): pass config=')
-    saved = json.loads(meta['config']) if isinstance(meta['config'], str) else meta['config']
-    config = ml_collections.ConfigDict(_tuples(saved))
+  config = saved_config(directory) if config is None else config
   model = get_model(config.model_name, **config.model)
   image_shape = input_pipeline.preprocessing(config.data).image_shape
   restored = restore_variables(directory, model, image_shape, config=config, log=log)
   return Loaded(restored.model, restored.variables, config, image_shape, restored)
+
+
+def saved_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config a stage folder's latest checkpoint was written with.
+
+  Raises:
+    FileNotFoundError: no checkpoint in `directory`; ValueError: it saved no config.
+  """
+  with checkpointing.Checkpointer(os.fspath(directory), keep=None, create=False) as ckpt:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    meta = ckpt.restore_meta()
+  if 'config' not in meta:
+    raise config_lib.ConfigError(f'{directory} saved no config (an imported checkpoint?): '
+                                 'give its config')
+  saved = json.loads(meta['config']) if isinstance(meta['config'], str) else meta['config']
+  return ml_collections.ConfigDict(_tuples(saved))
 
 
 def _tuples(tree):

@@ -187,6 +187,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     config_lib.ConfigError: an invalid config; FileNotFoundError: the data is missing.
   """
   config_lib.validate(config)
+  if not config_lib.counts_in_epochs(config):  # The data's size is not needed.
+    return config_lib.resolve_durations(config, None)
   input_pipeline.check_available(config.data, 'train')
   examples = input_pipeline.num_examples(config_lib.stage_data(config, 'supernet'), 'train')
   held_out = config.gate.calibration_examples if config.gate.budget else 0

@@ -166,3 +166,25 @@ def test_a_saved_config_without_newer_model_and_data_keys_compares_equal():
   assert rundir.config_differences(json.dumps(saved), config) == []
   config.model.se_ratio = 0.5
   assert rundir.config_differences(json.dumps(saved), config) == ['model.se_ratio: 0.25 -> 0.5']
+
+
+def test_a_misspelt_override_is_one_error_line():
+  done = subprocess.run([sys.executable, 'train.py', '--config=configs/tiny.py',
+                         '--config.model.bogus=1', '--print_config'], cwd=ROOT,
+                        capture_output=True, text=True)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines() == [
+      'error: --config.model.bogus: no such config key ("\'bogus\'"); --print_config lists them']
+
+
+def test_print_config_scales_the_learning_rate_without_the_data(tmp_path):
+  """ImageNet absent: epochs stay epochs (said on stderr), the learning rate still scales,
+  and nothing is written into the data directory."""
+  data_dir = tmp_path / 'no_imagenet'
+  done = subprocess.run([sys.executable, 'train.py', '--config=configs/resnet50.py',
+                         f'--config.data.data_dir={data_dir}', '--config.batch_size=512',
+                         '--print_config'], cwd=ROOT, capture_output=True, text=True, check=True)
+  supernet = done.stdout.split('supernet:')[1]
+  assert '    lr: 0.2\n' in supernet and '  epochs: 150.0\n' in supernet  # 0.1 per 256 images.
+  assert '# epochs not resolved into steps' in done.stderr
+  assert not data_dir.exists()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from checks import tiny_config
-from dsnet_jax import (bn_calibration, config_lib, eval_lib, losses, optim, sharding,
+from dsnet_jax import (bn_calibration, config_lib, eval_lib, losses, optim, rundir, sharding,
                        stand_in, train_lib)
 
 
@@ -62,8 +62,11 @@ def test_all_stages_end_to_end_and_eval_workdir(trained, tmp_path):
   assert (workdir / 'eval.png').stat().st_size > 1000
   assert 'img/s' in trained.output and 'ETA' in trained.output and 'gated' in trained.output
 
-  # eval.py restores the gate checkpoint (writing its report elsewhere).
-  again = eval_lib.evaluate_workdir(tiny_config(num_devices=1), str(tmp_path), str(
+  # eval.py restores the gate checkpoint (writing its report elsewhere); without --config,
+  # with the config saved there.
+  saved = rundir.saved_config(workdir / 'checkpoints' / 'gate')
+  assert saved.to_dict() == tiny_config(num_devices=1).to_dict()
+  again = eval_lib.evaluate_workdir(saved, str(tmp_path), str(
       workdir / 'checkpoints' / 'gate'))
   assert again['gated'] == gated
   assert [r['accuracy'] for r in again['routes']] == [r['accuracy'] for r in report['routes']]

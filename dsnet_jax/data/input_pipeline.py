@@ -119,7 +119,7 @@ def preprocessing(config: ml_collections.ConfigDict) -> Preprocess:
   if name == 'imagenet2012':
     return Preprocess(config.get('image_size') or 224, 3, imagenet.MEAN, imagenet.STD,
                       augment, 'resize_crop', config.get('crop_pct') or 0.875, **extra)
-  channels = config.get('channels', 3)
+  channels = config.get('channels') or 3
   return Preprocess(config.image_size, channels, (0.5,) * channels, (0.5,) * channels, augment,
                     **extra)
 
