@@ -25,11 +25,7 @@ def main(argv):
   del argv
   if not cli.start(flags.FLAGS, train_lib.resolve_config):
     return
-  if flags.FLAGS.distributed:
-    import jax
-    jax.distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                               flags.FLAGS.process_id)
-    cli.quiet_unless_process_0()
+  cli.start_distributed(flags.FLAGS)
   train_lib.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
                                flags.FLAGS.allow_config_change)
 

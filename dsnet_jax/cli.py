@@ -65,10 +65,26 @@ def quiet_library_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def quiet_unless_process_0() -> None:
-  """Progress lines from process 0 only: the others' stdout goes nowhere (errors still show,
-  on stderr)."""
+def start_distributed(flag_values) -> None:
+  """With --distributed: `jax.distributed.initialize` (--coordinator_address, --num_processes,
+  --process_id, checked first; None: found on TPU VMs and SLURM); then progress lines from
+  process 0 only (the others' stdout goes nowhere; errors still show, on stderr).
+
+  Raises:
+    config_lib.ConfigError: those flags without --distributed, or a process id out of range.
+  """
+  given = [f'--{name}' for name in ('coordinator_address', 'num_processes', 'process_id')
+           if flag_values[name].present]
+  if given and not flag_values.distributed:
+    raise config_lib.ConfigError(f'{", ".join(given)} need --distributed')
+  n, i = flag_values.num_processes, flag_values.process_id
+  if n is not None and (n < 1 or (i is not None and not 0 <= i < n)):
+    raise config_lib.ConfigError(f'--process_id={i} --num_processes={n}: need 0 <= process_id '
+                                 '< num_processes')
+  if not flag_values.distributed:
+    return
   import jax  # pylint: disable=import-outside-toplevel
+  jax.distributed.initialize(flag_values.coordinator_address, n, i)
   if jax.process_index() != 0:
     sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
 

@@ -87,18 +87,44 @@ def _concrete_type(hint) -> type:
 
 
 def with_defaults(tree: dict[str, Any]) -> dict[str, Any]:
-  """A config as JSON data (e.g. a checkpoint's) with the model and data keys it leaves unset
-  at their defaults, so that one written before a key existed compares equal to one that
-  sets the default."""
-  tree = dict(tree)
-  sections = {'data': DATA_FIELDS}
-  if tree.get('model_name') in models.available_models():
-    sections['model'] = model_fields(tree['model_name'])
-  for name, fields in sections.items():
-    if isinstance(tree.get(name), dict):
-      defaults_json = json.loads(_section(fields, {}, name).to_json())
-      tree[name] = {**defaults_json, **tree[name]}
-  return tree
+  """A config as JSON data (e.g. a checkpoint's) with every key it leaves unset at its
+  default (`defaults()`; the model section: the fields of its `model_name`'s model), so that
+  one written before a key existed compares equal to one that sets the default."""
+  reference = json.loads(defaults().to_json())
+  name = tree.get('model_name', reference['model_name'])
+  reference['model'] = (json.loads(_section(model_fields(name), {}, 'model').to_json())
+                        if name in models.available_models() else {})
+  return _merged(reference, tree)
+
+
+def _merged(reference, tree):
+  if not (isinstance(reference, dict) and isinstance(tree, dict)):
+    return tree
+  return {**reference, **{k: _merged(reference.get(k), v) for k, v in tree.items()}}
+
+
+def _fits(value, hint) -> bool:
+  """Whether `value` (as a config holds it: tuples, ints, floats, strings) is of type `hint`."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if hint is Any:
+    return True
+  if origin is typing.Union or isinstance(hint, types.UnionType):
+    return any(_fits(value, a) for a in args)
+  if origin is tuple:
+    if not isinstance(value, (tuple, list)):
+      return False
+    if len(args) == 2 and args[1] is Ellipsis:
+      return all(_fits(v, args[0]) for v in value)
+    return len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args))
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, origin or hint)
+
+
+def _hint_name(hint) -> str:
+  return getattr(hint, '__name__', None) if not typing.get_args(hint) else str(hint)
 
 
 def set_model(config: ml_collections.ConfigDict, model_name: str, **values) -> None:
@@ -366,8 +392,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   fields = {f.name for f in dataclasses.fields(model_cls)} - {'parent', 'name'}
   for key in config.model:
     if key not in fields:
-      raise ConfigError(f'unknown config key model.{key} for {config.model_name}; valid: '
+      owners = [m for m in models.available_models() if key in model_fields(m)]
+      hint = (f' (a field of {", ".join(owners)}: the model section was built for another '
+              'model; use a config for this one, or config_lib.set_model)') if owners else ''
+      raise ConfigError(f'unknown config key model.{key} for {config.model_name}{hint}; valid: '
                         f'{", ".join(sorted(fields))}')
+  hints = typing.get_type_hints(model_cls)
+  defaults_of = {f.name: f.default for f in dataclasses.fields(model_cls)}
+  for key, value in config.model.items():
+    if key != 'dtype' and not (value is None and defaults_of[key] is None) and not _fits(
+        value, hints[key]):
+      raise ConfigError(f'config key model.{key}={value!r}: must be {_hint_name(hints[key])}')
+  groups = {k: len(v) for k, v in config.model.items()
+            if k.startswith('group_') and isinstance(v, (tuple, list))}
+  if len(set(groups.values())) > 1:
+    raise ConfigError(f'config keys {", ".join(f"model.{k}" for k in groups)}: one entry per '
+                      f'group each, got lengths {", ".join(map(str, groups.values()))}')
   dtype = config.model.get('dtype')
   if dtype is not None and dtype not in models.COMPUTE_DTYPES:
     raise ConfigError(f'config key model.dtype={dtype!r}: use one of '
@@ -375,7 +415,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       'offered: training has no loss scaling)')
   try:
     models.get_model(config.model_name, **config.model).routes  # Builds the route table.
-  except (KeyError, ValueError) as e:
+  except (KeyError, ValueError, IndexError, TypeError) as e:
     raise ConfigError(f'config section model: {e}') from None
   bad_stages = [s for s in config.stages if s not in STAGES]
   if bad_stages or list(config.stages) != sorted(config.stages, key=STAGES.index):
@@ -393,6 +433,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.num_devices < 0:
     raise ConfigError(f'config key num_devices must be >= 0 (0: every device), got '
                       f'{config.num_devices}')
+  non_negative = ['eval_every_epochs', 'recalibrate.examples'] + [
+      f'{stage}.{key}' for stage in TRAINED_STAGES
+      for key in ('epochs', 'optimizer.warmup_epochs', 'optimizer.warmup_steps',
+                  'optimizer.lr_batch_size')]
+  for path in non_negative:
+    value = _get(config, path)
+    if value is not None and not 0 <= value < float('inf'):
+      raise ConfigError(f'config key {path} must be finite and >= 0, got {value}')
   for stage in TRAINED_STAGES:
     if config[stage].steps < 0 or config[stage].epochs < 0 or not (
         config[stage].steps or config[stage].epochs):
@@ -463,11 +511,15 @@ def flat_items(tree: Any, prefix: str = '') -> dict[str, Any]:
 
 def validate_devices(config: ml_collections.ConfigDict, available: int,
                      num_processes: int = 1) -> None:
-  """Raises ConfigError for more devices than there are, or batch sizes that do not split
-  evenly over the devices and hosts."""
+  """Raises ConfigError for more devices than there are, a subset of the devices when there
+  are several processes (each needs its own), or batch sizes that do not split evenly over
+  the devices and hosts."""
   if config.num_devices > available:
     raise ConfigError(f'config key num_devices={config.num_devices}: only {available} devices '
                       'are available')
+  if num_processes > 1 and config.num_devices not in (0, available):
+    raise ConfigError(f'config key num_devices={config.num_devices}: with {num_processes} '
+                      f'processes the mesh must hold every device (0, or {available})')
   validate_batch_sizes(config, config.num_devices or available, num_processes)
 
 

@@ -43,7 +43,7 @@ from dsnet_jax.routes import RouteTable
 STAGES = ('supernet', 'recalibrate', 'gate')
 # Config keys that change neither the model nor the numbers a run computes.
 RUN_NEUTRAL_KEYS = ('stages', 'num_devices', 'eval_batch_size', 'log_every_steps',
-                    'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                    'eval_every_steps', 'eval_every_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
                     'data.data_dir', 'data.debian_dir', 'data.in_memory', 'data.num_workers',
                     'data.num_threads', 'data.prefetch')
 # What may differ between an ungated checkpoint and the model it restores into (the routing

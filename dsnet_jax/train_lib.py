@@ -160,11 +160,7 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
   train_data = training('supernet')
   run_dir = rundir_lib.RunDir(workdir)
   budget = budget_lib.make_budget(config.gate, model, train_data.image_shape, run_dir.workdir)
-  held_out = config.gate.calibration_examples if budget else 0
-  if held_out and train_data.num_examples - held_out < config.batch_size:
-    raise config_lib.ConfigError(
-        f'config key gate.calibration_examples={held_out} leaves fewer than one batch of the '
-        f'{train_data.num_examples} training examples for the gate stage')
+  held_out = _held_out(config, train_data.num_examples)
   stage_data = {'recalibrate': training('recalibrate'),
                 'gate': training('gate', (0, -held_out) if held_out else None)}
   calibration_data = input_pipeline.make(
@@ -191,9 +187,22 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config_lib.resolve_durations(config, None)
   input_pipeline.check_available(config.data, 'train')
   examples = input_pipeline.num_examples(config_lib.stage_data(config, 'supernet'), 'train')
+  return config_lib.resolve_durations(
+      config, {'supernet': examples, 'gate': examples - _held_out(config, examples)})
+
+
+def _held_out(config: ml_collections.ConfigDict, examples: int) -> int:
+  """The training examples held out to calibrate the gate's budget (0 without a budget).
+
+  Raises:
+    config_lib.ConfigError: they leave the gate stage less than one batch.
+  """
   held_out = config.gate.calibration_examples if config.gate.budget else 0
-  return config_lib.resolve_durations(config, {'supernet': examples,
-                                               'gate': examples - held_out})
+  if held_out and examples - held_out < config.batch_size:
+    raise config_lib.ConfigError(
+        f'config key gate.calibration_examples={held_out} leaves fewer than one batch of the '
+        f'{examples} training examples for the gate stage')
+  return held_out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -162,7 +162,8 @@ def test_extending_a_stage_in_epochs_allows_its_steps_to_change():
 def test_a_saved_config_without_newer_model_and_data_keys_compares_equal():
   config = load(pathlib.Path(__file__).parents[1] / 'configs/tiny.py')
   saved = config.to_dict()
-  del saved['model']['se_ratio'], saved['data']['switch_prob']
+  del saved['model']['se_ratio'], saved['data']['switch_prob'], saved['eval_every_epochs']
+  del saved['supernet']['epochs'], saved['gate']['optimizer']['lr_batch_size']
   assert rundir.config_differences(json.dumps(saved), config) == []
   config.model.se_ratio = 0.5
   assert rundir.config_differences(json.dumps(saved), config) == ['model.se_ratio: 0.25 -> 0.5']
@@ -188,3 +189,14 @@ def test_print_config_scales_the_learning_rate_without_the_data(tmp_path):
   assert '    lr: 0.2\n' in supernet and '  epochs: 150.0\n' in supernet  # 0.1 per 256 images.
   assert '# epochs not resolved into steps' in done.stderr
   assert not data_dir.exists()
+
+
+def test_cluster_flags_are_checked_before_any_work(tmp_path):
+  for flags, message in ((['--num_processes=2'], '--num_processes need --distributed'),
+                         (['--distributed', '--num_processes=2', '--process_id=2'],
+                          'need 0 <= process_id < num_processes')):
+    done = subprocess.run([sys.executable, 'train.py', '--config=configs/tiny.py',
+                           f'--workdir={tmp_path}', *flags], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 1 and done.stderr.strip().endswith(message)
+    assert list(tmp_path.iterdir()) == []

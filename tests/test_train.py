@@ -222,15 +222,31 @@ def test_a_bfloat16_step_keeps_float32_state_and_a_finite_loss(tmp_path):
     ('batch_size', 'big', "'batch_size'"),  # ConfigDict's own type check names it.
     ('stages', ('gate', 'supernet'), 'stages='),
     ('gate.steps', 0, r'gate.steps=0 and gate.epochs=0.0: set one > 0'),
-    ('supernet.epochs', -1.0, r'supernet.steps=4 and supernet.epochs=-1.0: set one > 0'),
+    ('supernet.epochs', -1.0, 'supernet.epochs must be finite and >= 0, got -1.0'),
     ('model.widths', (1, 2), 'unknown config key model.widths'),
     ('model.dtype', 'float16', "model.dtype='float16': use one of 'float32', 'bfloat16'"),
     ('data.dirr', 'x', 'unknown config key data.dirr'),
+    ('supernet.epochs', float('nan'), 'supernet.epochs must be finite and >= 0, got nan'),
+    ('supernet.optimizer.lr_batch_size', -256, 'lr_batch_size must be finite and >= 0'),
+    ('recalibrate.examples', -5, 'recalibrate.examples must be finite and >= 0'),
+    ('model.group_depths', ('abc',), r"model.group_depths=\('abc',\): must be tuple\[int, ...\]"),
+    ('model.group_depths', (1, 1), 'group_widths: one entry per group each'),
 ])
 def test_bad_config_fails_before_training_naming_the_key(tmp_path, key, value, message):
   with pytest.raises((config_lib.ConfigError, TypeError), match=message):
     train_lib.train_and_evaluate(tiny_config(**{key: value}), str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_several_processes_need_every_device_and_a_calibration_split_is_checked_first():
+  config = tiny_config(num_devices=1)
+  config_lib.validate_devices(config, 1, num_processes=1)
+  with pytest.raises(config_lib.ConfigError, match='with 2 processes the mesh must hold every'):
+    config_lib.validate_devices(config, 2, num_processes=2)
+  # The held-out calibration split is the error, not the epochs it leaves too few of.
+  config = tiny_config(**{'gate.budget': 0.4, 'gate.steps': 0, 'gate.epochs': 1.0})
+  with pytest.raises(config_lib.ConfigError, match='calibration_examples=5000 leaves fewer'):
+    train_lib.resolve_config(config)
 
 
 def test_missing_data_directory_fails_at_once(tmp_path):
