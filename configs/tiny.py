@@ -23,6 +23,7 @@ def get_config(arg=None):
   config.recalibrate.num_batches = 2
   config.gate.steps = 3
   config.gate.madds_scale = 1e5
+  config.gate.calibration_examples = 24  # Of the 64 synthetic examples, when a budget is set.
   config.log_every_steps = 2
   config.checkpoint_every_steps = 2
   return config

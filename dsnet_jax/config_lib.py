@@ -197,7 +197,13 @@ def defaults() -> ml_collections.ConfigDict:
   # steps must be 0); resolve_durations turns epochs into steps at the final batch size.
   c.supernet = ml_collections.ConfigDict(dict(
       steps=1000, epochs=0.0, num_random_routes=2, label_smoothing=0.1, ema_decay=0.997,
-      ensemble_ib=False, mvco=False, optimizer=_optimizer()))
+      ensemble_ib=False, mvco=False, optimizer=_optimizer(),
+      # In-place bootstrapping: routes but 'largest' learn the EMA teacher's soft targets
+      # (False: every route learns the labels, the ablation of reference section 4).
+      inplace_bootstrapping=True,
+      # A route name: train only that route, on the labels (the same network trained alone,
+      # the baseline a supernet's routes are compared with); '': the sandwich rule.
+      train_route=''))
   # `data` of a later stage overrides config.data for that stage's batches. The default is the
   # authors' gate stage: the supernet's augmentation, but no mixup/cutmix and one view.
   # `examples` > 0 sets num_batches (examples / batch_size, rounded up).
@@ -453,6 +459,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = _get(config, path)
     if value is not None and value <= 0:
       raise ConfigError(f'config key {path!r} must be > 0, got {value}')
+  if config.supernet.ensemble_ib and not config.supernet.inplace_bootstrapping:
+    raise ConfigError('config key supernet.ensemble_ib needs supernet.inplace_bootstrapping: '
+                      'the ensemble is of bootstrapping teachers')
+  if config.supernet.train_route:
+    names = [r.name for r in models.get_model(config.model_name, **config.model).routes]
+    if config.supernet.train_route not in names:
+      raise ConfigError(f'config key supernet.train_route={config.supernet.train_route!r}: not '
+                        f'a route of this model; routes: {", ".join(names)}')
   if config.supernet.mvco and config.data.get('views', 1) != 2:
     raise ConfigError('config key supernet.mvco needs data.views = 2 (two augmented views)')
   _validate_budget(config.gate)

@@ -402,7 +402,8 @@ def supernet_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput
                                       fresh, upstream)
   if start < cfg.steps:
     fns = SupernetFunctions(run.model, tx, cfg, run.mesh)
-    evaluated = [run.table.smallest, run.table.largest]
+    evaluated = ([run.table[cfg.train_route]] if cfg.train_route
+                 else [run.table.smallest, run.table.largest])
 
     def step_fn(state, batch, step):
       return fns.step(state, batch, run.table, run.config.seed, step, run.step_key(step, 0))
@@ -447,7 +448,8 @@ class SupernetFunctions:
     return probs.reshape(len(views), -1, probs.shape[-1]).mean(0)
 
   def _route_grad(self, params, batch_stats, batch, targets, key, grads, route):
-    largest = route == self.model.routes.largest
+    """`targets`: soft targets, or None for the labels ('largest' always learns the labels)."""
+    largest = route == self.model.routes.largest or targets is None
     views = training_views(batch, self.cfg.mvco)
     repeat = lambda x: jnp.concatenate([x] * len(views))
 
@@ -474,9 +476,15 @@ class SupernetFunctions:
                          ema=optim.ema_update(state.ema, new, self.cfg.ema_decay))
 
   def step(self, state: TrainState, batch, table, seed: int, step: int, key):
-    """One sandwich step; returns the new state and device-side metrics (no host sync)."""
-    routes = routes_lib.sandwich_routes(table, seed, step, self.cfg.num_random_routes)
-    teacher = self.teacher(state.ema, batch, route=table.largest)
+    """One sandwich step (or one step of `train_route` alone); returns the new state and
+    device-side metrics (no host sync)."""
+    if self.cfg.train_route:
+      routes = [table[self.cfg.train_route]]
+    else:
+      routes = routes_lib.sandwich_routes(table, seed, step, self.cfg.num_random_routes)
+    teacher = None
+    if self.cfg.inplace_bootstrapping and not self.cfg.train_route:
+      teacher = self.teacher(state.ema, batch, route=table.largest)
     if self.cfg.ensemble_ib:
       ensemble = [teacher] + [self.teacher(state.ema, batch, route=r) for r in routes[1:-1]]
     grads = self.zeros(state.params)
@@ -488,7 +496,9 @@ class SupernetFunctions:
       grads, batch_stats, loss = self.route_grad(
           state.params, batch_stats, batch, targets, jax.random.fold_in(key, i), grads,
           route=route)
-      metrics[f'loss_{"largest" if i == 0 else "smallest" if i == len(routes) - 1 else i}'] = loss
+      name = ('largest' if route == table.largest else 'smallest' if route == table.smallest
+              else route.name if self.cfg.train_route else i)
+      metrics[f'loss_{name}'] = loss
     metrics['loss'] = sum(metrics.values())
     return self.update(state, grads, batch_stats), metrics
 

@@ -7,6 +7,7 @@ import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from checks import tiny_config
@@ -300,3 +301,49 @@ def test_later_stages_never_see_mixed_images_or_second_views(tmp_path):
     assert set(batch) == {'image', 'label'}, stage
     np.testing.assert_array_equal(batch['image'], expected['image'])
     np.testing.assert_array_equal(batch['label'], expected['label'])
+
+
+def test_without_bootstrapping_or_alone_a_route_learns_the_labels():
+  """supernet.inplace_bootstrapping=False: a smaller route's loss and gradients are those of
+  the smoothed labels as soft targets; supernet.train_route: a step trains that route alone."""
+  config = tiny_config(num_devices=1, **{'supernet.inplace_bootstrapping': False})
+  model = train_lib.get_model(config.model_name, **config.model)
+  key = jax.random.key(0)
+  images = jax.random.normal(key, (4, 16, 16, 1))
+  labels = jnp.array([0, 1, 2, 3])
+  variables = model.init(key, images, route='largest')
+  variables = {k: variables[k] for k in ('params', 'batch_stats')}
+  batch = {'image': images, 'label': labels}
+  tx = optim.make_optimizer(config.supernet.optimizer, 4, variables['params'])
+  fns = train_lib.SupernetFunctions(model, tx, config.supernet, sharding.make_mesh(1))
+  zeros = lambda: jax.tree.map(jnp.zeros_like, variables['params'])
+  route = model.routes[1]
+  grads, _, loss = fns.route_grad(variables['params'], variables['batch_stats'], batch, None,
+                                  key, zeros(), route=route)
+  smoothed = optax.smooth_labels(jax.nn.one_hot(labels, 4), config.supernet.label_smoothing)
+  soft_grads, _, soft_loss = fns.route_grad(variables['params'], variables['batch_stats'],
+                                            batch, smoothed, key, zeros(), route=route)
+  np.testing.assert_allclose(loss, soft_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(soft_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+  config.supernet.train_route = '2'
+  alone = train_lib.SupernetFunctions(model, tx, config.supernet, sharding.make_mesh(1))
+  step_key = jax.random.key(7)
+  _, _, want = alone.route_grad(variables['params'], variables['batch_stats'], batch, None,
+                                jax.random.fold_in(step_key, 0), zeros(),
+                                route=model.routes['2'])
+  state = train_lib.TrainState.create(jax.tree.map(jnp.copy, variables), tx, with_ema=True)
+  _, metrics = alone.step(state, batch, model.routes, 0, 0, step_key)
+  assert set(metrics) == {'loss_2', 'loss'}
+  np.testing.assert_allclose(metrics['loss_2'], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('supernet.train_route', '9', "train_route='9': not a route of this model"),
+    ('supernet.ensemble_ib', True, 'ensemble_ib needs supernet.inplace_bootstrapping'),
+])
+def test_bad_stage_one_variants_fail_before_training(tmp_path, key, value, message):
+  config = tiny_config(**{key: value, 'supernet.inplace_bootstrapping': False})
+  with pytest.raises(config_lib.ConfigError, match=message):
+    train_lib.train_and_evaluate(config, str(tmp_path))

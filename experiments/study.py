@@ -1,0 +1,169 @@
+"""What the reproduction study's scripts share (experiments/RESULTS.md).
+
+A run trains a config into `<workdir_root>/<name>` and leaves a small JSON record in
+`experiments/runs/<name>.json`: the command line, commit, seed, wall time and the final
+evaluation (every route's accuracy and MAdds; the gated result). A record that exists is not
+run again, so a study resumes and its tables regenerate from the records alone.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dsnet_jax import config_lib, rundir, train_lib  # noqa: E402
+from dsnet_jax.models import get_model  # noqa: E402
+
+RUNS_DIR = ROOT / 'experiments' / 'runs'
+RESULTS = ROOT / 'experiments' / 'RESULTS.md'
+# The study's models: Fashion-MNIST configs ('tiny': synthetic data, for the tests).
+CONFIGS = {'ds_mbnet': 'configs/ds_mbnet_fmnist.py', 'ds_vit': 'configs/ds_vit_fmnist.py',
+           'tiny': 'configs/tiny.py'}
+
+
+def compared_routes(model_name: str) -> list[str]:
+  """The routes the tables compare: the smallest, the middle numbered one and 'largest'."""
+  config = configured(CONFIGS[model_name])
+  names = [r.name for r in get_model(config.model_name, **config.model).routes]
+  return [names[0], names[(len(names) - 1) // 2], names[-1]]
+
+
+def supernet_run(model_name: str, steps: int, seed: int, workdir_root: str, runs_dir: str,
+                 variant: str = '', **overrides) -> dict[str, Any]:
+  """Stage I (+ BN recalibration) of `model_name`'s config for `steps`; `variant` names a
+  run with `overrides` (an ablation)."""
+  tag = f'_{variant}' if variant else ''
+  return run(f'{model_name}_supernet{tag}_s{steps}_seed{seed}', CONFIGS[model_name],
+             {'seed': seed, 'supernet.steps': steps, 'supernet.epochs': 0.0,
+              'stages': ('supernet', 'recalibrate'), **overrides}, workdir_root, runs_dir)
+
+
+def gate_run(model_name: str, steps: int, budget: float, seed: int, workdir_root: str,
+             runs_dir: str, variant: str = '', **overrides) -> dict[str, Any]:
+  """The gate stage at `budget` and `seed` from the seed-0 supernet_run of `steps`."""
+  tag = f'_{variant}' if variant else ''
+  supernet = f'{model_name}_supernet_s{steps}_seed0'
+  return run(f'{model_name}_gate{tag}_s{steps}_b{budget:g}_seed{seed}', CONFIGS[model_name],
+             {'stages': ('gate',), 'seed': seed, 'gate.budget': budget,
+              'gate.madds_target': 0.0, **overrides},
+             workdir_root, runs_dir, upstream=os.path.join(workdir_root, supernet),
+             upstream_stages=('supernet', 'recalibrate'))
+
+
+def git_commit() -> str:
+  done = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                        text=True)
+  dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip()
+  return done.stdout.strip() + ('+uncommitted' if dirty else '')
+
+
+def configured(config_file: str, **overrides) -> ml_collections.ConfigDict:
+  """The config file's config with dotted-key `overrides` ('supernet.steps': 300)."""
+  config = config_lib.load_config_file(config_file)
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    section = config
+    for part in parents:
+      section = section[part]
+    section[leaf] = value
+  return config
+
+
+def command(config_file: str, workdir: str, overrides: dict[str, Any]) -> str:
+  """The train.py command line that trains this run."""
+  flags = ' '.join(f'--config.{k}={_flag(v)}' for k, v in overrides.items())
+  return f'python train.py --config={config_file} --workdir={workdir} {flags}'.strip()
+
+
+def _flag(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return "'(" + ','.join(map(str, value)) + (',)' if len(value) == 1 else ")") + "'"
+  return str(value)
+
+
+def run(name: str, config_file: str, overrides: dict[str, Any], workdir_root: str,
+        runs_dir: pathlib.Path = RUNS_DIR, upstream: str = '',
+        upstream_stages: Sequence[str] = ()) -> dict[str, Any]:
+  """Trains (unless `runs_dir/<name>.json` exists) and returns the run's record.
+
+  `upstream`: a workdir whose finished `upstream_stages` checkpoints are copied in first
+  (e.g. a supernet for gate-stage runs).
+  """
+  path = pathlib.Path(runs_dir) / f'{name}.json'
+  if path.exists():
+    return json.loads(path.read_text())
+  workdir = os.path.join(workdir_root, name)
+  for stage in upstream_stages:
+    source, target = rundir.RunDir(upstream), rundir.RunDir(workdir).stage_dir(stage)
+    if not source.status(stage).meta.get('complete'):
+      raise FileNotFoundError(f'{source.stage_dir(stage)} holds no finished {stage} stage')
+    if not os.path.exists(target):
+      shutil.copytree(source.stage_dir(stage), target)
+  config = configured(config_file, **overrides)
+  print(f'=== {name}: {command(config_file, workdir, overrides)}', flush=True)
+  start = time.perf_counter()
+  report = train_lib.train_and_evaluate(config, workdir)
+  record = {'name': name, 'command': command(config_file, workdir, overrides),
+            'upstream': upstream, 'commit': git_commit(), 'seed': config.seed,
+            'date': datetime.date.today().isoformat(),
+            'wall_seconds': round(time.perf_counter() - start, 1),
+            'routes': report['routes'], 'gated': report['gated']}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(record, indent=1))
+  return record
+
+
+def route_row(record: dict[str, Any], route: str) -> dict[str, Any]:
+  return next(r for r in record['routes'] if r['route'] == route)
+
+
+def mean_spread(values: Iterable[float]) -> tuple[float, float]:
+  """Mean and spread (max - min)."""
+  values = np.asarray(list(values), float)
+  return float(values.mean()), float(values.max() - values.min())
+
+
+def percent(mean: float, spread: float, count: int) -> str:
+  """'84.12' for one seed, '84.12 ± 0.15 (2)' (half the spread) for more."""
+  if count == 1:
+    return f'{100 * mean:.2f}'
+  return f'{100 * mean:.2f} ± {50 * spread:.2f} ({count})'
+
+
+def write_section(name: str, markdown: str, results: pathlib.Path = RESULTS) -> None:
+  """Replaces (or appends) the section between `<!-- name -->` and `<!-- /name -->`."""
+  results = pathlib.Path(results)
+  text = results.read_text() if results.exists() else '# Reproduction study\n'
+  begin, end = f'<!-- {name} -->', f'<!-- /{name} -->'
+  block = f'{begin}\n{markdown.strip()}\n{end}'
+  if begin in text:
+    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+  else:
+    text = text.rstrip() + '\n\n' + block + '\n'
+  results.write_text(text)
+
+
+def quiet() -> None:
+  """Library INFO logs (orbax's) off in a script's absl main."""
+  from dsnet_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.quiet_library_logs()
+
+
+def save_plot(fig, path: pathlib.Path) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,119 @@
+"""Table 1: is every route of a supernet about as good as the same network trained alone?
+
+For each model: the supernet (sandwich rule, in-place bootstrapping, `--steps`, then BN
+recalibration) against three networks trained alone (`supernet.train_route`: only that route,
+on the labels, same steps and recipe): the smallest route, a middle one and 'largest'; and
+'largest' alone for `--long_factor` x the steps (how far the short runs are from converged).
+
+    python experiments/supernet_vs_independent.py --models=ds_mbnet,ds_vit --steps=1000 \
+        --seeds=0,1 --workdir_root=workdir/study
+"""
+from __future__ import annotations
+
+import pathlib
+
+import study
+
+SECTION = 'supernet-vs-independent'
+
+
+def records_of(model_name: str, steps: int, long_factor: int, seed: int, workdir_root: str,
+               runs_dir: str) -> dict[str, dict]:
+  """{'supernet', 'alone_<route>' per compared route, 'long'}: the runs of one seed."""
+  records = {'supernet': study.supernet_run(model_name, steps, seed, workdir_root, runs_dir)}
+  alone = lambda route, n: study.run(
+      f'{model_name}_alone{route}_s{n}_seed{seed}', study.CONFIGS[model_name],
+      {'seed': seed, 'supernet.steps': n, 'supernet.epochs': 0.0, 'stages': ('supernet',),
+       'supernet.train_route': route}, workdir_root, runs_dir)
+  for route in study.compared_routes(model_name):
+    records[f'alone_{route}'] = alone(route, steps)
+  records['long'] = alone('largest', long_factor * steps)
+  return records
+
+
+def table(records, model_name: str, steps: int, long_factor: int) -> tuple[str, list]:
+  """Markdown: per compared route, the supernet's and the alone network's accuracy."""
+  seeds = len(records)
+  lines = [f'**{model_name}** ({study.CONFIGS[model_name]}, {steps} steps, {seeds} seed(s); '
+           'accuracy on the test split, mean ± half the spread over seeds)', '',
+           '| route | MAdds (M) | supernet | trained alone | supernet - alone |',
+           '|---|---|---|---|---|']
+  points = []
+  for route in study.compared_routes(model_name):
+    sup = [study.route_row(r['supernet'], route)['accuracy'] for r in records]
+    alone = [study.route_row(r[f'alone_{route}'], route)['accuracy'] for r in records]
+    madds = study.route_row(records[0]['supernet'], route)['madds']
+    diff = [s - a for s, a in zip(sup, alone)]
+    lines.append(f'| {route} | {madds / 1e6:.3f} | {study.percent(*study.mean_spread(sup), seeds)}'
+                 f' | {study.percent(*study.mean_spread(alone), seeds)} | '
+                 f'{100 * study.mean_spread(diff)[0]:+.2f} |')
+    points.append((route, madds, study.mean_spread(alone)[0]))
+  long = [study.route_row(r['long'], 'largest')['accuracy'] for r in records]
+  sup_largest = [study.route_row(r['supernet'], 'largest')['accuracy'] for r in records]
+  lines += ['', f"'largest' trained alone {long_factor}x longer ({long_factor * steps} steps): "
+            f'{study.percent(*study.mean_spread(long), seeds)}; the supernet\'s largest is '
+            f'{100 * (study.mean_spread(sup_largest)[0] - study.mean_spread(long)[0]):+.2f} '
+            'points from it.', '',
+            'Wall time (s) per run, seed 0: ' + ', '.join(
+                f'{k} {records[0][k]["wall_seconds"]:.0f}' for k in records[0]), '',
+            'Commands (seed 0):', '', '```'] + [records[0][k]['command'] for k in records[0]] + [
+            '```']
+  return '\n'.join(lines), points
+
+
+def plot(model_records, path):
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, len(model_records), figsize=(5 * len(model_records), 3.6),
+                           squeeze=False)
+  for ax, (model_name, (records, points)) in zip(axes[0], model_records.items()):
+    curve = sorted(records[0]['supernet']['routes'], key=lambda r: r['madds'])
+    accs = [[study.route_row(r['supernet'], c['route'])['accuracy'] for r in records]
+            for c in curve]
+    ax.plot([c['madds'] / 1e6 for c in curve], [100 * sum(a) / len(a) for a in accs], 'o-',
+            label='supernet routes')
+    ax.plot([p[1] / 1e6 for p in points], [100 * p[2] for p in points], 's', color='C3',
+            label='trained alone')
+    ax.set_title(model_name, fontsize=9)
+    ax.set_xlabel('MAdds (M)')
+    ax.set_ylabel('test accuracy (%)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  study.save_plot(fig, path)
+
+
+def study_table(models, steps: int, long_factor: int, seeds, workdir_root: str, runs_dir: str,
+                results: str) -> str:
+  """Runs what is missing, writes the section (and its plot) into `results`; its markdown."""
+  sections, model_records = [], {}
+  for model_name in models:
+    records = [records_of(model_name, steps, long_factor, seed, workdir_root, runs_dir)
+               for seed in seeds]
+    text, points = table(records, model_name, steps, long_factor)
+    sections.append(text)
+    model_records[model_name] = (records, points)
+  plot_path = pathlib.Path(results).with_name('supernet_vs_independent.png')
+  plot(model_records, plot_path)
+  text = ('## 1. Supernet routes vs the same networks trained alone\n\n' + '\n\n'.join(sections)
+          + f'\n\n![supernet vs alone]({plot_path.name})')
+  study.write_section(SECTION, text, results)
+  return text
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  flags.DEFINE_list('models', ['ds_mbnet', 'ds_vit'], f'Any of {", ".join(study.CONFIGS)}.')
+  flags.DEFINE_integer('steps', 1000, 'Stage I steps of every run (the long run: x long_factor).')
+  flags.DEFINE_integer('long_factor', 3, 'How much longer the long run of largest trains.')
+  flags.DEFINE_list('seeds', ['0'], 'Seeds: every run once per seed.')
+  flags.DEFINE_string('workdir_root', 'workdir/study', 'Where the runs\' workdirs go.')
+  flags.DEFINE_string('runs_dir', str(study.RUNS_DIR), 'Run records (JSON).')
+  flags.DEFINE_string('results', str(study.RESULTS), 'The markdown file the table goes into.')
+
+  def main(argv):
+    del argv
+    study.quiet()
+    f = flags.FLAGS
+    print(study_table(f.models, f.steps, f.long_factor, [int(s) for s in f.seeds],
+                      f.workdir_root, f.runs_dir, f.results))
+
+  app.run(main)
