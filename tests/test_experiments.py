@@ -1,0 +1,52 @@
+"""The reproduction study's four scripts on the tiny config (2 steps per run), so that they
+cannot rot: each trains what its table needs, writes its section of RESULTS.md from the run
+records, and a second call trains nothing and writes the same text."""
+import json
+import sys
+
+import pytest
+
+from checks import ROOT
+
+sys.path.insert(0, str(ROOT / 'experiments'))
+
+import ablations  # noqa: E402  pylint: disable=wrong-import-position
+import gated_vs_static  # noqa: E402  pylint: disable=wrong-import-position
+import speed  # noqa: E402  pylint: disable=wrong-import-position
+import study  # noqa: E402  pylint: disable=wrong-import-position
+import supernet_vs_independent  # noqa: E402  pylint: disable=wrong-import-position
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
+  root, runs, results = str(tmp_path / 'w'), tmp_path / 'runs', tmp_path / 'RESULTS.md'
+  tables = [
+      lambda: supernet_vs_independent.study_table(['tiny'], 2, 2, [0], root, runs, results),
+      lambda: gated_vs_static.study_table('tiny', 2, [0.5], [0], root, runs, results),
+      lambda: ablations.study_table(['tiny'], 2, [0], 'tiny', 0.5, [0], root, runs, results),
+      lambda: speed.study_table('tiny', 2, 0.5, 4, 1, root, runs, results)]
+  texts = [make() for make in tables]
+  records = {p.stem: json.loads(p.read_text()) for p in runs.glob('*.json')}
+  assert set(records) == {
+      'tiny_supernet_s2_seed0', 'tiny_alone0_s2_seed0', 'tiny_alone2_s2_seed0',
+      'tiny_alonelargest_s2_seed0', 'tiny_alonelargest_s4_seed0', 'tiny_gate_s2_b0.5_seed0',
+      'tiny_supernet_labels_s2_seed0', 'tiny_supernet_IEB_s2_seed0',
+      'tiny_supernet_MvCo_s2_seed0', 'tiny_gate_nosgs_s2_b0.5_seed0',
+      'speed_tiny_gate_s2_b0.5_seed0'}
+  alone = records['tiny_alone2_s2_seed0']
+  assert '--config.supernet.train_route=2' in alone['command'] and alone['gated'] is None
+  row = study.route_row(records['tiny_supernet_s2_seed0'], '2')
+  assert (f'| 2 | {row["madds"] / 1e6:.3f} | {100 * row["accuracy"]:.2f} | '
+          f'{100 * study.route_row(alone, "2")["accuracy"]:.2f} |') in texts[0]
+  gate = records['tiny_gate_s2_b0.5_seed0']['gated']
+  assert f'| 0.5 | 1 | {gate["madds"] / 1e6:.3f} | {100 * gate["accuracy"]:.2f} |' in texts[1]
+  assert '| labels | 1 |' in texts[2] and '| no SGS: task CE + budget | 1 |' in texts[2]
+  assert '| routed (gate) |' in texts[3]
+  written = results.read_text()
+  assert all(t.strip() in written for t in texts)
+  assert (tmp_path / 'supernet_vs_independent.png').stat().st_size > 1000
+
+  monkeypatch.setattr(study.train_lib, 'train_and_evaluate', None)  # Nothing trains again.
+  assert [make() for make in tables] == texts
+  assert results.read_text() == written
