@@ -34,6 +34,8 @@ from etils import epath
 from flax import traverse_util
 import ml_collections
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from dsnet_jax import budget as budget_lib
 from dsnet_jax import checkpointing, config_lib, sharding
@@ -338,6 +340,13 @@ def absolute(path: str | os.PathLike) -> str:
   return path if is_remote(path) else os.path.abspath(path)
 
 
+def _process_0s(value: int) -> int:
+  """Process 0's `value` on every process (an int or bool)."""
+  if jax.process_count() == 1:
+    return value
+  return type(value)(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
 class RunDir:
   """A training workdir, local or remote (gs://, through etils.epath, as big_vision's).
   Reading never creates anything; `lock()` and checkpointers for saving do."""
@@ -357,11 +366,14 @@ class RunDir:
     return checkpointing.Checkpointer(self.stage_dir(stage), keep=keep)
 
   def status(self, stage: str) -> StageStatus:
+    """What the stage's folder holds, as process 0 sees it (every process then takes the same
+    path, and makes the same orbax calls, whatever the file system showed it a moment later)."""
     directory = self.stage_dir(stage)
-    if not epath.Path(directory).is_dir():
+    if not _process_0s(epath.Path(directory).is_dir()):
       return StageStatus(stage, None, {})
     with checkpointing.Checkpointer(directory, keep=None, create=False) as ckpt:
-      step = ckpt.latest_step()
+      step = _process_0s(-1 if (s := ckpt.latest_step()) is None else s)
+      step = None if step < 0 else step
       try:
         meta = ckpt.restore_meta(step) if step is not None else {}
       except Exception:  # pylint: disable=broad-except  # Unreadable: the restore falls back.

@@ -245,7 +245,8 @@ def test_several_processes_need_every_device_and_a_calibration_split_is_checked_
   with pytest.raises(config_lib.ConfigError, match='with 2 processes the mesh must hold every'):
     config_lib.validate_devices(config, 2, num_processes=2)
   # The held-out calibration split is the error, not the epochs it leaves too few of.
-  config = tiny_config(**{'gate.budget': 0.4, 'gate.steps': 0, 'gate.epochs': 1.0})
+  config = tiny_config(**{'gate.budget': 0.4, 'gate.steps': 0, 'gate.epochs': 1.0,
+                          'gate.calibration_examples': 5000})
   with pytest.raises(config_lib.ConfigError, match='calibration_examples=5000 leaves fewer'):
     train_lib.resolve_config(config)
 
