@@ -49,8 +49,7 @@ def sgs_table(with_sgs, without) -> str:
     gain, mix = (study.mean_spread(g[k] for g in gated) for k in ('gain', 'gain_over_mix'))
     lines.append(f'| {label} | {n} | {study.mean_spread(g["madds"] for g in gated)[0] / 1e6:.3f}'
                  f' | {study.percent(*study.mean_spread(g["accuracy"] for g in gated), n)} | '
-                 f'{100 * gain[0]:+.2f} ± {50 * gain[1]:.2f} | '
-                 f'{100 * mix[0]:+.2f} ± {50 * mix[1]:.2f} |')
+                 f'{study.signed(*gain, n)} | {study.signed(*mix, n)} |')
   return '\n'.join(lines)
 
 

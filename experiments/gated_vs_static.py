@@ -30,9 +30,9 @@ def table(records_by_budget) -> str:
         f'| {budget:g} | {n} | {study.mean_spread(g["madds"] for g in gated)[0] / 1e6:.3f} | '
         f'{study.percent(*study.mean_spread(g["accuracy"] for g in gated), n)} | '
         f'{study.percent(*study.mean_spread(g["static_accuracy"] for g in gated), n)} | '
-        f'{100 * gain[0]:+.2f} ± {50 * gain[1]:.2f} | '
+        f'{study.signed(*gain, n)} | '
         f'{study.percent(*study.mean_spread(g["best_static_mix"] for g in gated), n)} | '
-        f'{100 * over_mix[0]:+.2f} ± {50 * over_mix[1]:.2f} | {gated[0]["route_histogram"]} |')
+        f'{study.signed(*over_mix, n)} | {gated[0]["route_histogram"]} |')
   return '\n'.join(lines)
 
 

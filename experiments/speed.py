@@ -51,8 +51,9 @@ def study_table(model_name: str, steps: int, budget: float, batch: int, rounds: 
   output = os.path.join(runs_dir, f'speed_{name}.json')
   latency = measure(model_name, os.path.join(workdir_root, name), output, batch, rounds)
   mix = ', '.join(f'{k}: {v:.0%}' for k, v in latency['routed']['mix'].items())
+  device = ', '.join(f'{k} {v}' for k, v in latency['device'].items())
   text = (f'## 4. Real speed ({model_name}, gate budget {budget:g})\n\n`python -m '
-          f'dsnet_jax.latency --batch={batch} --rounds={rounds}` on {latency["device"]}; '
+          f'dsnet_jax.latency --batch={batch} --rounds={rounds}` on {device}; '
           f'median ms per image; the routed model on test images (mix {mix}).\n\n'
           + table(latency))
   study.write_section(SECTION, text, results)

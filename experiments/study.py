@@ -143,6 +143,11 @@ def percent(mean: float, spread: float, count: int) -> str:
   return f'{100 * mean:.2f} ± {50 * spread:.2f} ({count})'
 
 
+def signed(mean: float, spread: float, count: int) -> str:
+  """A difference in points: '+2.07' for one seed, '+2.07 ± 0.10' (half the spread) for more."""
+  return f'{100 * mean:+.2f}' + (f' ± {50 * spread:.2f}' if count > 1 else '')
+
+
 def write_section(name: str, markdown: str, results: pathlib.Path = RESULTS) -> None:
   """Replaces (or appends) the section between `<!-- name -->` and `<!-- /name -->`."""
   results = pathlib.Path(results)
