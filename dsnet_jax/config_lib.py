@@ -395,7 +395,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config key model_name={config.model_name!r}: unknown model; available: '
                       f'{", ".join(models.available_models())}')
   model_cls = importlib.import_module(f'dsnet_jax.models.{config.model_name}').Model
-  fields = {f.name for f in dataclasses.fields(model_cls)} - {'parent', 'name'}
+  fields = model_fields(config.model_name)
   for key in config.model:
     if key not in fields:
       owners = [m for m in models.available_models() if key in model_fields(m)]
@@ -404,9 +404,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'unknown config key model.{key} for {config.model_name}{hint}; valid: '
                         f'{", ".join(sorted(fields))}')
   hints = typing.get_type_hints(model_cls)
-  defaults_of = {f.name: f.default for f in dataclasses.fields(model_cls)}
   for key, value in config.model.items():
-    if key != 'dtype' and not (value is None and defaults_of[key] is None) and not _fits(
+    if key != 'dtype' and not (value is None and fields[key][1] is None) and not _fits(
         value, hints[key]):
       raise ConfigError(f'config key model.{key}={value!r}: must be {_hint_name(hints[key])}')
   groups = {k: len(v) for k, v in config.model.items()

@@ -84,9 +84,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('gate_model', 'ds_mbnet', 'The model of the SGS ablation ("": none).')
   flags.DEFINE_float('gate_budget', 0.4, 'The budget of the SGS ablation.')
   flags.DEFINE_list('gate_seeds', ['0', '1'], 'Seeds of the SGS ablation.')
-  flags.DEFINE_string('workdir_root', 'workdir/study', 'Where the runs\' workdirs go.')
-  flags.DEFINE_string('runs_dir', str(study.RUNS_DIR), 'Run records (JSON).')
-  flags.DEFINE_string('results', str(study.RESULTS), 'The markdown file the table goes into.')
+  study.define_path_flags()
 
   def main(argv):
     del argv

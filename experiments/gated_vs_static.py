@@ -82,9 +82,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('steps', 1000, 'Stage I steps of the table-1 supernet to start from.')
   flags.DEFINE_list('budgets', ['0.3', '0.4', '0.55'], "gate.budget (fractions of 'largest').")
   flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the gate stage.')
-  flags.DEFINE_string('workdir_root', 'workdir/study', 'Where the runs\' workdirs go.')
-  flags.DEFINE_string('runs_dir', str(study.RUNS_DIR), 'Run records (JSON).')
-  flags.DEFINE_string('results', str(study.RESULTS), 'The markdown file the table goes into.')
+  study.define_path_flags()
 
   def main(argv):
     del argv

@@ -67,9 +67,7 @@ if __name__ == '__main__':
   flags.DEFINE_float('budget', 0.4, 'The budget of the table-2 gate run (seed 0) to time.')
   flags.DEFINE_integer('batch', 64, 'Throughput batch.')
   flags.DEFINE_integer('rounds', 5, 'Timed rounds (median).')
-  flags.DEFINE_string('workdir_root', 'workdir/study', 'Where the runs\' workdirs are.')
-  flags.DEFINE_string('runs_dir', str(study.RUNS_DIR), 'Run records (JSON).')
-  flags.DEFINE_string('results', str(study.RESULTS), 'The markdown file the table goes into.')
+  study.define_path_flags()
 
   def main(argv):
     del argv

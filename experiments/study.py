@@ -161,6 +161,14 @@ def write_section(name: str, markdown: str, results: pathlib.Path = RESULTS) -> 
   results.write_text(text)
 
 
+def define_path_flags() -> None:
+  """The flags every study script takes: --workdir_root, --runs_dir, --results."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string('workdir_root', 'workdir/study', 'Where the runs\' workdirs go.')
+  flags.DEFINE_string('runs_dir', str(RUNS_DIR), 'Run records (JSON).')
+  flags.DEFINE_string('results', str(RESULTS), 'The markdown file the tables go into.')
+
+
 def quiet() -> None:
   """Library INFO logs (orbax's) off in a script's absl main."""
   from dsnet_jax import cli  # pylint: disable=import-outside-toplevel

@@ -105,9 +105,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('steps', 1000, 'Stage I steps of every run (the long run: x long_factor).')
   flags.DEFINE_integer('long_factor', 3, 'How much longer the long run of largest trains.')
   flags.DEFINE_list('seeds', ['0'], 'Seeds: every run once per seed.')
-  flags.DEFINE_string('workdir_root', 'workdir/study', 'Where the runs\' workdirs go.')
-  flags.DEFINE_string('runs_dir', str(study.RUNS_DIR), 'Run records (JSON).')
-  flags.DEFINE_string('results', str(study.RESULTS), 'The markdown file the table goes into.')
+  study.define_path_flags()
 
   def main(argv):
     del argv
