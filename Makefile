@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# One pytest worker per core, at most 4 (each trains the suite's shared tiny run once).
+TEST_WORKERS ?= -n auto --maxprocesses=4 --dist worksteal
 
 .PHONY: demo test clean
 
@@ -32,7 +34,7 @@ $(FMNIST_DIR):
 	else echo "no apt-get: put the Fashion-MNIST IDX files under $@"; fi
 
 test: $(VENV)/.installed $(FMNIST_DIR)
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(TEST_WORKERS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
