@@ -13,6 +13,7 @@ each parameter's slice, or the whole parameter when it is used unsliced.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any, Callable
@@ -34,8 +35,20 @@ def route_complexity(model, route, image_shape: tuple[int, ...], with_gate: bool
                      ) -> Complexity:
   """MAdds per image and parameters read, for `route` at `image_shape` (H, W, C).
 
-  `with_gate` also counts the routing head (the gated model's cost of a route).
+  `with_gate` also counts the routing head (the gated model's cost of a route). Memoised on
+  the arguments (a model compares by its fields): each count traces the model.
   """
+  args = (model, model.routes[route], tuple(image_shape), with_gate)
+  try:
+    hash(args)
+  except TypeError:  # A model with an unhashable field: counted afresh.
+    return _route_complexity.__wrapped__(*args)
+  return _route_complexity(*args)
+
+
+@functools.lru_cache(maxsize=256)
+def _route_complexity(model, route, image_shape: tuple[int, ...], with_gate: bool
+                      ) -> Complexity:
   route = model.routes[route]
   images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   variables = model.abstract_variables(image_shape)

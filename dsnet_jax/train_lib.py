@@ -356,7 +356,8 @@ def _stage_start(run: Run, stage: str, total: int, abstract_state, fresh_state: 
                              else f'resuming at step {step}'), flush=True)
       return state, step, meta.get('source')
   variables, source = upstream()
-  return sharding.replicate(fresh_state(variables), run.mesh), 0, source
+  # One compiled program, not an eager op (and a compile) per leaf of the state.
+  return sharding.replicate(jax.jit(fresh_state)(variables), run.mesh), 0, source
 
 
 def _abstract_state(run: Run, fresh_state: Callable):
