@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
+# XLA flags of the suite and the subprocesses it starts (conftest.py adds them to XLA_FLAGS).
+XLA_TEST_FLAGS = '--xla_cpu_use_fusion_emitters=false'
 # Compute dtypes the equality tests run in (None: the images', float32), and their test ids.
 DTYPES = [None, jnp.bfloat16]
 DTYPE_IDS = ['float32', 'bfloat16']

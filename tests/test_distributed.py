@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from checks import ROOT
+from checks import ROOT, XLA_TEST_FLAGS
 from dsnet_jax import rundir
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,8 @@ def free_port() -> int:
 
 
 def train(workdir, devices: int, *flags):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  env = {**os.environ,
+         'XLA_FLAGS': f'{XLA_TEST_FLAGS} --xla_force_host_platform_device_count={devices}'}
   return subprocess.Popen([sys.executable, 'train.py', '--config=configs/tiny.py',
                            f'--workdir={workdir}', *flags], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

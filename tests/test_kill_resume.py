@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
+from checks import XLA_TEST_FLAGS
+
 ROOT = pathlib.Path(__file__).parents[1]
 STAGES = ('supernet', 'recalibrate', 'gate')
 SUPERNET_STEPS, RECALIBRATE_BATCHES, GATE_STEPS = 8, 2, 6
@@ -51,7 +53,7 @@ def _env(cache_dir: pathlib.Path) -> dict[str, str]:
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   env.setdefault('JAX_COMPILATION_CACHE_DIR', str(cache_dir))
-  env.pop('XLA_FLAGS', None)  # One CPU device, as a user's plain run.
+  env['XLA_FLAGS'] = XLA_TEST_FLAGS  # One CPU device, as a user's plain run.
   return env
 
 
