@@ -55,25 +55,31 @@ def sgs_table(with_sgs, without) -> str:
 
 def study_table(models, steps: int, seeds, gate_model: str, gate_budget: float, gate_seeds,
                 workdir_root: str, runs_dir: str, results: str) -> str:
-  """Runs what is missing, writes the section into `results`; its markdown."""
-  parts = []
+  """Runs what is missing, writes each model's section and the SGS section into `results`;
+  their markdown."""
+  sections = []
   for model_name in models:
     variants = {v: [study.supernet_run(model_name, steps, s, workdir_root, runs_dir,
                                        '' if v == 'IB' else v, **overrides) for s in seeds]
                 for v, (applies, overrides) in VARIANTS.items() if model_name in applies}
-    parts.append(stage_one_table(model_name, variants))
+    sections.append((f'{SECTION}-{model_name}', (
+        f'## 3. Ablations: {model_name}\n\nAccuracy on the test split, mean ± half the spread '
+        f'over seeds; Stage I {steps} steps. IB: in-place bootstrapping (the default); labels: '
+        'every route learns the labels; IEB: the smallest route learns the ensemble of the '
+        'teachers; MvCo: two views, the teacher averaged over them.\n\n'
+        + stage_one_table(model_name, variants))))
   if gate_model:
     runs = {tag: [study.gate_run(gate_model, steps, gate_budget, s, workdir_root, runs_dir,
                                  tag, **overrides) for s in gate_seeds]
             for tag, overrides in (('', {}), ('nosgs', NO_SGS))}
-    parts.append(f'**SGS** ({gate_model}, budget {gate_budget:g}, from the table-1 supernet)'
-                 '\n\n' + sgs_table(runs[''], runs['nosgs']))
-  text = ('## 3. Ablations\n\nAccuracy on the test split, mean ± half the spread over seeds; '
-          f'Stage I {steps} steps. IB: in-place bootstrapping (the default); labels: every route '
-          'learns the labels; IEB: the smallest route learns the ensemble of the teachers; '
-          'MvCo: two views, the teacher averaged over them.\n\n' + '\n\n'.join(parts))
-  study.write_section(SECTION, text, results)
-  return text
+    sections.append((f'{SECTION}-sgs-{gate_model}', (
+        f'## 3. Ablation of SGS: {gate_model}\n\nThe gate at budget {gate_budget:g} from the '
+        f'table-1 supernet ({steps} steps, seed 0), with and without sandwich gate '
+        'sparsification; accuracy on the test split, mean ± half the spread over the gate '
+        'seeds.\n\n' + sgs_table(runs[''], runs['nosgs']))))
+  for name, text in sections:
+    study.write_section(name, text, results)
+  return '\n\n'.join(text for _, text in sections)
 
 
 if __name__ == '__main__':

@@ -5,12 +5,18 @@ recalibration) against three networks trained alone (`supernet.train_route`: onl
 on the labels, same steps and recipe): the smallest route, a middle one and 'largest'; and
 'largest' alone for `--long_factor` x the steps (how far the short runs are from converged).
 
+Each model has its own section and plot, so models can train for different steps; the
+section also lists every step count with saved runs (seed 0): how the supernet's 'largest'
+closes on the long run as training gets longer.
+
     python experiments/supernet_vs_independent.py --models=ds_mbnet,ds_vit --steps=1000 \
         --seeds=0,1 --workdir_root=workdir/study
 """
 from __future__ import annotations
 
+import json
 import pathlib
+import re
 
 import study
 
@@ -61,42 +67,62 @@ def table(records, model_name: str, steps: int, long_factor: int) -> tuple[str, 
   return '\n'.join(lines), points
 
 
-def plot(model_records, path):
+def convergence(model_name: str, long_factor: int, runs_dir: str) -> str:
+  """Markdown: for every step count with a saved seed-0 supernet and long run of `model_name`,
+  the supernet's 'largest' against 'largest' alone `long_factor` x longer."""
+  runs = pathlib.Path(runs_dir)
+  rows = []
+  for path in runs.glob(f'{model_name}_supernet_s*_seed0.json'):
+    match = re.fullmatch(rf'{re.escape(model_name)}_supernet_s(\d+)_seed0\.json', path.name)
+    steps = int(match[1]) if match else 0
+    long = runs / f'{model_name}_alonelargest_s{long_factor * steps}_seed0.json'
+    if match and long.exists():
+      rows.append((steps, study.route_row(json.loads(path.read_text()), 'largest')['accuracy'],
+                   study.route_row(json.loads(long.read_text()), 'largest')['accuracy']))
+  lines = [f"| Stage I steps | supernet 'largest' | 'largest' alone, {long_factor}x the steps | "
+           'supernet - long |', '|---|---|---|---|']
+  lines += [f'| {steps} | {100 * sup:.2f} | {100 * alone:.2f} | {100 * (sup - alone):+.2f} |'
+            for steps, sup, alone in sorted(rows)]
+  return '\n'.join(lines)
+
+
+def plot(records, points, model_name: str, path):
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, len(model_records), figsize=(5 * len(model_records), 3.6),
-                           squeeze=False)
-  for ax, (model_name, (records, points)) in zip(axes[0], model_records.items()):
-    curve = sorted(records[0]['supernet']['routes'], key=lambda r: r['madds'])
-    accs = [[study.route_row(r['supernet'], c['route'])['accuracy'] for r in records]
-            for c in curve]
-    ax.plot([c['madds'] / 1e6 for c in curve], [100 * sum(a) / len(a) for a in accs], 'o-',
-            label='supernet routes')
-    ax.plot([p[1] / 1e6 for p in points], [100 * p[2] for p in points], 's', color='C3',
-            label='trained alone')
-    ax.set_title(model_name, fontsize=9)
-    ax.set_xlabel('MAdds (M)')
-    ax.set_ylabel('test accuracy (%)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  curve = sorted(records[0]['supernet']['routes'], key=lambda r: r['madds'])
+  accs = [[study.route_row(r['supernet'], c['route'])['accuracy'] for r in records]
+          for c in curve]
+  ax.plot([c['madds'] / 1e6 for c in curve], [100 * sum(a) / len(a) for a in accs], 'o-',
+          label='supernet routes')
+  ax.plot([p[1] / 1e6 for p in points], [100 * p[2] for p in points], 's', color='C3',
+          label='trained alone')
+  ax.set_title(model_name, fontsize=9)
+  ax.set_xlabel('MAdds (M)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
   study.save_plot(fig, path)
 
 
 def study_table(models, steps: int, long_factor: int, seeds, workdir_root: str, runs_dir: str,
                 results: str) -> str:
-  """Runs what is missing, writes the section (and its plot) into `results`; its markdown."""
-  sections, model_records = [], {}
+  """Runs what is missing, writes each model's section (and plot) into `results`; their
+  markdown."""
+  sections = []
   for model_name in models:
     records = [records_of(model_name, steps, long_factor, seed, workdir_root, runs_dir)
                for seed in seeds]
     text, points = table(records, model_name, steps, long_factor)
+    plot_path = pathlib.Path(results).with_name(f'supernet_vs_independent_{model_name}.png')
+    plot(records, points, model_name, plot_path)
+    text = (f'## 1. Supernet routes vs the same networks trained alone: {model_name}\n\n'
+            f'{text}\n\n![supernet vs alone]({plot_path.name})\n\n'
+            "How long it takes for the supernet's 'largest' to come within 1 point of the same "
+            f'network trained alone {long_factor}x longer (seed 0, every step count with saved '
+            f'runs):\n\n{convergence(model_name, long_factor, runs_dir)}')
+    study.write_section(f'{SECTION}-{model_name}', text, results)
     sections.append(text)
-    model_records[model_name] = (records, points)
-  plot_path = pathlib.Path(results).with_name('supernet_vs_independent.png')
-  plot(model_records, plot_path)
-  text = ('## 1. Supernet routes vs the same networks trained alone\n\n' + '\n\n'.join(sections)
-          + f'\n\n![supernet vs alone]({plot_path.name})')
-  study.write_section(SECTION, text, results)
-  return text
+  return '\n\n'.join(sections)
 
 
 if __name__ == '__main__':
