@@ -92,7 +92,8 @@ def test_prefix_suffix_compose_to_call(model_and_variables):
   hidden, gate_logits = jax.jit(lambda v, x: model.apply(v, x, method='prefix'))(variables, x)
   assert hidden.shape == (6, 4, 4, 16) and gate_logits.shape == (6, 3)
   logits = jax.jit(lambda v, h: model.apply(v, h, 2, method='suffix'))(variables, hidden)
-  np.testing.assert_allclose(logits, forward(variables, x, route=2), atol=1e-6)
+  np.testing.assert_allclose(logits, forward(variables, x, route=2),
+                             atol=checks.tolerance(None, 1.0))  # Two programs: float32 rounding.
 
 
 def test_bfloat16_keeps_float32_where_it_matters(model_and_variables):
