@@ -66,8 +66,10 @@ def study_table(models, steps: int, seeds, gate_model: str, gate_budget: float, 
         f'## 3. Ablations: {model_name}\n\nAccuracy on the test split, mean ± half the spread '
         f'over seeds; Stage I {steps} steps. IB: in-place bootstrapping (the default); labels: '
         'every route learns the labels; IEB: the smallest route learns the ensemble of the '
-        'teachers; MvCo: two views, the teacher averaged over them.\n\n'
-        + stage_one_table(model_name, variants))))
+        "teachers; MvCo: two views, the teacher averaged over them; vs IB: the variant's mean "
+        "over all routes minus IB's, in points.\n\n"
+        + stage_one_table(model_name, variants) + '\n\n' + study.regenerated_by(
+            'ablations.py', models=model_name, steps=steps, seeds=seeds, gate_model="''"))))
   if gate_model:
     runs = {tag: [study.gate_run(gate_model, steps, gate_budget, s, workdir_root, runs_dir,
                                  tag, **overrides) for s in gate_seeds]
@@ -76,7 +78,9 @@ def study_table(models, steps: int, seeds, gate_model: str, gate_budget: float, 
         f'## 3. Ablation of SGS: {gate_model}\n\nThe gate at budget {gate_budget:g} from the '
         f'table-1 supernet ({steps} steps, seed 0), with and without sandwich gate '
         'sparsification; accuracy on the test split, mean ± half the spread over the gate '
-        'seeds.\n\n' + sgs_table(runs[''], runs['nosgs']))))
+        'seeds.\n\n' + sgs_table(runs[''], runs['nosgs']) + '\n\n' + study.regenerated_by(
+            'ablations.py', models="''", steps=steps, gate_model=gate_model,
+            gate_budget=f'{gate_budget:g}', gate_seeds=gate_seeds))))
   for name, text in sections:
     study.write_section(name, text, results)
   return '\n\n'.join(text for _, text in sections)
@@ -96,8 +100,13 @@ if __name__ == '__main__':
     del argv
     study.quiet()
     f = flags.FLAGS
+    gate = bool(f.gate_model)
+    study.check_flags(models=f.models + [f.gate_model] * gate, results=f.results,
+                      seeds={'seeds': f.seeds, **({'gate_seeds': f.gate_seeds} if gate else {})},
+                      budgets={'gate_budget': [f.gate_budget]} if gate else None, steps=f.steps)
     print(study_table(f.models, f.steps, [int(s) for s in f.seeds], f.gate_model,
                       f.gate_budget, [int(s) for s in f.gate_seeds], f.workdir_root,
                       f.runs_dir, f.results))
 
-  app.run(main)
+  from dsnet_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(cli.main_errors(main, study.StudyError))

@@ -69,9 +69,12 @@ def study_table(model_name: str, steps: int, budgets, seeds, workdir_root: str, 
           "`gate.budget` (a fraction of 'largest''s MAdds); accuracy on the test split, mean ± "
           'half the spread over the gate seeds; "static": the static routes\' curve at the '
           'cost reached (interpolated); "mix": the best random mix of two static routes at '
-          'that cost.\n\n' + table(records) +
+          'that cost; routes: how many of the 10,000 test images each route served.\n\n' +
+          table(records) +
           f'\n\nWall time of one gate run: {first["wall_seconds"]:.0f} s. Command (first run):'
-          f'\n\n```\n{first["command"]}\n```\n\n![gated vs static]({plot_path.name})')
+          f'\n\n```\n{first["command"]}\n```\n\n![gated vs static]({plot_path.name})\n\n'
+          + study.regenerated_by('gated_vs_static.py', model=model_name, steps=steps,
+                                 budgets=[f'{b:g}' for b in budgets], seeds=seeds))
   study.write_section(f'{SECTION}-{model_name}', text, results)
   return text
 
@@ -88,7 +91,11 @@ if __name__ == '__main__':
     del argv
     study.quiet()
     f = flags.FLAGS
+    study.check_flags(models=[f.model], seeds={'seeds': f.seeds},
+                      budgets={'budgets': f.budgets}, results=f.results,
+                      steps=f.steps)
     print(study_table(f.model, f.steps, [float(b) for b in f.budgets],
                       [int(s) for s in f.seeds], f.workdir_root, f.runs_dir, f.results))
 
-  app.run(main)
+  from dsnet_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(cli.main_errors(main, study.StudyError))

@@ -48,15 +48,22 @@ def study_table(model_name: str, steps: int, budget: float, batch: int, rounds: 
                 workdir_root: str, runs_dir: str, results: str) -> str:
   """Times the seed-0 gate run of table 2 at `budget` (unless timed), writes the section."""
   name = f'{model_name}_gate_s{steps}_b{budget:g}_seed0'
-  output = os.path.join(runs_dir, f'speed_{name}.json')
+  output = os.path.join(runs_dir, f'speed_{name}_batch{batch}_rounds{rounds}.json')
   latency = measure(model_name, os.path.join(workdir_root, name), output, batch, rounds)
+  if latency['batch_sizes'] != [1, batch] or latency['rounds'] != rounds:
+    raise study.StudyError(f'{output} holds batch sizes {latency["batch_sizes"]} and '
+                           f'{latency["rounds"]} rounds; delete it to time again')
   mix = ', '.join(f'{k}: {v:.0%}' for k, v in latency['routed']['mix'].items())
   device = ', '.join(f'{k} {v}' for k, v in latency['device'].items())
   text = (f'## 4. Real speed ({model_name}, gate budget {budget:g})\n\n`python -m '
           f'dsnet_jax.latency --batch={batch} --rounds={rounds}` on {device}; '
-          f'median ms per image; the routed model on test images (mix {mix}).\n\n'
-          + table(latency))
-  study.write_section(SECTION, text, results)
+          f'median ms per image; the routed model on the first '
+          f'{max(latency["batch_sizes"][-1], latency["singles"])} test images, each on the '
+          f'route its gate chose (mix {mix}; table 2 counts all 10,000).\n\n'
+          + table(latency) + '\n\n' + study.regenerated_by(
+              'speed.py', model=model_name, steps=steps, budget=f'{budget:g}', batch=batch,
+              rounds=rounds))
+  study.write_section(f'{SECTION}-{model_name}', text, results)
   return text
 
 
@@ -73,7 +80,10 @@ if __name__ == '__main__':
     del argv
     study.quiet()
     f = flags.FLAGS
+    study.check_flags(models=[f.model], budgets={'budget': [f.budget]}, results=f.results,
+                      steps=f.steps, batch=f.batch, rounds=f.rounds)
     print(study_table(f.model, f.steps, f.budget, f.batch, f.rounds, f.workdir_root,
                       f.runs_dir, f.results))
 
-  app.run(main)
+  from dsnet_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(cli.main_errors(main, study.StudyError))

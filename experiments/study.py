@@ -82,16 +82,28 @@ def configured(config_file: str, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def command(config_file: str, workdir: str, overrides: dict[str, Any]) -> str:
-  """The train.py command line that trains this run."""
+def command(config_file: str, workdir: str, overrides: dict[str, Any], upstream: str = '',
+            upstream_stages: Sequence[str] = ()) -> str:
+  """The shell command that trains this run (from the repository root), copying the
+  `upstream_stages` checkpoints of `upstream` in first as `run` does."""
   flags = ' '.join(f'--config.{k}={_flag(v)}' for k, v in overrides.items())
-  return f'python train.py --config={config_file} --workdir={workdir} {flags}'.strip()
+  train = f'python train.py --config={config_file} --workdir={workdir} {flags}'.strip()
+  if not upstream_stages:
+    return train
+  sources = ' '.join(os.path.join(upstream, 'checkpoints', stage) for stage in upstream_stages)
+  return (f'mkdir -p {workdir}/checkpoints && cp -r {sources} {workdir}/checkpoints/ && '
+          f'{train}')
 
 
 def _flag(value) -> str:
+  """A config flag's value as the shell and `config_flags` parse it."""
   if isinstance(value, (tuple, list)):
-    return "'(" + ','.join(map(str, value)) + (',)' if len(value) == 1 else ")") + "'"
+    return f'"{tuple(value)!r}"'
   return str(value)
+
+
+class StudyError(ValueError):
+  """A study input (flag, run record, results path) that cannot be used as given."""
 
 
 def run(name: str, config_file: str, overrides: dict[str, Any], workdir_root: str,
@@ -101,10 +113,17 @@ def run(name: str, config_file: str, overrides: dict[str, Any], workdir_root: st
 
   `upstream`: a workdir whose finished `upstream_stages` checkpoints are copied in first
   (e.g. a supernet for gate-stage runs).
+
+  Raises:
+    StudyError: the existing record is unreadable or describes another run (name, config
+      file, overrides or upstream run differ).
   """
   path = pathlib.Path(runs_dir) / f'{name}.json'
+  settings = {'name': name, 'config': config_file, 'overrides': _jsonable(overrides),
+              'upstream_run': os.path.basename(upstream)}
   if path.exists():
-    return json.loads(path.read_text())
+    return _read_record(path, settings)
+  config = configured(config_file, **overrides)  # A bad override fails before any work.
   workdir = os.path.join(workdir_root, name)
   for stage in upstream_stages:
     source, target = rundir.RunDir(upstream), rundir.RunDir(workdir).stage_dir(stage)
@@ -112,18 +131,74 @@ def run(name: str, config_file: str, overrides: dict[str, Any], workdir_root: st
       raise FileNotFoundError(f'{source.stage_dir(stage)} holds no finished {stage} stage')
     if not os.path.exists(target):
       shutil.copytree(source.stage_dir(stage), target)
-  config = configured(config_file, **overrides)
-  print(f'=== {name}: {command(config_file, workdir, overrides)}', flush=True)
+  shell = command(config_file, workdir, overrides, upstream, upstream_stages)
+  print(f'=== {name}: {shell}', flush=True)
   start = time.perf_counter()
   report = train_lib.train_and_evaluate(config, workdir)
-  record = {'name': name, 'command': command(config_file, workdir, overrides),
-            'upstream': upstream, 'commit': git_commit(), 'seed': config.seed,
-            'date': datetime.date.today().isoformat(),
+  record = {**settings, 'command': shell, 'upstream': upstream, 'commit': git_commit(),
+            'seed': config.seed, 'date': datetime.date.today().isoformat(),
             'wall_seconds': round(time.perf_counter() - start, 1),
             'routes': report['routes'], 'gated': report['gated']}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(record, indent=1))
+  write_atomically(path, json.dumps(record, indent=1))
   return record
+
+
+def _jsonable(overrides: dict[str, Any]) -> dict[str, Any]:
+  return json.loads(json.dumps(overrides))  # Tuples as lists, as a record holds them.
+
+
+def _read_record(path: pathlib.Path, settings: dict[str, Any]) -> dict[str, Any]:
+  try:
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or 'routes' not in record:
+      raise ValueError('no routes')
+  except ValueError as e:
+    raise StudyError(f'{path} is not a run record ({e}); delete it to train the run again')
+  differ = [f'{k} {record.get(k)!r}, expected {v!r}' for k, v in settings.items()
+            if record.get(k) != v]
+  if differ:
+    raise StudyError(f'{path} records another run ({"; ".join(differ)}); delete it to train '
+                     'the run again')
+  return record
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: never half-written."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+  temporary.write_text(text)
+  os.replace(temporary, path)
+
+
+def check_flags(models: Sequence[str] = (), results: str = '',
+                seeds: dict[str, Sequence[str]] | None = None,
+                budgets: dict[str, Sequence[str]] | None = None, **counts: int) -> None:
+  """Raises StudyError naming the first bad flag, before any run starts.
+
+  models: known study models; seeds ({flag: values}): non-empty, distinct integers; budgets
+  ({flag: values}): non-empty, distinct fractions of 'largest' in (0, 1]; results: in an
+  existing folder; `counts` (steps=.., long_factor=..): positive integers.
+  """
+  for model in models:
+    if model not in CONFIGS:
+      raise StudyError(f'unknown model {model!r}; known: {", ".join(CONFIGS)}')
+  for lists, kind in ((seeds or {}, int), (budgets or {}, float)):
+    for flag, values in lists.items():
+      given = f'--{flag}={",".join(map(str, values))}'
+      try:
+        parsed = [kind(v) for v in values]
+      except ValueError:
+        raise StudyError(f'{given}: not {kind.__name__}s') from None
+      if not parsed or len(set(parsed)) != len(parsed):
+        raise StudyError(f'{given}: give one or more distinct values')
+      if kind is float and not all(0 < b <= 1 for b in parsed):
+        raise StudyError(f"{given}: each a fraction of 'largest''s MAdds in (0, 1]")
+  for flag, value in counts.items():
+    if value < 1:
+      raise StudyError(f'--{flag}={value}: must be a positive integer')
+  if results and not pathlib.Path(results).parent.is_dir():
+    raise StudyError(f'--results={results}: its folder does not exist')
 
 
 def route_row(record: dict[str, Any], route: str) -> dict[str, Any]:
@@ -148,6 +223,14 @@ def signed(mean: float, spread: float, count: int) -> str:
   return f'{100 * mean:+.2f}' + (f' ± {50 * spread:.2f}' if count > 1 else '')
 
 
+def regenerated_by(script: str, **flags) -> str:
+  """A section's line saying which script call (from the repository root) writes it."""
+  args = ' '.join(f'--{k}={",".join(map(str, v)) if isinstance(v, (list, tuple)) else v}'
+                  for k, v in flags.items())
+  return (f'Written by `python experiments/{script} {args}` (from the repository root; it '
+          'trains only the runs without a record in `experiments/runs/`).')
+
+
 def write_section(name: str, markdown: str, results: pathlib.Path = RESULTS) -> None:
   """Replaces (or appends) the section between `<!-- name -->` and `<!-- /name -->`."""
   results = pathlib.Path(results)
@@ -158,13 +241,14 @@ def write_section(name: str, markdown: str, results: pathlib.Path = RESULTS) -> 
     text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
   else:
     text = text.rstrip() + '\n\n' + block + '\n'
-  results.write_text(text)
+  write_atomically(results, text)
 
 
 def define_path_flags() -> None:
   """The flags every study script takes: --workdir_root, --runs_dir, --results."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string('workdir_root', 'workdir/study', 'Where the runs\' workdirs go.')
+  flags.DEFINE_string('workdir_root', str(ROOT / 'workdir' / 'study'),
+                      'Where the runs\' workdirs go.')
   flags.DEFINE_string('runs_dir', str(RUNS_DIR), 'Run records (JSON).')
   flags.DEFINE_string('results', str(RESULTS), 'The markdown file the tables go into.')
 

@@ -119,7 +119,9 @@ def study_table(models, steps: int, long_factor: int, seeds, workdir_root: str, 
             f'{text}\n\n![supernet vs alone]({plot_path.name})\n\n'
             "How long it takes for the supernet's 'largest' to come within 1 point of the same "
             f'network trained alone {long_factor}x longer (seed 0, every step count with saved '
-            f'runs):\n\n{convergence(model_name, long_factor, runs_dir)}')
+            f'runs):\n\n{convergence(model_name, long_factor, runs_dir)}\n\n'
+            + study.regenerated_by('supernet_vs_independent.py', models=model_name, steps=steps,
+                                   long_factor=long_factor, seeds=seeds))
     study.write_section(f'{SECTION}-{model_name}', text, results)
     sections.append(text)
   return '\n\n'.join(sections)
@@ -137,7 +139,10 @@ if __name__ == '__main__':
     del argv
     study.quiet()
     f = flags.FLAGS
+    study.check_flags(models=f.models, seeds={'seeds': f.seeds}, results=f.results, steps=f.steps,
+                      long_factor=f.long_factor)
     print(study_table(f.models, f.steps, f.long_factor, [int(s) for s in f.seeds],
                       f.workdir_root, f.runs_dir, f.results))
 
-  app.run(main)
+  from dsnet_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(cli.main_errors(main, study.StudyError))

@@ -2,6 +2,7 @@
 cannot rot: each trains what its table needs, writes its section of RESULTS.md from the run
 records, and a second call trains nothing and writes the same text."""
 import json
+import re
 import sys
 
 import pytest
@@ -39,7 +40,7 @@ def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
       'tiny_supernet_s2_seed0', 'tiny_alone0_s2_seed0', 'tiny_alone2_s2_seed0',
       'tiny_alonelargest_s2_seed0', 'tiny_gate_s2_b0.5_seed0', 'tiny_supernet_labels_s2_seed0',
       'tiny_supernet_IEB_s2_seed0', 'tiny_gate_nosgs_s2_b0.5_seed0',
-      'speed_tiny_gate_s2_b0.5_seed0'}
+      'speed_tiny_gate_s2_b0.5_seed0_batch4_rounds1'}
   alone = records['tiny_alone2_s2_seed0']
   assert '--config.supernet.train_route=2' in alone['command'] and alone['gated'] is None
   row = study.route_row(records['tiny_supernet_s2_seed0'], '2')
@@ -61,3 +62,33 @@ def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
   monkeypatch.setattr(study.train_lib, 'train_and_evaluate', None)  # Nothing trains again.
   assert [make() for make in tables] == texts
   assert results.read_text() == written
+
+  # A record that describes another run, or is not a record, is refused by name.
+  path = runs / 'tiny_alone0_s2_seed0.json'
+  path.write_text(json.dumps({**records['tiny_alone0_s2_seed0'],
+                              'overrides': {'supernet.steps': 3}}))
+  with pytest.raises(study.StudyError, match=r'tiny_alone0_s2_seed0.json records another run '
+                     r"\(overrides \{'supernet.steps': 3\}, expected"):
+    tables[0]()
+  path.write_text('{"name": ')
+  with pytest.raises(study.StudyError, match='tiny_alone0_s2_seed0.json is not a run record'):
+    tables[0]()
+  assert results.read_text() == written
+
+
+@pytest.mark.parametrize('flags, error', [
+    (dict(models=['ds_mbnet', 'resnet']), "unknown model 'resnet'; known: ds_mbnet, ds_vit"),
+    (dict(seeds={'seeds': []}), '--seeds=: give one or more distinct values'),
+    (dict(seeds={'gate_seeds': ['0', '0']}), '--gate_seeds=0,0: give one or more distinct'),
+    (dict(seeds={'seeds': ['a']}), '--seeds=a: not ints'),
+    (dict(budgets={'budgets': ['0.4', '1.5']}), "--budgets=0.4,1.5: each a fraction of 'largest'"),
+    (dict(budgets={'budget': [0.0]}), '--budget=0.0: each a fraction'),
+    (dict(steps=0), '--steps=0: must be a positive integer'),
+    (dict(long_factor=-1), '--long_factor=-1: must be a positive integer'),
+    (dict(results='/nonexistent/folder/RESULTS.md'), 'its folder does not exist'),
+])
+def test_bad_study_flags_are_refused_before_any_run(flags, error):
+  with pytest.raises(study.StudyError, match=re.escape(error)):
+    study.check_flags(**flags)
+  study.check_flags(models=['ds_mbnet'], seeds={'seeds': ['0', '1']}, budgets={'b': ['0.3', '1']},
+                    steps=1, results=str(ROOT / 'experiments' / 'RESULTS.md'))
