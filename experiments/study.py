@@ -129,8 +129,11 @@ def run(name: str, config_file: str, overrides: dict[str, Any], workdir_root: st
     source, target = rundir.RunDir(upstream), rundir.RunDir(workdir).stage_dir(stage)
     if not source.status(stage).meta.get('complete'):
       raise FileNotFoundError(f'{source.stage_dir(stage)} holds no finished {stage} stage')
-    if not os.path.exists(target):
-      shutil.copytree(source.stage_dir(stage), target)
+    if not os.path.exists(target):  # Copied whole or not at all: a killed copy is redone.
+      partial = f'{target}.partial'
+      shutil.rmtree(partial, ignore_errors=True)
+      shutil.copytree(source.stage_dir(stage), partial)
+      os.replace(partial, target)
   shell = command(config_file, workdir, overrides, upstream, upstream_stages)
   print(f'=== {name}: {shell}', flush=True)
   start = time.perf_counter()
