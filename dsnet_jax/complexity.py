@@ -49,7 +49,6 @@ def route_complexity(model, route, image_shape: tuple[int, ...], with_gate: bool
 @functools.lru_cache(maxsize=256)
 def _route_complexity(model, route, image_shape: tuple[int, ...], with_gate: bool
                       ) -> Complexity:
-  route = model.routes[route]
   images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   variables = model.abstract_variables(image_shape)
 

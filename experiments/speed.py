@@ -50,7 +50,7 @@ def study_table(model_name: str, steps: int, budget: float, batch: int, rounds: 
   name = f'{model_name}_gate_s{steps}_b{budget:g}_seed0'
   output = os.path.join(runs_dir, f'speed_{name}_batch{batch}_rounds{rounds}.json')
   latency = measure(model_name, os.path.join(workdir_root, name), output, batch, rounds)
-  if latency['batch_sizes'] != [1, batch] or latency['rounds'] != rounds:
+  if latency['batch_sizes'] != sorted({1, batch}) or latency['rounds'] != rounds:
     raise study.StudyError(f'{output} holds batch sizes {latency["batch_sizes"]} and '
                            f'{latency["rounds"]} rounds; delete it to time again')
   mix = ', '.join(f'{k}: {v:.0%}' for k, v in latency['routed']['mix'].items())

@@ -74,9 +74,11 @@ def convergence(model_name: str, long_factor: int, runs_dir: str) -> str:
   rows = []
   for path in runs.glob(f'{model_name}_supernet_s*_seed0.json'):
     match = re.fullmatch(rf'{re.escape(model_name)}_supernet_s(\d+)_seed0\.json', path.name)
-    steps = int(match[1]) if match else 0
+    if not match:  # A variant's supernet (labels, IEB, ...).
+      continue
+    steps = int(match[1])
     long = runs / f'{model_name}_alonelargest_s{long_factor * steps}_seed0.json'
-    if match and long.exists():
+    if long.exists():
       rows.append((steps, study.route_row(json.loads(path.read_text()), 'largest')['accuracy'],
                    study.route_row(json.loads(long.read_text()), 'largest')['accuracy']))
   lines = [f"| Stage I steps | supernet 'largest' | 'largest' alone, {long_factor}x the steps | "

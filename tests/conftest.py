@@ -24,7 +24,8 @@ os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
 jax.config.update('jax_disable_most_optimizations', True)
 # XLA:CPU's older (non-fusion) emitters compile these small programs about 2x faster (a tiny
 # route_grad: 3.2 s against 6.3 s); read when the backend starts, and by every subprocess.
-os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()
+if XLA_TEST_FLAGS not in os.environ.get('XLA_FLAGS', ''):  # pytest-xdist workers inherit it.
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()
 
 
 class Trained(NamedTuple):
