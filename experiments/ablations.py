@@ -104,6 +104,8 @@ if __name__ == '__main__':
     study.check_flags(models=f.models + [f.gate_model] * gate, results=f.results,
                       seeds={'seeds': f.seeds, **({'gate_seeds': f.gate_seeds} if gate else {})},
                       budgets={'gate_budget': [f.gate_budget]} if gate else None, steps=f.steps)
+    if gate:
+      study.check_budgets(f.gate_model, [f.gate_budget])
     print(study_table(f.models, f.steps, [int(s) for s in f.seeds], f.gate_model,
                       f.gate_budget, [int(s) for s in f.gate_seeds], f.workdir_root,
                       f.runs_dir, f.results))

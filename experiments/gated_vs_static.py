@@ -94,6 +94,7 @@ if __name__ == '__main__':
     study.check_flags(models=[f.model], seeds={'seeds': f.seeds},
                       budgets={'budgets': f.budgets}, results=f.results,
                       steps=f.steps)
+    study.check_budgets(f.model, [float(b) for b in f.budgets])
     print(study_table(f.model, f.steps, [float(b) for b in f.budgets],
                       [int(s) for s in f.seeds], f.workdir_root, f.runs_dir, f.results))
 

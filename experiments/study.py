@@ -23,7 +23,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnet_jax import config_lib, rundir, train_lib  # noqa: E402
+from dsnet_jax import budget as budget_lib, config_lib, rundir, train_lib  # noqa: E402
 from dsnet_jax.models import get_model  # noqa: E402
 
 RUNS_DIR = ROOT / 'experiments' / 'runs'
@@ -202,6 +202,19 @@ def check_flags(models: Sequence[str] = (), results: str = '',
       raise StudyError(f'--{flag}={value}: must be a positive integer')
   if results and not pathlib.Path(results).parent.is_dir():
     raise StudyError(f'--results={results}: its folder does not exist')
+
+
+def check_budgets(model_name: str, budgets: Sequence[float]) -> None:
+  """Raises StudyError for a gate budget `model_name`'s routing space cannot spend, before any
+  run (train.py would refuse it only after the runs before it)."""
+  for budget in budgets:
+    config = configured(CONFIGS[model_name], **{'gate.budget': budget, 'gate.madds_target': 0.0})
+    model = get_model(config.model_name, **config.model)
+    size = config.data.image_size
+    try:
+      budget_lib.make_budget(config.gate, model, (size, size, config.model.in_channels))
+    except budget_lib.BudgetError as e:
+      raise StudyError(f'{model_name}: {e}') from None
 
 
 def route_row(record: dict[str, Any], route: str) -> dict[str, Any]:

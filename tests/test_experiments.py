@@ -92,3 +92,11 @@ def test_bad_study_flags_are_refused_before_any_run(flags, error):
     study.check_flags(**flags)
   study.check_flags(models=['ds_mbnet'], seeds={'seeds': ['0', '1']}, budgets={'b': ['0.3', '1']},
                     steps=1, results=str(ROOT / 'experiments' / 'RESULTS.md'))
+
+
+def test_a_budget_the_routing_space_cannot_spend_is_refused_before_any_run():
+  # DS-ViT's routes 0-6 spend 1.025-4.061 M MAdds: 0.55 of 'largest' (7.934 M) is 4.364 M.
+  with pytest.raises(study.StudyError, match=re.escape('ds_vit: gate.budget=0.55 (largest) is '
+                                                       '4.364 M MAdds per image, outside')):
+    study.check_budgets('ds_vit', [0.3, 0.55])
+  study.check_budgets('ds_vit', [0.3, 0.5])
