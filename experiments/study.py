@@ -24,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dsnet_jax import budget as budget_lib, config_lib, rundir, train_lib  # noqa: E402
+from dsnet_jax.data import input_pipeline  # noqa: E402
 from dsnet_jax.models import get_model  # noqa: E402
 
 RUNS_DIR = ROOT / 'experiments' / 'runs'
@@ -210,9 +211,9 @@ def check_budgets(model_name: str, budgets: Sequence[float]) -> None:
   for budget in budgets:
     config = configured(CONFIGS[model_name], **{'gate.budget': budget, 'gate.madds_target': 0.0})
     model = get_model(config.model_name, **config.model)
-    size = config.data.image_size
+    image_shape = input_pipeline.preprocessing(config.data).image_shape  # As train.py's.
     try:
-      budget_lib.make_budget(config.gate, model, (size, size, config.model.in_channels))
+      budget_lib.make_budget(config.gate, model, image_shape)
     except budget_lib.BudgetError as e:
       raise StudyError(f'{model_name}: {e}') from None
 
