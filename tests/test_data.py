@@ -2,6 +2,9 @@
 import gzip
 import hashlib
 import io
+import subprocess
+import sys
+import time
 
 from etils import epath
 import ml_collections
@@ -205,6 +208,29 @@ def test_bad_idx_files_fail_preparation_naming_the_file(tmp_path):
     fashion_mnist.data_sources(str(tmp_path / 'tfds'), str(debian_dir))
   builder = fashion_mnist.FashionMnistDebian(data_dir=str(tmp_path / 'tfds'))
   assert not builder.is_prepared()
+
+
+def test_concurrent_first_use_prepares_once_and_every_process_reads_it(tmp_path):
+  """Two trainings started at once on a fresh machine: tfds's preparation is not safe for
+  concurrent writers (the second rename failed with FileExistsError); one prepares, the others
+  wait and read its files."""
+  debian_dir = tmp_path / 'debian'
+  debian_dir.mkdir()
+  train_images, train_labels = fake_split(5)
+  write_split(debian_dir, train_images, train_labels, 'train')
+  write_split(debian_dir, *fake_split(3), 'test')
+  start = time.time() + 8  # Every process imports tfds first, then all prepare at once.
+  script = ('import sys, time; from dsnet_jax.data import fashion_mnist; '
+            'time.sleep(max(0.0, float(sys.argv[1]) - time.time())); '
+            's = fashion_mnist.data_sources(sys.argv[2], sys.argv[3]); '
+            "print(len(s['train']), len(s['test']), int(s['train'][4]['label']))")
+  processes = [subprocess.Popen([sys.executable, '-c', script, str(start), str(tmp_path / 'tfds'),
+                                 str(debian_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(3)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for process, (out, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-2000:]
+    assert out.splitlines()[-1].split() == ['5', '3', str(train_labels[4])]  # After tfds's lines.
 
 
 # --- Config errors ------------------------------------------------------------------------

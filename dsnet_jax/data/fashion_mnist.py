@@ -7,11 +7,12 @@ record i of a split is image i of its IDX file.
 """
 from __future__ import annotations
 
+import fcntl
 import gzip
 import importlib.util
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 import zlib
 
 from etils import epath
@@ -142,16 +143,46 @@ def _has_tensorflow() -> bool:
 
 def _tfds_fashion_mnist(data_dir: str | None, debian_dir: str | None) -> dict[str, Any]:
   """Fallback: tfds's own `fashion_mnist` (download; its PNG encoding needs TensorFlow)."""
-  builder = tfds.builder('fashion_mnist', data_dir=data_dir, file_format='array_record')
-  if not builder.is_prepared():
-    if not _has_tensorflow():
-      raise _missing_error(debian_dir, "tfds's `fashion_mnist` download needs TensorFlow "
-                           '(`pip install .[tf]`), which is not installed')
+  make = lambda: tfds.builder('fashion_mnist', data_dir=data_dir, file_format='array_record')
+  if not make().is_prepared() and not _has_tensorflow():
+    raise _missing_error(debian_dir, "tfds's `fashion_mnist` download needs TensorFlow "
+                         '(`pip install .[tf]`), which is not installed')
+
+  def prepare(builder):
     try:
       builder.download_and_prepare()
     except Exception as e:  # Any failure here (network, TF) means the same thing to the user.
       raise _missing_error(debian_dir, f"tfds's `fashion_mnist` download failed ({e!r})") from e
-  return builder.as_data_source()
+
+  return _prepared_once(make, prepare).as_data_source()
+
+
+def _prepared_once(make_builder: Callable[[], tfds.core.DatasetBuilder],
+                   prepare: Callable[[tfds.core.DatasetBuilder], None]) -> tfds.core.DatasetBuilder:
+  """`make_builder()`'s builder, prepared by `prepare` unless it is already.
+
+  tfds's preparation fails when two processes race (the second one's rename of its finished
+  folder raises FileExistsError), as two trainings started at once on a fresh machine do: under
+  an flock beside the data set, one process prepares and the others wait, then read its files.
+  A remote data_dir (gs://) has no file locks: its first preparation is the user's to run once.
+  """
+  builder = make_builder()
+  if builder.is_prepared():
+    return builder
+  root = os.fspath(builder.data_dir_root)
+  if '://' in root:
+    prepare(builder)
+    return builder
+  os.makedirs(root, exist_ok=True)
+  fd = os.open(os.path.join(root, f'{builder.name}.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)  # Blocks while another process prepares.
+    builder = make_builder()  # A fresh look: the other process may have prepared it.
+    if not builder.is_prepared():
+      prepare(builder)
+    return builder
+  finally:
+    os.close(fd)  # Releases the flock.
 
 
 def data_sources(data_dir: str | None = None,
@@ -161,10 +192,9 @@ def data_sources(data_dir: str | None = None,
   Prepares the ArrayRecord files in `data_dir` (tfds's default, ~/tensorflow_datasets, when
   None) on first use; falls back to tfds's `fashion_mnist` when `debian_dir` lacks the files.
   """
-  builder = FashionMnistDebian(data_dir=data_dir, file_format='array_record')
-  if not builder.is_prepared():
-    if not has_idx_files(debian_dir):
-      return _tfds_fashion_mnist(data_dir, debian_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=debian_dir))
-  return builder.as_data_source()
+  make = lambda: FashionMnistDebian(data_dir=data_dir, file_format='array_record')
+  if not make().is_prepared() and not has_idx_files(debian_dir):
+    return _tfds_fashion_mnist(data_dir, debian_dir)
+  manual = tfds.download.DownloadConfig(manual_dir=debian_dir)
+  return _prepared_once(make, lambda b: b.download_and_prepare(download_config=manual)
+                        ).as_data_source()
