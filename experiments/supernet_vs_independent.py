@@ -5,9 +5,9 @@ recalibration) against three networks trained alone (`supernet.train_route`: onl
 on the labels, same steps and recipe): the smallest route, a middle one and 'largest'; and
 'largest' alone for `--long_factor` x the steps (how far the short runs are from converged).
 
-Each model has its own section and plot, so models can train for different steps; the
-section also lists every step count with saved runs (seed 0): how the supernet's 'largest'
-closes on the long run as training gets longer.
+Each model and step count has its own section and plot; a model's convergence section lists
+every step count with saved runs (seed 0): how the supernet's 'largest' closes on the long run
+as training gets longer.
 
     python experiments/supernet_vs_independent.py --models=ds_mbnet,ds_vit --steps=1000 \
         --seeds=0,1 --workdir_root=workdir/study
@@ -115,17 +115,20 @@ def study_table(models, steps: int, long_factor: int, seeds, workdir_root: str, 
     records = [records_of(model_name, steps, long_factor, seed, workdir_root, runs_dir)
                for seed in seeds]
     text, points = table(records, model_name, steps, long_factor)
-    plot_path = pathlib.Path(results).with_name(f'supernet_vs_independent_{model_name}.png')
+    plot_path = pathlib.Path(results).with_name(
+        f'supernet_vs_independent_{model_name}_s{steps}.png')
     plot(records, points, model_name, plot_path)
-    text = (f'## 1. Supernet routes vs the same networks trained alone: {model_name}\n\n'
-            f'{text}\n\n![supernet vs alone]({plot_path.name})\n\n'
-            "How long it takes for the supernet's 'largest' to come within 1 point of the same "
-            f'network trained alone {long_factor}x longer (seed 0, every step count with saved '
-            f'runs):\n\n{convergence(model_name, long_factor, runs_dir)}\n\n'
-            + study.regenerated_by('supernet_vs_independent.py', models=model_name, steps=steps,
-                                   long_factor=long_factor, seeds=seeds))
-    study.write_section(f'{SECTION}-{model_name}', text, results)
-    sections.append(text)
+    written_by = study.regenerated_by('supernet_vs_independent.py', models=model_name,
+                                      steps=steps, long_factor=long_factor, seeds=seeds)
+    text = (f'## 1. Supernet routes vs the same networks trained alone: {model_name}, {steps} '
+            f'steps\n\n{text}\n\n![supernet vs alone]({plot_path.name})\n\n{written_by}')
+    series = (f'### How long {model_name} takes\n\nHow long it takes for the supernet\'s '
+              "'largest' to come within 1 point of the same network trained alone "
+              f'{long_factor}x longer (seed 0, every step count with saved runs):\n\n'
+              f'{convergence(model_name, long_factor, runs_dir)}\n\n{written_by}')
+    study.write_section(f'{SECTION}-{model_name}-s{steps}', text, results)
+    study.write_section(f'{SECTION}-{model_name}-convergence', series, results)
+    sections += [text, series]
   return '\n\n'.join(sections)
 
 

@@ -56,8 +56,10 @@ def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
   largest = [study.route_row(records[f'tiny_{name}_s2_seed0'], 'largest')['accuracy']
               for name in ('supernet', 'alonelargest')]
   assert (f'| 2 | {100 * largest[0]:.2f} | {100 * largest[1]:.2f} | '
-          f'{100 * (largest[0] - largest[1]):+.2f} |') in texts[0]  # The convergence table.
-  assert (tmp_path / 'supernet_vs_independent_tiny.png').stat().st_size > 1000
+          f'{100 * (largest[0] - largest[1]):+.2f} |') in texts[0]  # The convergence series.
+  assert ('<!-- supernet-vs-independent-tiny-s2 -->' in written
+          and '<!-- supernet-vs-independent-tiny-convergence -->' in written)
+  assert (tmp_path / 'supernet_vs_independent_tiny_s2.png').stat().st_size > 1000
 
   monkeypatch.setattr(study.train_lib, 'train_and_evaluate', None)  # Nothing trains again.
   assert [make() for make in tables] == texts
