@@ -1,4 +1,5 @@
 """Data: Fashion-MNIST prepared without TensorFlow, preprocessing, deterministic sharded loaders."""
+import fcntl
 import gzip
 import hashlib
 import io
@@ -211,26 +212,40 @@ def test_bad_idx_files_fail_preparation_naming_the_file(tmp_path):
 
 
 def test_concurrent_first_use_prepares_once_and_every_process_reads_it(tmp_path):
-  """Two trainings started at once on a fresh machine: tfds's preparation is not safe for
-  concurrent writers (the second rename failed with FileExistsError); one prepares, the others
-  wait and read its files."""
-  debian_dir = tmp_path / 'debian'
+  """Trainings started at once on a fresh machine: tfds's preparation is not safe for concurrent
+  writers (the second rename failed with FileExistsError); one prepares, the others say they
+  wait, then read its files."""
+  debian_dir, data_dir = tmp_path / 'debian', tmp_path / 'tfds'
   debian_dir.mkdir()
+  data_dir.mkdir()
   train_images, train_labels = fake_split(5)
   write_split(debian_dir, train_images, train_labels, 'train')
   write_split(debian_dir, *fake_split(3), 'test')
-  start = time.time() + 8  # Every process imports tfds first, then all prepare at once.
-  script = ('import sys, time; from dsnet_jax.data import fashion_mnist; '
-            'time.sleep(max(0.0, float(sys.argv[1]) - time.time())); '
-            's = fashion_mnist.data_sources(sys.argv[2], sys.argv[3]); '
-            "print(len(s['train']), len(s['test']), int(s['train'][4]['label']))")
-  processes = [subprocess.Popen([sys.executable, '-c', script, str(start), str(tmp_path / 'tfds'),
-                                 str(debian_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for _ in range(3)]
-  outputs = [p.communicate(timeout=300) for p in processes]
-  for process, (out, err) in zip(processes, outputs):
-    assert process.returncode == 0, err[-2000:]
-    assert out.splitlines()[-1].split() == ['5', '3', str(train_labels[4])]  # After tfds's lines.
+  script = ('import sys; from dsnet_jax.data import fashion_mnist; '
+            's = fashion_mnist.data_sources(sys.argv[1], sys.argv[2]); '
+            "print('read', len(s['train']), len(s['test']), int(s['train'][4]['label']))")
+  logs = [tmp_path / f'process{i}.log' for i in range(3)]
+  with open(data_dir / 'fashion_mnist_debian.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # As a process preparing it would: all three must wait.
+    processes = [subprocess.Popen([sys.executable, '-c', script, str(data_dir), str(debian_dir)],
+                                  stdout=open(log, 'w'), stderr=subprocess.STDOUT) for log in logs]
+    try:
+      deadline = time.time() + 120
+      while not all('Waiting for another process to prepare' in log.read_text() for log in logs):
+        assert time.time() < deadline and all(p.poll() is None for p in processes), [
+            log.read_text()[-2000:] for log in logs]
+        time.sleep(0.2)
+      fcntl.flock(lock, fcntl.LOCK_UN)  # All three race for it now.
+      for p in processes:
+        p.wait(timeout=300)
+    finally:
+      for p in processes:
+        p.kill()
+  outputs = [log.read_text() for log in logs]
+  assert [p.returncode for p in processes] == [0, 0, 0], [out[-2000:] for out in outputs]
+  assert sum('Downloading and preparing' in out for out in outputs) == 1, outputs
+  for out in outputs:
+    assert f'read 5 3 {train_labels[4]}' in out.splitlines(), out[-2000:]
 
 
 # --- Config errors ------------------------------------------------------------------------

@@ -174,9 +174,15 @@ def _prepared_once(make_builder: Callable[[], tfds.core.DatasetBuilder],
     prepare(builder)
     return builder
   os.makedirs(root, exist_ok=True)
-  fd = os.open(os.path.join(root, f'{builder.name}.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+  lock = os.path.join(root, f'{builder.name}.lock')
+  fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX)  # Blocks while another process prepares.
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f'Waiting for another process to prepare {builder.name} in {root} (it holds {lock})',
+            flush=True)
+      fcntl.flock(fd, fcntl.LOCK_EX)
     builder = make_builder()  # A fresh look: the other process may have prepared it.
     if not builder.is_prepared():
       prepare(builder)
