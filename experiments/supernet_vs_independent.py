@@ -122,8 +122,8 @@ def study_table(models, steps: int, long_factor: int, seeds, workdir_root: str, 
                                       steps=steps, long_factor=long_factor, seeds=seeds)
     text = (f'## 1. Supernet routes vs the same networks trained alone: {model_name}, {steps} '
             f'steps\n\n{text}\n\n![supernet vs alone]({plot_path.name})\n\n{written_by}')
-    series = (f'### How long {model_name} takes\n\nHow long it takes for the supernet\'s '
-              "'largest' to come within 1 point of the same network trained alone "
+    series = (f'## 1. How long the supernet takes: {model_name}\n\nHow long it takes for the '
+              "supernet's 'largest' to come within 1 point of the same network trained alone "
               f'{long_factor}x longer (seed 0, every step count with saved runs):\n\n'
               f'{convergence(model_name, long_factor, runs_dir)}\n\n{written_by}')
     study.write_section(f'{SECTION}-{model_name}-s{steps}', text, results)
