@@ -3,7 +3,8 @@
 From the finished DS-MBNet supernet of table 1 (its seed-0 run), the gate stage (SGS, the
 authors' recipe, held to `gate.budget` by dual ascent and calibrated offsets) at several
 budgets and seeds; each against the static routes' accuracy-vs-MAdds curve at the cost it
-reached (interpolated), and the best random mix of two static routes at that cost.
+reached (interpolated), and the best random mix of two static routes at that cost. Each model
+and supernet step count has its own section and plot.
 
     python experiments/gated_vs_static.py --model=ds_mbnet --steps=1000 \
         --budgets=0.3,0.4,0.55 --seeds=0,1 --workdir_root=workdir/study
@@ -60,11 +61,11 @@ def study_table(model_name: str, steps: int, budgets, seeds, workdir_root: str, 
   """Runs what is missing, writes the section (and its plot) into `results`; its markdown."""
   records = {b: [study.gate_run(model_name, steps, b, s, workdir_root, runs_dir) for s in seeds]
              for b in budgets}
-  plot_path = pathlib.Path(results).with_name(f'gated_vs_static_{model_name}.png')
+  plot_path = pathlib.Path(results).with_name(f'gated_vs_static_{model_name}_s{steps}.png')
   plot(records, plot_path, f'{model_name}: the gate at {len(budgets)} budgets, '
        f'{len(seeds)} seed(s) each')
   first = records[budgets[0]][0]
-  text = (f'## 2. Gated vs static: {model_name}\n\nThe gate stage ({study.CONFIGS[model_name]}, '
+  text = (f'## 2. Gated vs static: {model_name}, {steps}-step supernet\n\nThe gate stage ({study.CONFIGS[model_name]}, '
           f'its gate recipe) from the table-1 supernet ({steps} steps, seed 0), held to '
           "`gate.budget` (a fraction of 'largest''s MAdds); accuracy on the test split, mean ± "
           'half the spread over the gate seeds; "static": the static routes\' curve at the '
@@ -75,7 +76,7 @@ def study_table(model_name: str, steps: int, budgets, seeds, workdir_root: str, 
           f'\n\n```\n{first["command"]}\n```\n\n![gated vs static]({plot_path.name})\n\n'
           + study.regenerated_by('gated_vs_static.py', model=model_name, steps=steps,
                                  budgets=[f'{b:g}' for b in budgets], seeds=seeds))
-  study.write_section(f'{SECTION}-{model_name}', text, results)
+  study.write_section(f'{SECTION}-{model_name}-s{steps}', text, results)
   return text
 
 

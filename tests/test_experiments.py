@@ -59,7 +59,8 @@ def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
       '<!-- /supernet-vs-independent-tiny-convergence -->')[0]  # Its own section.
   assert (f'| 2 | {100 * largest[0]:.2f} | {100 * largest[1]:.2f} | '
           f'{100 * (largest[0] - largest[1]):+.2f} |') in series
-  assert '<!-- supernet-vs-independent-tiny-s2 -->' in written
+  assert all(f'<!-- {section}-tiny-s2 -->' in written  # Per model and step count.
+             for section in ('supernet-vs-independent', 'gated-vs-static'))
   assert (tmp_path / 'supernet_vs_independent_tiny_s2.png').stat().st_size > 1000
 
   monkeypatch.setattr(study.train_lib, 'train_and_evaluate', None)  # Nothing trains again.
