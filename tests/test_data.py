@@ -227,8 +227,9 @@ def test_concurrent_first_use_prepares_once_and_every_process_reads_it(tmp_path)
   logs = [tmp_path / f'process{i}.log' for i in range(3)]
   with open(data_dir / 'fashion_mnist_debian.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # As a process preparing it would: all three must wait.
+    streams = [open(log, 'w') for log in logs]
     processes = [subprocess.Popen([sys.executable, '-c', script, str(data_dir), str(debian_dir)],
-                                  stdout=open(log, 'w'), stderr=subprocess.STDOUT) for log in logs]
+                                  stdout=stream, stderr=subprocess.STDOUT) for stream in streams]
     try:
       deadline = time.time() + 120
       while not all('Waiting for another process to prepare' in log.read_text() for log in logs):
@@ -239,8 +240,9 @@ def test_concurrent_first_use_prepares_once_and_every_process_reads_it(tmp_path)
       for p in processes:
         p.wait(timeout=300)
     finally:
-      for p in processes:
+      for p, stream in zip(processes, streams):
         p.kill()
+        stream.close()
   outputs = [log.read_text() for log in logs]
   assert [p.returncode for p in processes] == [0, 0, 0], [out[-2000:] for out in outputs]
   assert sum('Downloading and preparing' in out for out in outputs) == 1, outputs

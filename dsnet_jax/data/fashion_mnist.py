@@ -19,6 +19,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dsnet_jax import rundir
+
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 # Split name -> IDX file prefix.
 _PREFIXES = {'train': 'train', 'test': 't10k'}
@@ -170,7 +172,7 @@ def _prepared_once(make_builder: Callable[[], tfds.core.DatasetBuilder],
   if builder.is_prepared():
     return builder
   root = os.fspath(builder.data_dir_root)
-  if '://' in root:
+  if rundir.is_remote(root):
     prepare(builder)
     return builder
   os.makedirs(root, exist_ok=True)
