@@ -6,10 +6,15 @@
 The report goes to --output_dir, by default the evaluated checkpoint's folder
 (<workdir>/checkpoints/<stage>), never over what training wrote in the workdir.
 """
-from absl import app, flags
-from ml_collections import config_flags
+from dsnet_jax import huge_pages
 
-from dsnet_jax import cli, eval_lib, rundir
+if __name__ == '__main__':
+  huge_pages.relaunch()  # First: the imports below would otherwise run twice.
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dsnet_jax import cli, eval_lib, rundir  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'The config the workdir was trained with '
                                 '(default: the one saved with the evaluated checkpoint).')

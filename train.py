@@ -2,10 +2,15 @@
 
     python train.py --config=configs/ds_mbnet_fmnist.py --workdir=workdir/ds_mbnet_fmnist
 """
-from absl import app, flags
-from ml_collections import config_flags
+from dsnet_jax import huge_pages
 
-from dsnet_jax import cli, train_lib
+if __name__ == '__main__':
+  huge_pages.relaunch()  # First: the imports below would otherwise run twice.
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dsnet_jax import cli, train_lib  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and eval results go here.')

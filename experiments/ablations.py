@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import study
 
+from dsnet_jax import huge_pages
+
 SECTION = 'ablations'
 VARIANTS = {  # name: (models it applies to, Stage I overrides); 'IB' is table 1's supernet.
     'IB': (('ds_mbnet', 'ds_vit', 'tiny'), {}),
@@ -87,6 +89,7 @@ def study_table(models, steps: int, seeds, gate_model: str, gate_budget: float, 
 
 
 if __name__ == '__main__':
+  huge_pages.relaunch()
   from absl import app, flags
   flags.DEFINE_list('models', ['ds_mbnet', 'ds_vit'], f'Any of {", ".join(study.CONFIGS)}.')
   flags.DEFINE_integer('steps', 1000, 'Stage I steps (as table 1).')

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsnet_jax import rundir, train_lib  # noqa: E402
+from dsnet_jax import huge_pages, rundir, train_lib  # noqa: E402
 
 UPSTREAM_STAGES = ('supernet', 'recalibrate')
 
@@ -98,6 +98,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  huge_pages.relaunch()
   from absl import app, flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'The supernet\'s training config.')

@@ -15,6 +15,8 @@ import pathlib
 
 import study
 
+from dsnet_jax import huge_pages
+
 SECTION = 'gated-vs-static'
 
 
@@ -81,6 +83,7 @@ def study_table(model_name: str, steps: int, budgets, seeds, workdir_root: str, 
 
 
 if __name__ == '__main__':
+  huge_pages.relaunch()
   from absl import app, flags
   flags.DEFINE_string('model', 'ds_mbnet', f'One of {", ".join(study.CONFIGS)}.')
   flags.DEFINE_integer('steps', 1000, 'Stage I steps of the table-1 supernet to start from.')

@@ -20,6 +20,8 @@ import re
 
 import study
 
+from dsnet_jax import huge_pages
+
 SECTION = 'supernet-vs-independent'
 
 
@@ -133,6 +135,7 @@ def study_table(models, steps: int, long_factor: int, seeds, workdir_root: str, 
 
 
 if __name__ == '__main__':
+  huge_pages.relaunch()
   from absl import app, flags
   flags.DEFINE_list('models', ['ds_mbnet', 'ds_vit'], f'Any of {", ".join(study.CONFIGS)}.')
   flags.DEFINE_integer('steps', 1000, 'Stage I steps of every run (the long run: x long_factor).')

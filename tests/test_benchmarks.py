@@ -62,3 +62,18 @@ def test_export_table_on_the_tiny_config(capsys):
     assert len(errors) == len(formats.split(',')) and max(errors) <= 1e-4, row
   if has_onnx:
     assert '| 1 |' in printed and 'ONNX / jax.export' in printed
+
+
+def test_huge_pages_benchmark_on_the_tiny_config(capsys):
+  """One child per glibc.malloc.hugetlb setting, each timing the tiny config's step."""
+  results = load_benchmark('huge_pages').main(['--config=configs/tiny.py', '--rounds=1',
+                                               '--draws=1', '--num_devices=1'])
+  printed = capsys.readouterr().out
+  assert list(results) == ['4 KiB pages', 'huge pages']
+  for rows in results.values():
+    (row,) = rows
+    assert row['sandwich_s'] > 0 and row['plain_s'] > 0 and row['minor_faults'] > 0
+    assert row['user_s'] > 0 and row['batch_size'] > 0
+  assert '| 4 KiB pages | glibc.malloc.hugetlb=0 |' in printed
+  assert '| huge pages | glibc.malloc.hugetlb=1 |' in printed
+  assert 'huge pages vs 4 KiB pages (means over children): sandwich step' in printed
