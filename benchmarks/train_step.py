@@ -55,7 +55,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dsnet_jax import config_lib, sharding, stand_in, train_lib  # noqa: E402
+from dsnet_jax import config_lib, huge_pages, sharding, stand_in, train_lib  # noqa: E402
 from dsnet_jax.complexity import route_complexity  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/ds_mbnet_fmnist.py'
@@ -328,6 +328,7 @@ def main(argv=None) -> dict[str, Any]:
       ('backend', f'{jax.default_backend()}, {mesh.size} of {len(jax.devices())} devices'),
       ('device kind', f'{getattr(device, "device_kind", device.platform)} '
                       f'({os.cpu_count()} host cores, {platform.machine()})'),
+      ('GLIBC_TUNABLES', os.environ.get('GLIBC_TUNABLES') or 'unset (4 KiB pages)'),
       ('jax', jax.__version__),
       ('config', f'{args.config}: {config.model_name}, batch {batch_size} x {views} view(s) of '
                  f'{tuple(image_shape)}, dtype {dtype}, {cfg.num_random_routes} random routes'
@@ -370,4 +371,5 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
+  huge_pages.relaunch()  # As train.py runs.
   main()

@@ -8,23 +8,25 @@ process's CPU time in the kernel. With the tunable glibc asks the kernel for 2 M
 (madvise(MADV_HUGEPAGE)) where its mode is 'madvise' (the usual default): 5-7x fewer faults,
 a training step 1.5-1.8x faster on a 2-core VM (`benchmarks/huge_pages.py`), the same
 results bit for bit (the pages hold the same values). glibc reads its tunables when a process
-starts, hence a relaunch (os.execve) rather than a setting.
+starts, hence a relaunch (os.execve: same process id) rather than a setting.
 
     if __name__ == '__main__':
-      huge_pages.relaunch()  # First: before any work, so nothing runs twice.
+      huge_pages.relaunch()  # First: whatever ran before it runs again.
       app.run(main)
 
-Opt out with `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` (any value of the tunable is left alone).
-A library user (a notebook) sets `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` before Python starts.
+Opt out with `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` (any value of the tunable is left alone):
+on a host short of memory, the kernel may stall compacting memory for huge pages. A library
+user (a notebook) sets `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` before Python starts.
 """
 from __future__ import annotations
 
 import os
 import platform
 import sys
-from typing import Mapping
+from typing import Mapping, Sequence
 
 TUNABLE = 'glibc.malloc.hugetlb'
+RELAUNCHED = 'DSNET_JAX_HUGE_PAGES_RELAUNCHED'  # Set in the relaunched process.
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 MIN_GLIBC = (2, 35)  # The first glibc with glibc.malloc.hugetlb.
 
@@ -50,8 +52,9 @@ def relaunch_env(environ: Mapping[str, str], libc: tuple[str, str], mode: str | 
     mode: `thp_mode()`.
 
   None when the C library is not glibc >= 2.35, the kernel's mode is not 'madvise' ('always'
-  gives huge pages already, 'never' gives none) or GLIBC_TUNABLES already names the tunable
-  (the user's choice, or this is the relaunched process).
+  gives huge pages already, 'never' gives none), GLIBC_TUNABLES already names the tunable (the
+  user's choice) or this is the relaunched process (glibc drops tunables from setuid or
+  capability-holding processes: the variable alone could relaunch forever).
   """
   name, version = libc
   try:
@@ -59,19 +62,43 @@ def relaunch_env(environ: Mapping[str, str], libc: tuple[str, str], mode: str | 
   except ValueError:
     return None
   tunables = environ.get('GLIBC_TUNABLES', '')
-  if (name != 'glibc' or glibc < MIN_GLIBC or mode != 'madvise'
+  if (name != 'glibc' or glibc < MIN_GLIBC or mode != 'madvise' or RELAUNCHED in environ
       or any(t.split('=')[0] == TUNABLE for t in tunables.split(':'))):
     return None
-  return {**environ, 'GLIBC_TUNABLES': ':'.join(filter(None, (tunables, f'{TUNABLE}=1')))}
+  return {**environ, 'GLIBC_TUNABLES': ':'.join(filter(None, (tunables, f'{TUNABLE}=1'))),
+          RELAUNCHED: '1'}
+
+
+def reruns_this_program(orig_argv: Sequence[str], argv: Sequence[str],
+                        main_file: str | None) -> bool:
+  """Whether executing `orig_argv` (the interpreter's command line) again runs this program:
+  a script file, `-m module` or `-c code`, with `argv` (sys.argv) its arguments.
+
+  False where the process's command is another program's: a script run by IPython's `%run`
+  or `runpy.run_path` inside another script, a script read from stdin (`python - < x.py`),
+  an interactive session. `main_file`: `__main__.__file__` (None for `-c`).
+  """
+  k = len(orig_argv) - len(argv)  # orig_argv[k]: the script, the module's name or the code.
+  if k < 1 or not argv or argv[0] in ('', '-') or list(orig_argv[k + 1:]) != list(argv[1:]):
+    return False
+  if orig_argv[k - 1] == '-c':
+    return argv[0] == '-c'
+  same_file = main_file is not None and os.path.realpath(main_file) == os.path.realpath(argv[0])
+  if orig_argv[k - 1] == '-m':
+    return same_file
+  return orig_argv[k] == argv[0] and same_file
 
 
 def relaunch() -> None:
   """Replaces this process by the same command (interpreter, its options, arguments) with the
-  tunable set, where `relaunch_env` says it helps; otherwise returns. Call it first in a
-  `__main__` block: what ran before it runs again."""
+  tunable set, where `relaunch_env` says it helps and `reruns_this_program`; otherwise
+  returns. Call it first in a `__main__` block: whatever ran before it runs again."""
   env = relaunch_env(os.environ, platform.libc_ver(), thp_mode())
-  if env is None or not sys.executable:
+  main_file = getattr(sys.modules.get('__main__'), '__file__', None)
+  if (env is None or not sys.executable
+      or not reruns_this_program(sys.orig_argv, sys.argv, main_file)):
     return
-  sys.stdout.flush()
-  sys.stderr.flush()
+  for stream in (sys.stdout, sys.stderr):
+    if stream is not None:
+      stream.flush()
   os.execve(sys.executable, sys.orig_argv, env)

@@ -70,10 +70,10 @@ def test_huge_pages_benchmark_on_the_tiny_config(capsys):
                                                '--draws=1', '--num_devices=1'])
   printed = capsys.readouterr().out
   assert list(results) == ['4 KiB pages', 'huge pages']
-  for rows in results.values():
-    (row,) = rows
+  for (row,), hugetlb in zip(results.values(), '01'):
+    assert row['tunables'].endswith(f'glibc.malloc.hugetlb={hugetlb}')  # What the child saw.
     assert row['sandwich_s'] > 0 and row['plain_s'] > 0 and row['minor_faults'] > 0
     assert row['user_s'] > 0 and row['batch_size'] > 0
-  assert '| 4 KiB pages | glibc.malloc.hugetlb=0 |' in printed
-  assert '| huge pages | glibc.malloc.hugetlb=1 |' in printed
+  for label, (row,) in results.items():
+    assert f'| {label} | {row["tunables"]} |' in printed
   assert 'huge pages vs 4 KiB pages (means over children): sandwich step' in printed
