@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,11 +60,11 @@ def child(args) -> None:
   with contextlib.redirect_stdout(io.StringIO()):
     result = train_step.main(train_step_args(args))
   usage = resource.getrusage(resource.RUSAGE_SELF)
-  median = lambda times: sorted(times)[len(times) // 2]
   with open(args.child, 'w') as f:
     json.dump({'tunables': os.environ.get('GLIBC_TUNABLES', ''),
-               'sandwich_s': median(result['step_times']),
-               'plain_s': median(result['plain_times']), 'batch_size': result['batch_size'],
+               'sandwich_s': statistics.median(result['step_times']),
+               'plain_s': statistics.median(result['plain_times']),
+               'batch_size': result['batch_size'],
                'minor_faults': usage.ru_minflt, 'user_s': usage.ru_utime,
                'system_s': usage.ru_stime}, f)
 

@@ -5,8 +5,8 @@ XLA:CPU allocates its large buffers (activations, gradients) afresh at every cal
 each with mmap and unmaps it when it is freed, so every training step touches new 4 KiB pages.
 On the DS-MBNet Fashion-MNIST demo that is ~200k page faults a second and ~40 % of the
 process's CPU time in the kernel. With the tunable glibc asks the kernel for 2 MiB pages
-(madvise(MADV_HUGEPAGE)) where its mode is 'madvise' (the usual default): 5-7x fewer faults,
-a training step 1.5-1.8x faster on a 2-core VM (`benchmarks/huge_pages.py`), the same
+(madvise(MADV_HUGEPAGE)) where its mode is 'madvise' (the usual default): 5-14x fewer faults,
+a training step 1.5-1.6x faster on a 2-core VM (`benchmarks/huge_pages.py`), the same
 results bit for bit (the pages hold the same values). glibc reads its tunables when a process
 starts, hence a relaunch (os.execve: same process id) rather than a setting.
 

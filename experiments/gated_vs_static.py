@@ -68,7 +68,8 @@ def study_table(model_name: str, steps: int, budgets, seeds, workdir_root: str, 
        f'{len(seeds)} seed(s) each')
   first = records[budgets[0]][0]
   text = (f'## 2. Gated vs static: {model_name}, {steps}-step supernet\n\nThe gate stage '
-          f'({study.CONFIGS[model_name]}, its gate recipe) from the table-1 supernet ({steps} steps, seed 0), held to '
+          f'({study.CONFIGS[model_name]}, its gate recipe) from the table-1 supernet '
+          f'({steps} steps, seed 0), held to '
           "`gate.budget` (a fraction of 'largest''s MAdds); accuracy on the test split, mean ± "
           'half the spread over the gate seeds; "static": the static routes\' curve at the '
           'cost reached (interpolated); "mix": the best random mix of two static routes at '
