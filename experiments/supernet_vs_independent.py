@@ -6,8 +6,9 @@ on the labels, same steps and recipe): the smallest route, a middle one and 'lar
 'largest' alone for `--long_factor` x the steps (how far the short runs are from converged).
 
 Each model and step count has its own section and plot; a model's convergence section lists
-every step count with saved runs (seed 0): how the supernet's 'largest' closes on the long run
-as training gets longer.
+every saved supernet (step count and seed) against 'largest' alone for the same steps and for
+`--long_factor` x the steps: how the supernet's 'largest' closes on the long run as training
+gets longer.
 
     python experiments/supernet_vs_independent.py --models=ds_mbnet,ds_vit --steps=1000 \
         --seeds=0,1 --workdir_root=workdir/study
@@ -25,12 +26,17 @@ from dsnet_jax import huge_pages
 SECTION = 'supernet-vs-independent'
 
 
+def alone_name(model_name: str, route: str, steps: int, seed: int) -> str:
+  """The run name of `route` of `model_name` trained alone for `steps` with `seed`."""
+  return f'{model_name}_alone{route}_s{steps}_seed{seed}'
+
+
 def records_of(model_name: str, steps: int, long_factor: int, seed: int, workdir_root: str,
                runs_dir: str) -> dict[str, dict]:
   """{'supernet', 'alone_<route>' per compared route, 'long'}: the runs of one seed."""
   records = {'supernet': study.supernet_run(model_name, steps, seed, workdir_root, runs_dir)}
   alone = lambda route, n: study.run(
-      f'{model_name}_alone{route}_s{n}_seed{seed}', study.CONFIGS[model_name],
+      alone_name(model_name, route, n, seed), study.CONFIGS[model_name],
       {'seed': seed, 'supernet.steps': n, 'supernet.epochs': 0.0, 'stages': ('supernet',),
        'supernet.train_route': route}, workdir_root, runs_dir)
   for route in study.compared_routes(model_name):
@@ -70,23 +76,31 @@ def table(records, model_name: str, steps: int, long_factor: int) -> tuple[str, 
 
 
 def convergence(model_name: str, long_factor: int, runs_dir: str) -> str:
-  """Markdown: for every step count with a saved seed-0 supernet and long run of `model_name`,
-  the supernet's 'largest' against 'largest' alone `long_factor` x longer."""
+  """Markdown: every saved supernet run of `model_name` (step count and seed), its 'largest'
+  against 'largest' alone for the same steps and for `long_factor` x the steps ('not run':
+  no record of that run yet)."""
   runs = pathlib.Path(runs_dir)
+
+  def largest(path: pathlib.Path):
+    return (study.route_row(json.loads(path.read_text()), 'largest')['accuracy']
+            if path.exists() else None)
+
   rows = []
-  for path in runs.glob(f'{model_name}_supernet_s*_seed0.json'):
-    match = re.fullmatch(rf'{re.escape(model_name)}_supernet_s(\d+)_seed0\.json', path.name)
+  for path in runs.glob(f'{model_name}_supernet_s*_seed*.json'):
+    match = re.fullmatch(rf'{re.escape(model_name)}_supernet_s(\d+)_seed(\d+)\.json', path.name)
     if not match:  # A variant's supernet (labels, IEB, ...).
       continue
-    steps = int(match[1])
-    long = runs / f'{model_name}_alonelargest_s{long_factor * steps}_seed0.json'
-    if long.exists():
-      rows.append((steps, study.route_row(json.loads(path.read_text()), 'largest')['accuracy'],
-                   study.route_row(json.loads(long.read_text()), 'largest')['accuracy']))
-  lines = [f"| Stage I steps | supernet 'largest' | 'largest' alone, {long_factor}x the steps | "
-           'supernet - long |', '|---|---|---|---|']
-  lines += [f'| {steps} | {100 * sup:.2f} | {100 * alone:.2f} | {100 * (sup - alone):+.2f} |'
-            for steps, sup, alone in sorted(rows)]
+    steps, seed = int(match[1]), int(match[2])
+    alone = [largest(runs / f'{alone_name(model_name, "largest", n, seed)}.json')
+             for n in (steps, long_factor * steps)]
+    rows.append((steps, seed, largest(path), *alone))
+  cell = lambda accuracy: 'not run' if accuracy is None else f'{100 * accuracy:.2f}'
+  gap = lambda sup, alone: '' if alone is None else f'{100 * (sup - alone):+.2f}'
+  lines = ["| Stage I steps | seed | supernet 'largest' | 'largest' alone, same steps | "
+           f"supernet - alone | 'largest' alone, {long_factor}x the steps | supernet - long |",
+           '|---|---|---|---|---|---|---|']
+  lines += [f'| {steps} | {seed} | {cell(sup)} | {cell(same)} | {gap(sup, same)} | {cell(long)} | '
+            f'{gap(sup, long)} |' for steps, seed, sup, same, long in sorted(rows)]
   return '\n'.join(lines)
 
 
@@ -126,7 +140,7 @@ def study_table(models, steps: int, long_factor: int, seeds, workdir_root: str, 
             f'steps\n\n{text}\n\n![supernet vs alone]({plot_path.name})\n\n{written_by}')
     series = (f'## 1. How long the supernet takes: {model_name}\n\nHow long it takes for the '
               "supernet's 'largest' to come within 1 point of the same network trained alone "
-              f'{long_factor}x longer (seed 0, every step count with saved runs):\n\n'
+              f'{long_factor}x longer (every step count and seed with a saved supernet):\n\n'
               f'{convergence(model_name, long_factor, runs_dir)}\n\n{written_by}')
     study.write_section(f'{SECTION}-{model_name}-s{steps}', text, results)
     study.write_section(f'{SECTION}-{model_name}-convergence', series, results)

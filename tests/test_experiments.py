@@ -57,8 +57,11 @@ def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
               for name in ('supernet', 'alonelargest')]
   series = written.split('<!-- supernet-vs-independent-tiny-convergence -->')[1].split(
       '<!-- /supernet-vs-independent-tiny-convergence -->')[0]  # Its own section.
-  assert (f'| 2 | {100 * largest[0]:.2f} | {100 * largest[1]:.2f} | '
-          f'{100 * (largest[0] - largest[1]):+.2f} |') in series
+  sup, alone, gap = (f'{100 * largest[0]:.2f}', f'{100 * largest[1]:.2f}',
+                     f'{100 * (largest[0] - largest[1]):+.2f}')
+  assert f'| 2 | 0 | {sup} | {alone} | {gap} | {alone} | {gap} |' in series  # long_factor 1.
+  assert supernet_vs_independent.convergence('tiny', 2, runs).splitlines()[2:] == [
+      f'| 2 | 0 | {sup} | {alone} | {gap} | not run |  |']  # No 4-step run.
   assert all(f'<!-- {section}-tiny-s2 -->' in written  # Per model and step count.
              for section in ('supernet-vs-independent', 'gated-vs-static'))
   assert (tmp_path / 'supernet_vs_independent_tiny_s2.png').stat().st_size > 1000
