@@ -4,7 +4,7 @@ table 1 (in-place bootstrapping, IB), same steps and seeds:
 - IEB: the smallest route learns the ensemble of the teachers (`supernet.ensemble_ib`);
 - MvCo (DS-ViT): two augmented views, the teacher averaged over them (`supernet.mvco`);
 and the gate stage without SGS (only the task CE and the budget: `gate.gate_ce_weight=0`)
-against table 2's gate at the same budget.
+against table 2's gate at the same budget. Each model and step count has its own section.
 
     python experiments/ablations.py --steps=1000 --seeds=0,1 --workdir_root=workdir/study
 """
@@ -64,23 +64,23 @@ def study_table(models, steps: int, seeds, gate_model: str, gate_budget: float, 
     variants = {v: [study.supernet_run(model_name, steps, s, workdir_root, runs_dir,
                                        '' if v == 'IB' else v, **overrides) for s in seeds]
                 for v, (applies, overrides) in VARIANTS.items() if model_name in applies}
-    sections.append((f'{SECTION}-{model_name}', (
-        f'## 3. Ablations: {model_name}\n\nAccuracy on the test split, mean ± half the spread '
-        f'over seeds; Stage I {steps} steps. IB: in-place bootstrapping (the default); labels: '
-        'every route learns the labels; IEB: the smallest route learns the ensemble of the '
-        "teachers; MvCo: two views, the teacher averaged over them; vs IB: the variant's mean "
-        "over all routes minus IB's, in points.\n\n"
+    sections.append((f'{SECTION}-{model_name}-s{steps}', (
+        f'## 3. Ablations: {model_name}, {steps} steps\n\nAccuracy on the test split, mean ± '
+        f'half the spread over seeds; Stage I {steps} steps. IB: in-place bootstrapping (the '
+        'default); labels: every route learns the labels; IEB: the smallest route learns the '
+        "ensemble of the teachers; MvCo: two views, the teacher averaged over them; vs IB: the "
+        "variant's mean over all routes minus IB's, in points.\n\n"
         + stage_one_table(model_name, variants) + '\n\n' + study.regenerated_by(
             'ablations.py', models=model_name, steps=steps, seeds=seeds, gate_model="''"))))
   if gate_model:
     runs = {tag: [study.gate_run(gate_model, steps, gate_budget, s, workdir_root, runs_dir,
                                  tag, **overrides) for s in gate_seeds]
             for tag, overrides in (('', {}), ('nosgs', NO_SGS))}
-    sections.append((f'{SECTION}-sgs-{gate_model}', (
-        f'## 3. Ablation of SGS: {gate_model}\n\nThe gate at budget {gate_budget:g} from the '
-        f'table-1 supernet ({steps} steps, seed 0), with and without sandwich gate '
-        'sparsification; accuracy on the test split, mean ± half the spread over the gate '
-        'seeds.\n\n' + sgs_table(runs[''], runs['nosgs']) + '\n\n' + study.regenerated_by(
+    sections.append((f'{SECTION}-sgs-{gate_model}-s{steps}', (
+        f'## 3. Ablation of SGS: {gate_model}, {steps}-step supernet\n\nThe gate at budget '
+        f'{gate_budget:g} from the table-1 supernet ({steps} steps, seed 0), with and without '
+        'sandwich gate sparsification; accuracy on the test split, mean ± half the spread over '
+        'the gate seeds.\n\n' + sgs_table(runs[''], runs['nosgs']) + '\n\n' + study.regenerated_by(
             'ablations.py', models="''", steps=steps, gate_model=gate_model,
             gate_budget=f'{gate_budget:g}', gate_seeds=gate_seeds))))
   for name, text in sections:

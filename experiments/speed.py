@@ -1,6 +1,7 @@
 """Table 4: is the saving real time? The latency tool (`python -m dsnet_jax.latency`) on a
 gated model of table 2: every route's and the routed model's ms/image on this device at
-batch 1 and a throughput batch, next to their MAdds.
+batch 1 and a throughput batch, next to their MAdds. Each model and supernet step count has its
+own section.
 
     python experiments/speed.py --model=ds_mbnet --steps=1000 --budget=0.4 \
         --workdir_root=workdir/study
@@ -55,7 +56,8 @@ def study_table(model_name: str, steps: int, budget: float, batch: int, rounds: 
                            f'{latency["rounds"]} rounds; delete it to time again')
   mix = ', '.join(f'{k}: {v:.0%}' for k, v in latency['routed']['mix'].items())
   device = ', '.join(f'{k} {v}' for k, v in latency['device'].items())
-  text = (f'## 4. Real speed ({model_name}, gate budget {budget:g})\n\n`python -m '
+  text = (f'## 4. Real speed: {model_name}, {steps}-step supernet, gate budget {budget:g}\n\n'
+          f'`python -m '
           f'dsnet_jax.latency --batch={batch} --rounds={rounds}` on {device}; '
           f'median ms per image; the routed model on the first '
           f'{max(latency["batch_sizes"][-1], latency["singles"])} test images, each on the '
@@ -63,7 +65,7 @@ def study_table(model_name: str, steps: int, budget: float, batch: int, rounds: 
           + table(latency) + '\n\n' + study.regenerated_by(
               'speed.py', model=model_name, steps=steps, budget=f'{budget:g}', batch=batch,
               rounds=rounds))
-  study.write_section(f'{SECTION}-{model_name}', text, results)
+  study.write_section(f'{SECTION}-{model_name}-s{steps}', text, results)
   return text
 
 

@@ -63,7 +63,8 @@ def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
   assert supernet_vs_independent.convergence('tiny', 2, runs).splitlines()[2:] == [
       f'| 2 | 0 | {sup} | {alone} | {gap} | not run |  |']  # No 4-step run.
   assert all(f'<!-- {section}-tiny-s2 -->' in written  # Per model and step count.
-             for section in ('supernet-vs-independent', 'gated-vs-static'))
+             for section in ('supernet-vs-independent', 'gated-vs-static', 'ablations',
+                             'ablations-sgs', 'speed'))
   assert (tmp_path / 'supernet_vs_independent_tiny_s2.png').stat().st_size > 1000
 
   monkeypatch.setattr(study.train_lib, 'train_and_evaluate', None)  # Nothing trains again.
