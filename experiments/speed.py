@@ -57,9 +57,8 @@ def study_table(model_name: str, steps: int, budget: float, batch: int, rounds: 
   mix = ', '.join(f'{k}: {v:.0%}' for k, v in latency['routed']['mix'].items())
   device = ', '.join(f'{k} {v}' for k, v in latency['device'].items())
   text = (f'## 4. Real speed: {model_name}, {steps}-step supernet, gate budget {budget:g}\n\n'
-          f'`python -m '
-          f'dsnet_jax.latency --batch={batch} --rounds={rounds}` on {device}; '
-          f'median ms per image; the routed model on the first '
+          f'`python -m dsnet_jax.latency --batch={batch} --rounds={rounds}` on {device}; '
+          'median ms per image; the routed model on the first '
           f'{max(latency["batch_sizes"][-1], latency["singles"])} test images, each on the '
           f'route its gate chose (mix {mix}; table 2 counts all 10,000).\n\n'
           + table(latency) + '\n\n' + study.regenerated_by(

@@ -88,19 +88,20 @@ def convergence(model_name: str, long_factor: int, runs_dir: str) -> str:
   rows = []
   for path in runs.glob(f'{model_name}_supernet_s*_seed*.json'):
     match = re.fullmatch(rf'{re.escape(model_name)}_supernet_s(\d+)_seed(\d+)\.json', path.name)
-    if not match:  # A variant's supernet (labels, IEB, ...).
+    if not match:  # Another run's record (a variant tag starting with 's', a copy, ...).
       continue
     steps, seed = int(match[1]), int(match[2])
     alone = [largest(runs / f'{alone_name(model_name, "largest", n, seed)}.json')
              for n in (steps, long_factor * steps)]
     rows.append((steps, seed, largest(path), *alone))
+  rows.sort(key=lambda row: row[:2])  # By step count, then seed.
   cell = lambda accuracy: 'not run' if accuracy is None else f'{100 * accuracy:.2f}'
   gap = lambda sup, alone: '' if alone is None else f'{100 * (sup - alone):+.2f}'
   lines = ["| Stage I steps | seed | supernet 'largest' | 'largest' alone, same steps | "
            f"supernet - alone | 'largest' alone, {long_factor}x the steps | supernet - long |",
            '|---|---|---|---|---|---|---|']
   lines += [f'| {steps} | {seed} | {cell(sup)} | {cell(same)} | {gap(sup, same)} | {cell(long)} | '
-            f'{gap(sup, long)} |' for steps, seed, sup, same, long in sorted(rows)]
+            f'{gap(sup, long)} |' for steps, seed, sup, same, long in rows]
   return '\n'.join(lines)
 
 
@@ -140,7 +141,8 @@ def study_table(models, steps: int, long_factor: int, seeds, workdir_root: str, 
             f'steps\n\n{text}\n\n![supernet vs alone]({plot_path.name})\n\n{written_by}')
     series = (f'## 1. How long the supernet takes: {model_name}\n\nHow long it takes for the '
               "supernet's 'largest' to come within 1 point of the same network trained alone "
-              f'{long_factor}x longer (every step count and seed with a saved supernet):\n\n'
+              f'{long_factor}x longer: every step count and seed with a saved supernet, against '
+              f"'largest' alone for the same steps and for {long_factor}x the steps:\n\n"
               f'{convergence(model_name, long_factor, runs_dir)}\n\n{written_by}')
     study.write_section(f'{SECTION}-{model_name}-s{steps}', text, results)
     study.write_section(f'{SECTION}-{model_name}-convergence', series, results)

@@ -17,9 +17,8 @@ import speed  # noqa: E402  pylint: disable=wrong-import-position
 import study  # noqa: E402  pylint: disable=wrong-import-position
 import supernet_vs_independent  # noqa: E402  pylint: disable=wrong-import-position
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
   root, runs, results = str(tmp_path / 'w'), tmp_path / 'runs', tmp_path / 'RESULTS.md'
   configured = study.configured  # One device (the suite has 8 fake ones): quicker compiles.
@@ -82,6 +81,22 @@ def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
   with pytest.raises(study.StudyError, match='tiny_alone0_s2_seed0.json is not a run record'):
     tables[0]()
   assert results.read_text() == written
+
+
+def test_the_convergence_series_lists_every_saved_supernet(tmp_path):
+  def record(name, accuracy):  # Only what the series reads.
+    (tmp_path / f'{name}.json').write_text(json.dumps(
+        {'routes': [{'route': '0', 'accuracy': 0.1}, {'route': 'largest', 'accuracy': accuracy}]}))
+
+  for name, accuracy in [('m_supernet_s1000_seed1', 0.55), ('m_supernet_s300_seed0', 0.60),
+                         ('m_supernet_s1000_seed0', 0.70), ('m_supernet_sX_s300_seed0', 0.5),
+                         ('m_alonelargest_s300_seed0', 0.65), ('m_alonelargest_s900_seed0', 0.71),
+                         ('m_alonelargest_s1000_seed1', 0.5325), ('n_supernet_s300_seed0', 0.9)]:
+    record(name, accuracy)
+  assert supernet_vs_independent.convergence('m', 3, str(tmp_path)).splitlines()[2:] == [
+      '| 300 | 0 | 60.00 | 65.00 | -5.00 | 71.00 | -11.00 |',  # By step count, then seed.
+      '| 1000 | 0 | 70.00 | not run |  | not run |  |',
+      '| 1000 | 1 | 55.00 | 53.25 | +1.75 | not run |  |']
 
 
 @pytest.mark.parametrize('flags, error', [
