@@ -141,7 +141,7 @@ def study_table(models, steps: int, long_factor: int, seeds, workdir_root: str, 
             f'steps\n\n{text}\n\n![supernet vs alone]({plot_path.name})\n\n{written_by}')
     series = (f'## 1. How long the supernet takes: {model_name}\n\nHow long it takes for the '
               "supernet's 'largest' to come within 1 point of the same network trained alone "
-              f'{long_factor}x longer: every step count and seed with a saved supernet, against '
+              f'{long_factor}x longer. Every step count and seed with a saved supernet, against '
               f"'largest' alone for the same steps and for {long_factor}x the steps:\n\n"
               f'{convergence(model_name, long_factor, runs_dir)}\n\n{written_by}')
     study.write_section(f'{SECTION}-{model_name}-s{steps}', text, results)
