@@ -41,12 +41,17 @@ def compared_routes(model_name: str) -> list[str]:
   return [names[0], names[(len(names) - 1) // 2], names[-1]]
 
 
+def supernet_name(model_name: str, steps: int, seed: int, variant: str = '') -> str:
+  """The run name of `model_name`'s supernet (Stage I `variant`, '' for IB) for `steps`."""
+  tag = f'_{variant}' if variant else ''
+  return f'{model_name}_supernet{tag}_s{steps}_seed{seed}'
+
+
 def supernet_run(model_name: str, steps: int, seed: int, workdir_root: str, runs_dir: str,
                  variant: str = '', **overrides) -> dict[str, Any]:
   """Stage I (+ BN recalibration) of `model_name`'s config for `steps`; `variant` names a
   run with `overrides` (an ablation)."""
-  tag = f'_{variant}' if variant else ''
-  return run(f'{model_name}_supernet{tag}_s{steps}_seed{seed}', CONFIGS[model_name],
+  return run(supernet_name(model_name, steps, seed, variant), CONFIGS[model_name],
              {'seed': seed, 'supernet.steps': steps, 'supernet.epochs': 0.0,
               'stages': ('supernet', 'recalibrate'), **overrides}, workdir_root, runs_dir)
 
@@ -55,7 +60,7 @@ def gate_run(model_name: str, steps: int, budget: float, seed: int, workdir_root
              runs_dir: str, variant: str = '', **overrides) -> dict[str, Any]:
   """The gate stage at `budget` and `seed` from the seed-0 supernet_run of `steps`."""
   tag = f'_{variant}' if variant else ''
-  supernet = f'{model_name}_supernet_s{steps}_seed0'
+  supernet = supernet_name(model_name, steps, 0)
   return run(f'{model_name}_gate{tag}_s{steps}_b{budget:g}_seed{seed}', CONFIGS[model_name],
              {'stages': ('gate',), 'seed': seed, 'gate.budget': budget,
               'gate.madds_target': 0.0, **overrides},
