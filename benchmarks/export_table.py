@@ -129,7 +129,7 @@ def models(args):
     return
   if args.config:
     config = config_lib.load_config_file(args.config)
-    shape = input_pipeline.preprocessing(config.data).image_shape
+    shape = input_pipeline.preprocessing(config_lib.data_spec(config.data)).image_shape
     model = get_model(config.model_name, **config.model)
     yield config.model_name, model, shape, trained_like(model, shape, 64), None
     return

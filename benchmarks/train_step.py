@@ -1,6 +1,6 @@
 """Stage I step efficiency: one sandwich step against its parts and against a plain step.
 
-A Stage I step (`train_lib.SupernetFunctions.step`) is a chain of compiled pieces: the EMA
+A Stage I step (`train_steps.SupernetFunctions.step`) is a chain of compiled pieces: the
 teacher's forward on route 'largest', a zero gradient accumulator, one `route_grad` program per
 route of the sandwich (each adds its gradients to the accumulator on the device), and one
 `update`; the routes are drawn on the host, and the key folding and the loss sum between the
@@ -55,7 +55,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dsnet_jax import config_lib, huge_pages, sharding, stand_in, train_lib  # noqa: E402
+from dsnet_jax import (config_lib, huge_pages, sharding, stand_in, train_lib,  # noqa: E402
+                       train_steps)
 from dsnet_jax.complexity import route_complexity  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/ds_mbnet_fmnist.py'
@@ -121,7 +122,7 @@ class PartTimer:
   """While `timing()`, each compiled piece of `fns` runs alone: its inputs are waited for
   (untimed), then it is timed until its outputs are ready; `calls` lists them in order."""
 
-  def __init__(self, fns: train_lib.SupernetFunctions):
+  def __init__(self, fns: train_steps.SupernetFunctions):
     self.fns = fns
     self.calls: list[Call] = []
 
@@ -214,13 +215,13 @@ def main(argv=None) -> dict[str, Any]:
   # and the fresh state built in one program (not leaf by leaf: one compile, not dozens).
   variables = stand_in.random_variables(run.model, image_shape, config.seed)
   tx = train_lib.supernet_optimizer(run)
-  fresh_state = jax.jit(functools.partial(train_lib.TrainState.create, tx=tx, with_ema=True),
+  fresh_state = jax.jit(functools.partial(train_steps.TrainState.create, tx=tx, with_ema=True),
                         out_shardings=sharding.replicated(mesh))
-  fns = train_lib.SupernetFunctions(run.model, tx, cfg, mesh)
+  fns = train_steps.SupernetFunctions(run.model, tx, config_lib.supernet_recipe(config), mesh)
   timer = PartTimer(fns)
   batch = next(run.batches(0))
   batch_size = int(batch['image'].shape[0])
-  views = len(train_lib.training_views(batch, cfg.mvco))
+  views = len(train_steps.training_views(batch, cfg.mvco))
   dtype = str(config.model.get('dtype') or 'float32')
 
   # One state per configuration: each step donates the one it is given.

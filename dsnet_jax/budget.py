@@ -4,7 +4,7 @@ argmax routing used at inference is calibrated onto it.
 `config.gate.budget` is the average cost per image the routed model must have, as a fraction
 of the 'largest' route's MAdds (`budget_unit='largest'`), in MAdds (`'madds'`), or in
 milliseconds on this device (`'ms'`: each route's ms/image at the throughput batch of the
-workdir's latency table, `python -m dsnet_jax.latency`). [ours] It is a constraint, not a
+workdir's latency table, `python -m dsnet_jax.tools.latency`). [ours] It is a constraint, not a
 hand-weighted penalty; below, "cost" is MAdds or milliseconds:
 
 1. Training (dual ascent): the loss gets `dual * excess(cost)`, where cost is the batch's
@@ -33,14 +33,11 @@ from etils import epath
 import jax.numpy as jnp
 import numpy as np
 
+from dsnet_jax import latency as latency_lib
 from dsnet_jax import sharding
 from dsnet_jax.complexity import route_complexity
-from dsnet_jax.config_lib import ConfigError
+from dsnet_jax.errors import BudgetError, LatencyTableError
 from dsnet_jax.models.gated import ROUTING_COLLECTION
-
-
-class BudgetError(ConfigError):
-  """A budget the routing space cannot meet."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +70,13 @@ def make_budget(gate_config, model, image_shape: Sequence[int], workdir: str = '
   if gate_config.budget_unit != 'ms':
     return Budget(budget_madds(gate_config, model, image_shape), 'madds',
                   model.routing_madds(tuple(image_shape)).astype(np.float64))
-  from dsnet_jax import latency as latency_lib  # The table's reader; it imports inference.
   path = os.fspath(epath.Path(workdir) / latency_lib.LATENCY_FILE)
   try:
     table = latency_lib.load(path, latency_lib.model_name(model))
-  except latency_lib.LatencyTableError as e:
+  except LatencyTableError as e:
     raise BudgetError(f"gate.budget_unit='ms': {e}") from None
   names = [r.name for r in model.routes.routing_space]
-  measure = (f'python -m dsnet_jax.latency --config=<this config> --output={path} (random '
+  measure = (f'python -m dsnet_jax.tools.latency --config=<this config> --output={path} (random '
              'weights of this model on this device)')
   if table is None:
     raise BudgetError(f"gate.budget_unit='ms' needs a latency table at {path}; measure it "

@@ -30,25 +30,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dsnet_jax.errors import (CheckpointMismatchError, CheckpointSaveError, NonFiniteStateError,
+                              UnreadableCheckpointError)
+
 PyTree = Any
-
-
-class CheckpointMismatchError(ValueError):
-  """The stored state does not match the restore target (keys, shapes or dtypes)."""
-
-
-class NonFiniteStateError(FloatingPointError):
-  """A state to save holds NaN or Inf; nothing was written."""
-
-
-class CheckpointSaveError(OSError):
-  """Writing a step failed (e.g. a read-only or missing directory); the OS error ends the
-  message. orbax may leave background threads waiting after such a failure, so command-line
-  entry points exit with `os._exit` on it (`dsnet_jax.cli`)."""
-
-
-class UnreadableCheckpointError(OSError):
-  """No step of a checkpoint directory could be read."""
 
 
 def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding | PyTree | None = None) -> PyTree:

@@ -8,13 +8,12 @@ removed first), so the count always describes the code that runs, at the shapes 
 A route's parameter count is the number of parameter entries that route reads: the size of
 each parameter's slice, or the whole parameter when it is used unsliced.
 
-    python -m dsnet_jax.complexity --model=ds_mbnet [--json]
+    python -m dsnet_jax.tools.complexity --model=ds_mbnet [--json]
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from typing import Any, Callable
 
@@ -150,23 +149,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines.append(f'{row["route"]:>8}  {row["madds"] / 1e6:>10.2f}  {row["params"] / 1e6:>10.3f}  '
                  f'{row["widths"]}')
   return '\n'.join(lines)
-
-
-def main(argv):
-  del argv
-  from absl import flags
-  from dsnet_jax.models import get_model
-  f = flags.FLAGS
-  model = get_model(f.model)
-  image_shape = (f.image_size, f.image_size, f.in_channels)
-  rows = route_table(model, image_shape)
-  print(json.dumps(rows, indent=1) if f.json else format_table(rows))
-
-
-if __name__ == '__main__':
-  from absl import app, flags
-  flags.DEFINE_string('model', 'ds_mbnet', 'Model module under dsnet_jax/models.')
-  flags.DEFINE_integer('image_size', 224, 'Input height and width.')
-  flags.DEFINE_integer('in_channels', 3, 'Input channels.')
-  flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
-  app.run(main)

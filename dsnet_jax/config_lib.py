@@ -20,27 +20,16 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from dsnet_jax import models
+from dsnet_jax.data.input_pipeline import DATASETS, DataSpec
+from dsnet_jax.errors import ConfigError
 from dsnet_jax.routes import AUTO, RouteTable
+from dsnet_jax.train_steps import GateRecipe, SupernetRecipe
 
 STAGES = ('supernet', 'recalibrate', 'gate')
 SGS_TARGETS = ('smallest_wrong', 'widest_helps')
 # gate.budget as a fraction of 'largest' MAdds, in MAdds, or in ms on this device (latency.json).
 BUDGET_UNITS = ('largest', 'madds', 'ms')
-# Every key of config.data as (type, default); None: unset, the data set's own value (e.g.
-# image_size, num_classes) or, for data_dir, tfds's default.
-DATA_FIELDS = dict(
-    name=(str, 'fashion_mnist'), data_dir=(str, None), debian_dir=(str, None),
-    image_size=(int, None), num_classes=(int, None), channels=(int, None),
-    augment=(str, 'none'), crop_pct=(float, 0.875), randaugment=(str, ''),
-    random_erasing=(float, 0.0), views=(int, 1), mixup_alpha=(float, 0.0),
-    cutmix_alpha=(float, 0.0), mix_prob=(float, 1.0), switch_prob=(float, 0.5),
-    in_memory=(bool, False), num_workers=(int, 0), num_threads=(int, 2), prefetch=(int, 2),
-    synthetic_num_examples=(int, 1024))
-DATA_KEYS = tuple(DATA_FIELDS)
 
-
-class ConfigError(ValueError):
-  """A config key or value that cannot work."""
 
 
 def _section(fields: Mapping[str, tuple[type, Any]], values: Mapping[str, Any], what: str
@@ -58,24 +47,35 @@ def _section(fields: Mapping[str, tuple[type, Any]], values: Mapping[str, Any], 
 
 
 def data_section(**values) -> ml_collections.ConfigDict:
-  """`config.data` with every key of DATA_FIELDS: `values`, the rest at their defaults."""
+  """`config.data` with every field of DataSpec: `values`, the rest at their defaults."""
   return _section(DATA_FIELDS, values, 'data')
+
+
+def data_spec(data: ml_collections.ConfigDict) -> DataSpec:
+  """The frozen DataSpec of a (validated) `config.data`."""
+  return DataSpec(**data.to_dict())
+
+
+def _fields(cls, skip: tuple[str, ...] = ()) -> dict[str, tuple[type, Any]]:
+  """{field: (type, default)} of a dataclass: the schema of the config section it is built
+  from."""
+  hints = typing.get_type_hints(cls)
+  fields = {}
+  for field in dataclasses.fields(cls):
+    if field.name in skip:
+      continue
+    default = field.default
+    fields[field.name] = (type(default) if default is not None
+                          else _concrete_type(hints[field.name]), default)
+  return fields
 
 
 def model_fields(model_name: str) -> dict[str, tuple[type, Any]]:
   """{field: (type, default)} of `models.<model_name>.Model`; `dtype` by name ('float32')."""
   model_cls = importlib.import_module(f'dsnet_jax.models.{model_name}').Model
-  hints = typing.get_type_hints(model_cls)
-  fields = {}
-  for field in dataclasses.fields(model_cls):
-    if field.name in ('parent', 'name'):
-      continue
-    if field.name == 'dtype':
-      fields['dtype'] = (str, 'float32')
-      continue
-    default = field.default
-    fields[field.name] = (type(default) if default is not None
-                          else _concrete_type(hints[field.name]), default)
+  fields = _fields(model_cls, skip=('parent', 'name'))
+  if 'dtype' in fields:
+    fields['dtype'] = (str, 'float32')
   return fields
 
 
@@ -84,6 +84,11 @@ def _concrete_type(hint) -> type:
   if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
     hint = next(h for h in typing.get_args(hint) if h is not type(None))
   return typing.get_origin(hint) or hint
+
+
+# Every key of config.data as (type, default): DataSpec's fields.
+DATA_FIELDS = _fields(DataSpec)
+DATA_KEYS = tuple(DATA_FIELDS)
 
 
 def with_defaults(tree: dict[str, Any]) -> dict[str, Any]:
@@ -151,15 +156,29 @@ def _unmixed_single_view() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(views=1, mixup_alpha=0.0, cutmix_alpha=0.0))
 
 
-def stage_data(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
-  """`config.data` for `stage`'s batches: as is for the supernet; for later stages without
-  mixup/cutmix and with one view unless `config.<stage>.data` says otherwise, then with the
-  rest of `config.<stage>.data` applied."""
-  data = ml_collections.ConfigDict(config.data.to_dict())
+def stage_data(config: ml_collections.ConfigDict, stage: str) -> DataSpec:
+  """The DataSpec of `stage`'s batches: `config.data` for the supernet; for later stages
+  without mixup/cutmix and with one view unless `config.<stage>.data` says otherwise, then
+  with the rest of `config.<stage>.data` applied."""
+  data = config.data.to_dict()
   if stage != 'supernet':
     data.update(_unmixed_single_view().to_dict())
     data.update(config[stage].data.to_dict())
-  return data
+  return DataSpec(**data)
+
+
+def supernet_recipe(config: ml_collections.ConfigDict) -> SupernetRecipe:
+  """What a Stage I step does: `config.supernet`'s fields of the same names."""
+  return _recipe(SupernetRecipe, config.supernet)
+
+
+def gate_recipe(config: ml_collections.ConfigDict) -> GateRecipe:
+  """What a Stage II step does: `config.gate`'s fields of the same names."""
+  return _recipe(GateRecipe, config.gate)
+
+
+def _recipe(cls, section: ml_collections.ConfigDict):
+  return cls(**{field.name: section[field.name] for field in dataclasses.fields(cls)})
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -426,7 +445,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if bad_stages or list(config.stages) != sorted(config.stages, key=STAGES.index):
     raise ConfigError(f'config key stages={tuple(config.stages)}: use {STAGES} or an ordered '
                       'subset of them')
-  from dsnet_jax.data.input_pipeline import DATASETS  # Data code only when validating.
   if config.data.name not in DATASETS:
     raise ConfigError(f'config key data.name={config.data.name!r}: unknown data set; use one of '
                       f'{", ".join(DATASETS)}')

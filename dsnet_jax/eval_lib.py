@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsnet_jax import errors
 from dsnet_jax import config_lib
 from dsnet_jax import latency as latency_lib
 from dsnet_jax import rundir as rundir_lib
 from dsnet_jax import sharding
 from dsnet_jax.complexity import route_complexity
 from dsnet_jax.data import input_pipeline
-from dsnet_jax.models import get_model
 
 
 ROUTES_FILE = 'routes.npy'  # Each evaluation example's routing index (gated models).
@@ -243,7 +243,8 @@ def report_title(model, config, restored) -> str:
 
 def eval_pipeline(config) -> input_pipeline.Pipeline:
   """The evaluation split's batches for `config` (no training pipeline is built)."""
-  return input_pipeline.make(config.data, input_pipeline.EVAL_SPLITS[config.data.name],
+  return input_pipeline.make(config_lib.data_spec(config.data),
+                             input_pipeline.EVAL_SPLITS[config.data.name],
                              batch_size=config.eval_batch_size, train=False)
 
 
@@ -257,23 +258,22 @@ def restore_workdir(config, workdir: str, checkpoint: str = '',
     (rundir.Restored, the evaluation pipeline, the mesh).
   Raises:
     FileNotFoundError: no such workdir or checkpoint.
-    rundir.ConfigMismatchError: `config` differs from the checkpoint's in what defines the
+    errors.ConfigMismatchError: `config` differs from the checkpoint's in what defines the
       model (rundir.MODEL_KEYS), except `allow_config_changes`.
-    checkpointing.CheckpointMismatchError: the stored arrays do not match the model.
+    errors.CheckpointMismatchError: the stored arrays do not match the model.
   """
   config_lib.validate(config)
   config_lib.check_key_paths(config, allow_config_changes, '--allow_config_change key')
   config_lib.validate_devices(config, len(jax.devices()), jax.process_count())
-  directory = checkpoint or rundir_lib.RunDir(workdir).latest_stage_dir()
-  input_pipeline.check_available(config.data)
+  if not checkpoint:
+    rundir_lib.RunDir(workdir).latest_stage_dir()  # Raises before the data is read.
+  input_pipeline.check_available(config_lib.data_spec(config.data))
   mesh = sharding.make_mesh(config.num_devices or None)
-  model = get_model(config.model_name, **config.model)
   pipeline = eval_pipeline(config)
-  restored = rundir_lib.restore_variables(directory, model, pipeline.image_shape, mesh, config,
-                                          allow_config_changes)
+  restored = rundir_lib.load(workdir, checkpoint, config, allow_config_changes, mesh).restored
   print(f'restored {restored.describe()}', flush=True)
   if not restored.complete:
-    print(f'warning: {directory} is unfinished: using step {restored.step} of '
+    print(f'warning: {restored.directory} is unfinished: using step {restored.step} of '
           f'{restored.meta.get("total_steps")} as it is', flush=True)
   return restored, pipeline, mesh
 
@@ -305,7 +305,7 @@ def workdir_latency(workdir: str, image_shape, model) -> dict[str, Any] | None:
   try:
     table = latency_lib.load(os.fspath(epath.Path(workdir) / latency_lib.LATENCY_FILE),
                              latency_lib.model_name(model))
-  except latency_lib.LatencyTableError as e:
+  except errors.LatencyTableError as e:
     print(f'warning: {e}: ms/img not shown', flush=True)
     return None
   if table and tuple(table['image_shape']) != tuple(image_shape):

@@ -22,8 +22,9 @@ Programs: a route export has 'route' (images -> logits). The routed bundle has '
 'suffix_<i>' for each routing index i (hidden -> logits): run the prefix, group the images by
 routing index, run each group's suffix, scatter back (the README's reference router).
 
-    python -m dsnet_jax.export --config=C --workdir=DIR --route=1 --out=OUT [--format=jax,onnx]
-    python -m dsnet_jax.export --config=C --workdir=DIR --routed --out=OUT
+    python -m dsnet_jax.tools.export --config=C --workdir=DIR --route=1 --out=OUT \
+        [--format=jax,onnx]
+    python -m dsnet_jax.tools.export --config=C --workdir=DIR --routed --out=OUT
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsnet_jax.complexity import route_complexity
+from dsnet_jax.errors import ExportDependencyError, ExportError
 from dsnet_jax.layers.linear import depthwise_implementation
 from dsnet_jax.specialize import StaticProgram, specialize
 
@@ -49,14 +52,6 @@ MANIFEST = 'manifest.json'
 FORMATS = ('jax', 'onnx')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 FORMAT_VERSION = 1
-
-
-class ExportError(ValueError):
-  """What was asked of an export cannot be done (a format, the flags)."""
-
-
-class ExportDependencyError(ImportError):
-  """ONNX export asked for without the `export` extra installed."""
 
 
 def route_program(model, variables, route, image_shape: Sequence[int],
@@ -98,7 +93,7 @@ def export_route(model, variables, route, out_dir: str, image_shape: Sequence[in
     ExportDependencyError: 'onnx' in `formats` without jax2onnx installed.
   """
   route = model.routes[route]
-  request = _Request.check(formats, platforms, batch_size, preprocessing, out_dir, overwrite)
+  request = Request.check(formats, platforms, batch_size, preprocessing, out_dir, overwrite)
   manifest = _manifest('route', model, variables, image_shape, request, [route])
   with _staged(out_dir) as staging:
     program = route_program(model, variables, route, image_shape, batch_size)
@@ -117,7 +112,7 @@ def export_routed(model, variables, out_dir: str, image_shape: Sequence[int], *,
   """Writes the routed model as a bundle (prefix + one suffix per routing index, see the
   module doc); returns the manifest. `batch_size` fixes the prefix's batch only: a suffix
   runs on the images routed to it, any number. Raises as `export_route`."""
-  request = _Request.check(formats, platforms, batch_size, preprocessing, out_dir, overwrite)
+  request = Request.check(formats, platforms, batch_size, preprocessing, out_dir, overwrite)
   space = model.routes.routing_space
   manifest = _manifest('routed', model, variables, image_shape, request, space)
   with _staged(out_dir) as staging:
@@ -263,7 +258,7 @@ def load_program(out_dir: str, name: str):
 # --- internals ----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _Request:
+class Request:
   """An export's options, checked before any work."""
   formats: tuple[str, ...]
   platforms: tuple[str, ...]
@@ -271,7 +266,7 @@ class _Request:
   preprocessing: dict
 
   @classmethod
-  def check(cls, formats, platforms, batch_size, preprocessing, out_dir, overwrite) -> _Request:
+  def check(cls, formats, platforms, batch_size, preprocessing, out_dir, overwrite) -> Request:
     formats = check_formats(formats)
     platforms = check_platforms(platforms)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(
@@ -324,7 +319,7 @@ def _images_spec(image_shape, batch_size):
   return jax.ShapeDtypeStruct((batch, *(int(d) for d in image_shape)), jnp.float32)
 
 
-def _write(program: StaticProgram, out_dir: str, name: str, request: _Request,
+def _write(program: StaticProgram, out_dir: str, name: str, request: Request,
            input_names: list[str], output_names: list[str]) -> dict:
   files = {'params': f'{name}.npz'}
   np.savez(os.path.join(out_dir, files['params']), **program.params)
@@ -374,8 +369,7 @@ def _quiet():
     logging.disable(previous)
 
 
-def _manifest(kind, model, variables, image_shape, request: _Request, routes) -> dict:
-  from dsnet_jax.complexity import route_complexity  # complexity traces models.
+def _manifest(kind, model, variables, image_shape, request: Request, routes) -> dict:
   image_shape = [int(d) for d in image_shape]
   space = [r.name for r in model.routes.routing_space]
   entries = []
@@ -407,60 +401,3 @@ def _write_manifest(out_dir: str, manifest: dict) -> None:
                                & set(FORMATS), key=FORMATS.index)
   with open(os.path.join(out_dir, MANIFEST), 'w') as f:
     json.dump(manifest, f, indent=1)
-
-
-def main(argv):
-  """`python -m dsnet_jax.export --config=C (--workdir=DIR | --checkpoint=CKPT)
-  (--route=R | --routed) --out=OUT [--format=jax,onnx] [--overwrite]`."""
-  del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from dsnet_jax import cli, rundir  # pylint: disable=import-outside-toplevel
-  from dsnet_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
-  from dsnet_jax.models import get_model  # pylint: disable=import-outside-toplevel
-  cli.quiet_library_logs()
-  f = flags.FLAGS
-  if (f.route is None) == (not f.routed):
-    raise ExportError('pass exactly one of --route=R (one route) and --routed (the bundle)')
-  if bool(f.workdir) == bool(f.checkpoint):
-    raise ExportError('pass exactly one of --workdir and --checkpoint')
-  config = f.config
-  model = get_model(config.model_name, **config.model)
-  preprocess = input_pipeline.preprocessing(config.data)
-  image_shape = preprocess.image_shape
-  if f.route is not None:
-    model.routes[f.route]  # pylint: disable=pointless-statement  # Raises on an unknown route.
-  kwargs = dict(formats=f.format, platforms=f.platforms, batch_size=f.batch_size,
-                preprocessing=input_pipeline.describe_preprocessing(preprocess),
-                overwrite=f.overwrite)
-  _Request.check(out_dir=f.out, **kwargs)  # Before restoring anything.
-  directory = f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir()
-  restored = rundir.restore_variables(directory, model, image_shape, config=config)
-  print(f'restored {restored.describe()}')
-  if f.routed:
-    if not restored.gated:
-      raise ExportError(f'{directory} holds no trained gate (stage '
-                        f'{restored.meta.get("stage", "?")}): a routed bundle would route by '
-                        'a random one. Export a gate-stage checkpoint, or one route with --route')
-    export_routed(restored.model, restored.variables, f.out, image_shape, **kwargs)
-  else:
-    export_route(restored.model, restored.variables, f.route, f.out, image_shape, **kwargs)
-
-
-if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'The config the checkpoint was trained with.')
-  flags.DEFINE_string('workdir', '', 'Training workdir: exports its latest stage checkpoint.')
-  flags.DEFINE_string('checkpoint', '', 'A stage checkpoint directory instead of --workdir.')
-  flags.DEFINE_string('route', None, "One route to export: 0, 1, ..., 'largest'.")
-  flags.DEFINE_bool('routed', False, 'Export the routed model: prefix + one suffix per route.')
-  flags.DEFINE_list('format', ['jax'], 'jax (jax.export, the default), onnx (needs .[export]), '
-                    'or both: jax,onnx.')
-  flags.DEFINE_string('out', None, 'Output directory (must not exist or be empty).')
-  flags.DEFINE_bool('overwrite', False, 'Replace what a non-empty --out holds.')
-  flags.DEFINE_integer('batch_size', None, 'Export for this batch size only (default: any); '
-                       "with --routed, the prefix's (a suffix takes any number).")
-  flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms to lower the jax.export for.')
-  flags.mark_flags_as_required(['config', 'out'])
-  from dsnet_jax import cli
-  app.run(cli.main_errors(main, ExportError, ExportDependencyError))

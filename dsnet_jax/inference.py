@@ -44,11 +44,8 @@ import numpy as np
 
 from dsnet_jax import routes as routes_lib
 from dsnet_jax import timing
+from dsnet_jax.errors import NotGatedError
 from dsnet_jax.models.gated import check_images
-
-
-class NotGatedError(TypeError):
-  """The model has no gate: no routing space, or no `prefix`/`suffix` methods."""
 
 
 def check_gated(model) -> routes_lib.RouteTable:

@@ -1,10 +1,10 @@
 """Latency tables: every route's measured time per image on the present device [ours].
 
-    python -m dsnet_jax.latency --config=configs/ds_mbnet_fmnist.py \
+    python -m dsnet_jax.tools.latency --config=configs/ds_mbnet_fmnist.py \
         --workdir=workdir/ds_mbnet_fmnist             # writes workdir/.../latency.json
-    python -m dsnet_jax.latency --config=configs/ds_mbnet_fmnist.py \
+    python -m dsnet_jax.tools.latency --config=configs/ds_mbnet_fmnist.py \
         --output=workdir/ds_mbnet_fmnist/latency.json   # before training: random weights
-    python -m dsnet_jax.latency --model=ds_mbnet --image_size=224 --output=latency.json
+    python -m dsnet_jax.tools.latency --model=ds_mbnet --image_size=224 --output=latency.json
 
 MAdds are a proxy; a latency table says what a route costs here. For every route of the table
 (or `--routes`) and the routed model, milliseconds per image, warm, median and p90 over
@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 from typing import Any, Sequence
 
 from etils import epath
@@ -34,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsnet_jax import complexity, inference, timing
+from dsnet_jax.errors import LatencyTableError
+from dsnet_jax.models import get_model
 
 LATENCY_FILE = 'latency.json'
 ROUTED = 'routed'
@@ -176,10 +177,6 @@ def save(latency: dict[str, Any], path: str) -> None:
   path.write_text(json.dumps(latency, indent=1))
 
 
-class LatencyTableError(ValueError):
-  """A latency.json that is not a table this library wrote, or one for another model."""
-
-
 def model_name(model) -> str:
   """The registry name of a model ('ds_mbnet', ...): its module's name."""
   return type(model).__module__.rsplit('.', 1)[-1]
@@ -218,7 +215,6 @@ def load(path: str, model: str = '') -> dict[str, Any] | None:
 
 def model_for(name: str, image_size: int, **kwargs):
   """`get_model(name, **kwargs)` for square RGB images of `image_size` (ViTs need it)."""
-  from dsnet_jax.models import get_model
   model = get_model(name, **kwargs)
   return model.clone(image_size=image_size) if hasattr(model, 'image_size') else model
 
@@ -235,86 +231,3 @@ def evaluation_images(pipeline, count: int) -> np.ndarray:
     raise ValueError(f'the evaluation split has {len(images)} images; the latency table needs '
                      f'{count}')
   return images[:count]
-
-
-def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'The config --workdir was trained with.')
-  flags.DEFINE_string('workdir', '', 'Training workdir: its latest stage is timed and '
-                      'latency.json written there (without it: random weights of --config\'s '
-                      'model).')
-  flags.DEFINE_string('model', '', 'Instead of a workdir: a model name, random weights.')
-  flags.DEFINE_integer('image_size', 224, 'With --model: image height and width.')
-  flags.DEFINE_integer('num_classes', 1000, 'With --model: classes.')
-  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'With --model: compute dtype.')
-  flags.DEFINE_integer('batch', 0, 'Throughput batch (0: 64 on CPU, 256 on accelerators).')
-  flags.DEFINE_list('batch_sizes', [], 'Batch sizes to time (default: 1 and --batch).')
-  flags.DEFINE_list('routes', [], 'Routes to time (default: every route of the table).')
-  flags.DEFINE_integer('rounds', 5, 'Timed rounds (median and p90).')
-  flags.DEFINE_integer('singles', 8, 'Images per batch-1 round.')
-  flags.DEFINE_string('output', '', 'Where to write the table (default: '
-                      '<workdir>/latency.json; with --model: printed only).')
-
-
-def main(argv):
-  from absl import app
-  from absl.flags import FLAGS as flags
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  if bool(flags.config) == bool(flags.model) or (flags.workdir and not flags.config):
-    raise app.UsageError('give --config (with --workdir: its trained model; without: random '
-                         'weights) or --model (random weights)')
-  batch = flags.batch or default_throughput_batch()
-  try:
-    sizes = sorted({int(b) for b in flags.batch_sizes} | {1, batch})
-  except ValueError:
-    raise app.UsageError(f'--batch_sizes must be integers, got {flags.batch_sizes}') from None
-  output = flags.output or (flags.workdir and os.path.join(flags.workdir, LATENCY_FILE))
-  if output and (os.path.isdir(output) or os.path.isfile(os.path.dirname(output) or '.')):
-    raise app.UsageError(f'--output={output} is a directory or under a file: give a file path')
-  if flags.model and (flags.image_size < 1 or flags.num_classes < 1):
-    raise app.UsageError('--image_size and --num_classes must be positive')
-  if sizes[0] < 1 or flags.rounds < 1 or flags.singles < 1:
-    raise app.UsageError(f'batch sizes, --rounds and --singles must be positive, got {sizes}, '
-                         f'{flags.rounds}, {flags.singles}')
-  count = max(sizes[-1], flags.singles)
-  from dsnet_jax.models import available_models, get_model
-  if flags.model and flags.model not in available_models():
-    raise app.UsageError(f'unknown model {flags.model!r}; available: '
-                         f'{", ".join(available_models())}')
-  if flags.config:
-    from dsnet_jax import config_lib, eval_lib, stand_in  # orbax and the data pipeline.
-    if flags.workdir:
-      restored, pipeline, _ = eval_lib.restore_workdir(flags.config, flags.workdir)
-      model, variables = restored.model, restored.variables
-    else:
-      config_lib.validate(flags.config)
-      pipeline = eval_lib.eval_pipeline(flags.config)
-      model = get_model(flags.config.model_name, **flags.config.model)
-      variables = stand_in.random_variables(model, pipeline.image_shape)
-    image_shape = pipeline.image_shape
-    images = evaluation_images(pipeline, count)
-  else:
-    from dsnet_jax import stand_in
-    model = model_for(flags.model, flags.image_size, num_classes=flags.num_classes,
-                      dtype=flags.dtype)
-    image_shape = (flags.image_size, flags.image_size, 3)
-    variables = stand_in.random_variables(model, image_shape)
-    images = np.random.default_rng(0).normal(size=(count, *image_shape)).astype(np.float32)
-  predictor = inference.RoutedPredictor(model, jax.device_put(variables), image_shape,
-                                        max_batch=sizes[-1])
-  latency = measure(predictor, images, routes=flags.routes or None, batch_sizes=sizes,
-                    singles=flags.singles, rounds=flags.rounds)
-  print(format_table(latency))
-  if output:
-    save(latency, output)
-    print(f'wrote {output}')
-
-
-if __name__ == '__main__':
-  from absl import app, logging
-  from dsnet_jax import cli
-  _define_flags()
-  logging.set_verbosity(logging.WARNING)
-  app.run(cli.main_errors(main, inference.NotGatedError, LatencyTableError))

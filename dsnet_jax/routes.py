@@ -12,6 +12,8 @@ from typing import Hashable, Iterator, Sequence
 
 import numpy as np
 
+from dsnet_jax.errors import UnknownRouteError
+
 LARGEST = 'largest'
 # A routing space left to the gate stage: it proposes one for the budget from the routes'
 # accuracy after Stage I (budget.propose_routing_space). Until then the routing space is every
@@ -33,13 +35,6 @@ class Route:
 
   def __post_init__(self):
     hash(self.widths)  # Fails early on unhashable (e.g. list) widths.
-
-
-class UnknownRouteError(KeyError):
-  """A route name that is not in the model's route table."""
-
-  def __str__(self):
-    return self.args[0]
 
 
 class RouteTable:

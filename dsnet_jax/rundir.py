@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import json
 import os
@@ -38,7 +37,9 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from dsnet_jax import budget as budget_lib
-from dsnet_jax import checkpointing, config_lib, sharding
+from dsnet_jax import checkpointing, config_lib, errors, paths, sharding
+from dsnet_jax.data import input_pipeline
+from dsnet_jax.models import get_model
 from dsnet_jax.models.gated import ROUTING_HEAD
 from dsnet_jax.routes import RouteTable
 
@@ -58,18 +59,6 @@ MODEL_KEYS = ('model_name', 'model.', 'data.name', 'data.image_size', 'data.num_
 # eval, export, a later stage, init_checkpoint) under another one. Resuming a stage still
 # compares it: it changes the numbers the run computes.
 COMPUTE_KEYS = ('model.dtype',)
-class ConfigMismatchError(ValueError):
-  """The current config differs from the one a checkpoint was written with."""
-
-
-class WorkdirLockedError(RuntimeError):
-  """Another process is training in this workdir."""
-
-
-class StaleStageError(RuntimeError):
-  """A later stage's checkpoint was computed from an earlier stage that is to change."""
-
-
 def abstract_variables(model, image_shape: Sequence[int], mesh=None) -> dict[str, Any]:
   """Shapes of the full-size {'params', 'batch_stats'}, replicated over `mesh` (else on one
   device): the restore target of every checkpoint."""
@@ -126,8 +115,8 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
   Falls back to the previous step when the latest cannot be read (one line through `log`).
   Raises:
     FileNotFoundError: no checkpoint in `directory`.
-    checkpointing.CheckpointMismatchError: the stored arrays differ from the model's.
-    ConfigMismatchError: `config` differs from the saved one in MODEL_KEYS (except
+    errors.CheckpointMismatchError: the stored arrays differ from the model's.
+    errors.ConfigMismatchError: `config` differs from the saved one in MODEL_KEYS (except
       `allow_changes`, the compute dtype, and the routing space of an ungated checkpoint).
   """
   directory = os.fspath(directory)
@@ -146,7 +135,7 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
     if gated and model.routes.auto and 'routing_space' in meta:
       stored['model'] = model.clone(routing_space=tuple(meta['routing_space']))
     elif gated and saved_space is not None and saved_space != _routing_space(model):
-      raise checkpointing.CheckpointMismatchError(
+      raise errors.CheckpointMismatchError(
           f'{directory} holds a gate trained for routing space {list(saved_space)}; its '
           f'routing logits mean nothing for {list(_routing_space(model))}. Use that routing '
           'space (or \'auto\'), or train a new gate (move this gate checkpoint aside).')
@@ -191,24 +180,24 @@ class Loaded:
 
 
 def load(workdir: str | os.PathLike = '', checkpoint: str | os.PathLike = '', config=None,
-         log=print) -> Loaded:
+         allow_changes: Iterable[str] = (), mesh=None, log=print) -> Loaded:
   """The model, variables and route table of a training workdir's latest stage (or of the
-  stage folder `checkpoint`), in one call.
+  stage folder `checkpoint`), in one call: the one restore path of `dsnet_jax.load`, eval.py,
+  export and the latency tool.
 
       loaded = dsnet_jax.load('workdir/ds_mbnet_fmnist')
       logits = loaded.model.apply(loaded.variables, images, route=loaded.routes.largest)
 
   The config is the one saved with the checkpoint unless `config` is given (an imported
-  checkpoint has none). Raises as `restore_variables`, and ValueError for a checkpoint without
-  a saved config and no `config`.
+  checkpoint has none); the variables are replicated over `mesh` (else on one device).
+  Raises as `restore_variables`, and ConfigError for a checkpoint without a saved config and
+  no `config`.
   """
-  from dsnet_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
-  from dsnet_jax.models import get_model  # pylint: disable=import-outside-toplevel
   directory = os.fspath(checkpoint) if checkpoint else RunDir(workdir).latest_stage_dir()
   config = saved_config(directory) if config is None else config
   model = get_model(config.model_name, **config.model)
-  image_shape = input_pipeline.preprocessing(config.data).image_shape
-  restored = restore_variables(directory, model, image_shape, config=config, log=log)
+  image_shape = input_pipeline.preprocessing(config_lib.data_spec(config.data)).image_shape
+  restored = restore_variables(directory, model, image_shape, mesh, config, allow_changes, log)
   return Loaded(restored.model, restored.variables, config, image_shape, restored)
 
 
@@ -223,7 +212,7 @@ def saved_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
       raise FileNotFoundError(f'no checkpoint in {directory}')
     meta = ckpt.restore_meta()
   if 'config' not in meta:
-    raise config_lib.ConfigError(f'{directory} saved no config (an imported checkpoint?): '
+    raise errors.ConfigError(f'{directory} saved no config (an imported checkpoint?): '
                                  'give its config')
   saved = json.loads(meta['config']) if isinstance(meta['config'], str) else meta['config']
   return ml_collections.ConfigDict(_tuples(saved))
@@ -259,7 +248,7 @@ def replace_routing_head(variables, model, image_shape, mesh, seed: int):
   `seed` (e.g. for another routing space; everything else must match).
 
   Raises:
-    checkpointing.CheckpointMismatchError: other parameters differ in name.
+    errors.CheckpointMismatchError: other parameters differ in name.
   """
   init = jax.jit(functools.partial(model.init_variables, image_shape=tuple(image_shape)),
                  out_shardings=mesh and sharding.replicated(mesh))
@@ -267,7 +256,7 @@ def replace_routing_head(variables, model, image_shape, mesh, seed: int):
   params = traverse_util.flatten_dict(variables['params'], sep='/')
   params = {k: fresh[k] if re.fullmatch(ROUTING_HEAD, k) else v for k, v in params.items()}
   if params.keys() != fresh.keys():
-    raise checkpointing.CheckpointMismatchError(
+    raise errors.CheckpointMismatchError(
         f'parameters {sorted(params.keys() ^ fresh.keys())} differ between the checkpoint and '
         'the model beyond the routing head')
   return {**variables, 'params': traverse_util.unflatten_dict(params, sep='/')}
@@ -285,7 +274,8 @@ def config_differences(saved: dict[str, Any], current, keys: Sequence[str] | Non
   try:
     saved = json.loads(saved if isinstance(saved, str) else json.dumps(saved))
   except json.JSONDecodeError as e:
-    raise ConfigMismatchError(f'the saved config is not JSON ({e}); cannot compare') from None
+    raise errors.ConfigMismatchError(
+        f'the saved config is not JSON ({e}); cannot compare') from None
   current = json.loads(current.to_json() if hasattr(current, 'to_json') else json.dumps(current))
   old, new = (config_lib.flat_items(config_lib.with_defaults(tree)) for tree in (saved, current))
 
@@ -308,7 +298,7 @@ def check_config(meta: dict[str, Any], config, keys: Sequence[str] | None,
   allow = tuple(allow_changes)
   differences = config_differences(meta['config'], config, keys, (*ignore, *allow))
   if differences:
-    raise ConfigMismatchError(
+    raise errors.ConfigMismatchError(
         f'{what} was written with a different config ({len(differences)} differences):\n  '
         + '\n  '.join(differences) +
         '\nUse the config it was written with, a new workdir, or allow the keys that may '
@@ -329,17 +319,6 @@ class StageStatus:
     return self.step is not None
 
 
-def is_remote(path: str | os.PathLike) -> bool:
-  """A URL such as gs://bucket/dir (read and written through etils.epath)."""
-  return '://' in os.fspath(path)
-
-
-def absolute(path: str | os.PathLike) -> str:
-  """A local path made absolute; a remote one (gs://...) as given."""
-  path = os.fspath(path)
-  return path if is_remote(path) else os.path.abspath(path)
-
-
 def _process_0s(value: int) -> int:
   """Process 0's `value` on every process (an int or bool)."""
   if jax.process_count() == 1:
@@ -352,7 +331,7 @@ class RunDir:
   Reading never creates anything; `lock()` and checkpointers for saving do."""
 
   def __init__(self, workdir: str | os.PathLike):
-    self.workdir = absolute(workdir)
+    self.workdir = paths.absolute(workdir)
 
   @property
   def metrics_path(self) -> str:
@@ -397,28 +376,17 @@ class RunDir:
     held there (as in big_vision, one run per workdir is the user's to keep).
 
     Raises:
-      WorkdirLockedError: another process holds it (its PID is named).
+      errors.LockedError: another process holds it (its PID is named).
     """
-    if jax.process_index() != 0 or is_remote(self.workdir):
+    if jax.process_index() != 0 or paths.is_remote(self.workdir):
       epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
       yield
       return
     os.makedirs(self.workdir, exist_ok=True)
-    path = os.path.join(self.workdir, '.lock')
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors='replace').strip() or 'unknown'
-        raise WorkdirLockedError(
-            f'{self.workdir} is in use by another training process (PID {holder}); one run '
-            'per workdir') from None
-      os.ftruncate(fd, 0)
-      os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+    busy = lambda pid: (f'{self.workdir} is in use by another training process (PID {pid}); '
+                        'one run per workdir')
+    with paths.exclusive_lock(os.path.join(self.workdir, '.lock'), busy):
       yield
-    finally:
-      os.close(fd)  # Releases the flock.
 
   def truncate_metrics(self, stage: str, after_step: int) -> None:
     """Drops `stage`'s records past `after_step` (a resumed stage logs those steps again)."""

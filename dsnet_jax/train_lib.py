@@ -27,14 +27,14 @@ import dataclasses
 import functools
 from typing import Any, Callable, Iterable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from dsnet_jax import bn_calibration, checkpointing, config_lib, eval_lib, losses, optim
+from dsnet_jax import errors
+from dsnet_jax import bn_calibration, checkpointing, config_lib, eval_lib, optim
 from dsnet_jax import budget as budget_lib
 from dsnet_jax import routes as routes_lib
 from dsnet_jax import rundir as rundir_lib
@@ -43,42 +43,11 @@ from dsnet_jax.data import input_pipeline
 from dsnet_jax.models import get_model
 from dsnet_jax.models.gated import ROUTING_HEAD
 from dsnet_jax.progress import ProgressLogger
+from dsnet_jax.train_steps import (GateState, SupernetFunctions, TrainState, Variables,
+                                   gate_train_step)
 
-Variables = dict[str, Any]
 # What a stage hands the next: its variables and the checkpoint they come from.
 StageOutput = tuple[Variables, dict[str, Any]]
-
-
-@flax.struct.dataclass
-class TrainState:
-  """A training stage's state: the model's variables, the optimizer's, and (Stage I) the EMA
-  teacher's variables {'params', 'batch_stats'}."""
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  ema: Any = None
-
-  @classmethod
-  def create(cls, variables: Variables, tx, with_ema: bool = False) -> TrainState:
-    return cls(step=jnp.zeros((), jnp.int32), params=variables['params'],
-               batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
-               ema=jax.tree.map(jnp.copy, variables) if with_ema else None)
-
-  @property
-  def variables(self) -> Variables:
-    return {'params': self.params, 'batch_stats': self.batch_stats}
-
-
-@flax.struct.dataclass
-class GateState(TrainState):
-  """Stage II's state: TrainState plus the budget constraint's dual variable (float32 scalar;
-  stays 0 without a budget)."""
-  dual: Any = None
-
-  @classmethod
-  def create(cls, variables: Variables, tx, with_ema: bool = False) -> GateState:
-    return super().create(variables, tx, with_ema).replace(dual=jnp.zeros((), jnp.float32))
 
 
 @dataclasses.dataclass
@@ -148,7 +117,7 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
   config = resolve_config(config)
   config_lib.check_key_paths(config, allow_config_changes, '--allow_config_change key')
   config_lib.validate_devices(config, len(jax.devices()), jax.process_count())
-  input_pipeline.check_available(config.data)
+  input_pipeline.check_available(config_lib.data_spec(config.data))
   mesh = sharding.make_mesh(config.num_devices or None)
   model = get_model(config.model_name, **config.model)
 
@@ -180,12 +149,12 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   held out to calibrate the budget).
 
   Raises:
-    config_lib.ConfigError: an invalid config; FileNotFoundError: the data is missing.
+    errors.ConfigError: an invalid config; FileNotFoundError: the data is missing.
   """
   config_lib.validate(config)
   if not config_lib.counts_in_epochs(config):  # The data's size is not needed.
     return config_lib.resolve_durations(config, None)
-  input_pipeline.check_available(config.data, 'train')
+  input_pipeline.check_available(config_lib.data_spec(config.data), 'train')
   examples = input_pipeline.num_examples(config_lib.stage_data(config, 'supernet'), 'train')
   return config_lib.resolve_durations(
       config, {'supernet': examples, 'gate': examples - _held_out(config, examples)})
@@ -195,11 +164,11 @@ def _held_out(config: ml_collections.ConfigDict, examples: int) -> int:
   """The training examples held out to calibrate the gate's budget (0 without a budget).
 
   Raises:
-    config_lib.ConfigError: they leave the gate stage less than one batch.
+    errors.ConfigError: they leave the gate stage less than one batch.
   """
   held_out = config.gate.calibration_examples if config.gate.budget else 0
   if held_out and examples - held_out < config.batch_size:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f'config key gate.calibration_examples={held_out} leaves fewer than one batch of the '
         f'{examples} training examples for the gate stage')
   return held_out
@@ -215,8 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     allow_config_changes: config keys (or 'section.' prefixes) that may differ from those
       the workdir's checkpoints were written with, e.g. 'supernet.steps' to extend a stage.
   Raises:
-    config_lib.ConfigError, rundir.ConfigMismatchError, rundir.StaleStageError,
-    rundir.WorkdirLockedError: before any training.
+    errors.ConfigError, errors.ConfigMismatchError, errors.StaleStageError,
+    errors.LockedError: before any training.
   """
   run = make_run(config, workdir, allow_config_changes)
   with run.rundir.lock():
@@ -257,7 +226,7 @@ def check_resumable(run: Run) -> None:
       step = max(previous.step or 0, stage_steps(run.config, previous.stage))
       expected = {'stage': previous.stage, 'step': step}
       if status.meta['source'] != expected:
-        raise rundir_lib.StaleStageError(
+        raise errors.StaleStageError(
             f'checkpoints/{stage} was computed from {status.meta["source"]}, but this run '
             f'hands it {expected}: it would go on from a stale input. Move '
             f'{run.rundir.stage_dir(stage)} (and the stages after it) aside, or use a new '
@@ -402,7 +371,7 @@ def supernet_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput
   state, start, source = _stage_start(run, 'supernet', cfg.steps, _abstract_state(run, fresh),
                                       fresh, upstream)
   if start < cfg.steps:
-    fns = SupernetFunctions(run.model, tx, cfg, run.mesh)
+    fns = SupernetFunctions(run.model, tx, config_lib.supernet_recipe(run.config), run.mesh)
     evaluated = ([run.table[cfg.train_route]] if cfg.train_route
                  else [run.table.smallest, run.table.largest])
 
@@ -427,90 +396,6 @@ def supernet_optimizer(run: Run) -> optax.GradientTransformation:
   cfg = run.config.supernet
   return optim.make_optimizer(cfg.optimizer, cfg.steps, run.abstract_variables['params'],
                               frozen=ROUTING_HEAD)
-
-
-class SupernetFunctions:
-  """Compiled pieces of a Stage I step: teacher, per-route gradients, one update."""
-
-  def __init__(self, model, tx, cfg, mesh):
-    self.model, self.tx, self.cfg = model, tx, cfg
-    replicated = sharding.replicated(mesh)
-    self.teacher = jax.jit(self._teacher_probs, static_argnames='route',
-                           out_shardings=sharding.batch_sharding(mesh))
-    self.route_grad = jax.jit(self._route_grad, static_argnames='route', donate_argnums=(5,),
-                              out_shardings=(replicated, replicated, replicated))
-    self.update = jax.jit(self._update, donate_argnums=0, out_shardings=replicated)
-    self.zeros = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=replicated)
-
-  def _teacher_probs(self, ema, batch, route):
-    """The EMA teacher's softmax, averaged over the views (MvCo) when there are two."""
-    views = training_views(batch, self.cfg.mvco)
-    probs = jax.nn.softmax(self.model.apply(ema, jnp.concatenate(views), route=route))
-    return probs.reshape(len(views), -1, probs.shape[-1]).mean(0)
-
-  def _route_grad(self, params, batch_stats, batch, targets, key, grads, route):
-    """`targets`: soft targets, or None for the labels ('largest' always learns the labels)."""
-    largest = route == self.model.routes.largest or targets is None
-    views = training_views(batch, self.cfg.mvco)
-    repeat = lambda x: jnp.concatenate([x] * len(views))
-
-    def loss_fn(p):
-      logits, updated = self.model.apply(
-          {'params': p, 'batch_stats': batch_stats}, jnp.concatenate(views), route=route,
-          train=True, mutable=['batch_stats'], rngs={'dropout': key})
-      if largest:
-        labels = batch.get('label_probs', batch['label'])
-        loss = losses.cross_entropy(logits, repeat(labels), self.cfg.label_smoothing)
-      else:
-        loss = losses.soft_cross_entropy(logits, repeat(targets))
-      return loss, updated['batch_stats']
-
-    (loss, batch_stats), route_grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return jax.tree.map(jnp.add, grads, route_grads), batch_stats, loss
-
-  def _update(self, state: TrainState, grads, batch_stats) -> TrainState:
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(jnp.add, state.params, updates)
-    new = {'params': params, 'batch_stats': batch_stats}
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state,
-                         ema=optim.ema_update(state.ema, new, self.cfg.ema_decay))
-
-  def step(self, state: TrainState, batch, table, seed: int, step: int, key):
-    """One sandwich step (or one step of `train_route` alone); returns the new state and
-    device-side metrics (no host sync)."""
-    if self.cfg.train_route:
-      routes = [table[self.cfg.train_route]]
-    else:
-      routes = routes_lib.sandwich_routes(table, seed, step, self.cfg.num_random_routes)
-    teacher = None
-    if self.cfg.inplace_bootstrapping and not self.cfg.train_route:
-      teacher = self.teacher(state.ema, batch, route=table.largest)
-    if self.cfg.ensemble_ib:
-      ensemble = [teacher] + [self.teacher(state.ema, batch, route=r) for r in routes[1:-1]]
-    grads = self.zeros(state.params)
-    batch_stats, metrics = state.batch_stats, {}
-    for i, route in enumerate(routes):
-      targets = teacher
-      if self.cfg.ensemble_ib and route == table.smallest:
-        targets = sum(ensemble) / len(ensemble)
-      grads, batch_stats, loss = self.route_grad(
-          state.params, batch_stats, batch, targets, jax.random.fold_in(key, i), grads,
-          route=route)
-      name = ('largest' if route == table.largest else 'smallest' if route == table.smallest
-              else route.name if self.cfg.train_route else i)
-      metrics[f'loss_{name}'] = loss
-    metrics['loss'] = sum(metrics.values())
-    return self.update(state, grads, batch_stats), metrics
-
-
-def training_views(batch, mvco: bool) -> list[jax.Array]:
-  """The augmented views a step trains on: two for multi-view consistency, else one."""
-  if not mvco:
-    return [batch['image']]
-  if 'image_view1' not in batch:
-    raise ValueError('supernet.mvco needs two views per image: set config.data.views = 2')
-  return [batch['image'], batch['image_view1']]
 
 
 # --------------------------------------------------------------------- BN recalibration
@@ -554,7 +439,8 @@ def gate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
   route_costs = run.route_costs()
   calibration = {}
   budget = run.budget.value if run.budget else 0.0
-  compiled = jax.jit(functools.partial(gate_train_step, run.model, tx, cfg, budget),
+  compiled = jax.jit(functools.partial(gate_train_step, run.model, tx,
+                                       config_lib.gate_recipe(run.config), budget),
                      donate_argnums=(0,), out_shardings=sharding.replicated(run.mesh))
   costs = jnp.asarray(route_costs, jnp.float32)
 
@@ -621,55 +507,6 @@ def calibrate_routing(run: Run, variables: Variables, logger: ProgressLogger, st
         f'{budget.format(after)} (budget {budget.format(budget.value)})', flush=True)
   logger.write(step, {'calibration_cost_before': before, 'calibration_cost_after': after})
   return {**budget.meta(), 'routing_offsets': offsets.tolist()}
-
-
-def gate_train_step(model, tx, cfg, budget: float, state: GateState, route_costs, batch, key):
-  """One SGS step: targets from the smallest route, Gumbel straight-through routing, the EMA
-  of the variables updated; with a budget (cost per image in its unit, else 0; `route_costs`
-  (R,) in that unit, MAdds without a budget) the cost term is the dual variable times the
-  excess cost, and the dual variable takes its ascent step."""
-  images, labels = batch['image'], batch['label']
-  space = model.routes.routing_space
-  def correct(route):
-    return jnp.argmax(model.apply(state.variables, images, route=route), -1) == labels
-
-  widest_correct = correct(space[-1]) if cfg.sgs_targets == 'widest_helps' else None
-  targets = losses.gate_targets(correct(space[0]), len(space), widest_correct)
-  gumbel = jax.random.gumbel(key, (images.shape[0], len(space)), jnp.float32)
-
-  def loss_fn(params):
-    logits, routing_logits, weights = model.apply_gated(
-        {'params': params, 'batch_stats': state.batch_stats}, images,
-        lambda routing_logits: losses.straight_through(routing_logits + gumbel, cfg.gumbel_tau))
-    mean_cost = (weights @ route_costs).mean()
-    gate_input = routing_logits + gumbel if cfg.gumbel_gate_loss else routing_logits
-    gate_ce = losses.gate_cross_entropy(gate_input, targets, cfg.double_softmax,
-                                        cfg.label_smoothing)
-    ce = losses.cross_entropy(logits, labels, cfg.label_smoothing)
-    if budget:
-      cost = {'budget_loss': state.dual * budget_lib.excess(mean_cost, budget, route_costs)}
-    else:
-      cost = {'madds_penalty': losses.madds_penalty(mean_cost, cfg.madds_weight,
-                                                    cfg.madds_scale, cfg.madds_target or None)}
-    loss = cfg.gate_ce_weight * gate_ce + cfg.ce_weight * ce + sum(cost.values())
-    histogram = jax.lax.stop_gradient(weights).sum(0)
-    return loss, dict(gate_ce=gate_ce, ce=ce, **cost, mean_cost=mean_cost,
-                      argmax_cost=route_costs[jnp.argmax(routing_logits, -1)].mean(),
-                      route_histogram={r.name: histogram[i] for i, r in enumerate(space)},
-                      gate_accuracy=(jnp.argmax(routing_logits, -1) == targets).mean(),
-                      accuracy=(jnp.argmax(logits, -1) == labels).mean())
-
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = jax.tree.map(jnp.add, state.params, updates)
-  ema = optim.ema_update(state.ema, {'params': params, 'batch_stats': state.batch_stats},
-                         cfg.ema_decay)
-  dual = state.dual
-  if budget:
-    dual = dual + cfg.dual_lr * budget_lib.excess(metrics['argmax_cost'], budget, route_costs)
-    metrics['dual'] = dual
-  return (state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
-                        dual=dual), {'loss': loss, **metrics})
 
 
 def _log_eval(run: Run, logger: ProgressLogger, step: int, variables, routes):

@@ -113,5 +113,5 @@ if __name__ == '__main__':
                       f.gate_budget, [int(s) for s in f.gate_seeds], f.workdir_root,
                       f.runs_dir, f.results))
 
-  from dsnet_jax import cli  # pylint: disable=g-import-not-at-top
+  from dsnet_jax.tools import cli  # pylint: disable=g-import-not-at-top
   app.run(cli.main_errors(main, study.StudyError))

@@ -108,5 +108,5 @@ if __name__ == '__main__':
   flags.DEFINE_list('budgets', ['0.3', '0.4', '0.55'], 'gate.budget values (config units).')
   flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the gate stage.')
   flags.mark_flags_as_required(['config', 'supernet_workdir', 'out'])
-  from dsnet_jax import cli
+  from dsnet_jax.tools import cli
   app.run(cli.main_errors(main))

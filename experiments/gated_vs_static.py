@@ -103,5 +103,5 @@ if __name__ == '__main__':
     print(study_table(f.model, f.steps, [float(b) for b in f.budgets],
                       [int(s) for s in f.seeds], f.workdir_root, f.runs_dir, f.results))
 
-  from dsnet_jax import cli  # pylint: disable=g-import-not-at-top
+  from dsnet_jax.tools import cli  # pylint: disable=g-import-not-at-top
   app.run(cli.main_errors(main, study.StudyError))

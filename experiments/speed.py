@@ -1,4 +1,4 @@
-"""Table 4: is the saving real time? The latency tool (`python -m dsnet_jax.latency`) on a
+"""Table 4: is the saving real time? The latency tool (`python -m dsnet_jax.tools.latency`) on a
 gated model of table 2: every route's and the routed model's ms/image on this device at
 batch 1 and a throughput batch, next to their MAdds. Each model and supernet step count has its
 own section.
@@ -21,7 +21,7 @@ SECTION = 'speed'
 def measure(model_name: str, workdir: str, output: str, batch: int, rounds: int) -> dict:
   """The latency tool's table of `workdir` (measured unless `output` exists)."""
   if not os.path.exists(output):
-    subprocess.run([sys.executable, '-m', 'dsnet_jax.latency',
+    subprocess.run([sys.executable, '-m', 'dsnet_jax.tools.latency',
                     f'--config={study.CONFIGS[model_name]}', f'--workdir={workdir}',
                     f'--output={output}', f'--batch={batch}', f'--rounds={rounds}'],
                    cwd=study.ROOT, check=True)
@@ -57,7 +57,7 @@ def study_table(model_name: str, steps: int, budget: float, batch: int, rounds: 
   mix = ', '.join(f'{k}: {v:.0%}' for k, v in latency['routed']['mix'].items())
   device = ', '.join(f'{k} {v}' for k, v in latency['device'].items())
   text = (f'## 4. Real speed: {model_name}, {steps}-step supernet, gate budget {budget:g}\n\n'
-          f'`python -m dsnet_jax.latency --batch={batch} --rounds={rounds}` on {device}; '
+          f'`python -m dsnet_jax.tools.latency --batch={batch} --rounds={rounds}` on {device}; '
           'median ms per image; the routed model on the first '
           f'{max(latency["batch_sizes"][-1], latency["singles"])} test images, each on the '
           f'route its gate chose (mix {mix}; table 2 counts all 10,000).\n\n'
@@ -86,5 +86,5 @@ if __name__ == '__main__':
     print(study_table(f.model, f.steps, f.budget, f.batch, f.rounds, f.workdir_root,
                       f.runs_dir, f.results))
 
-  from dsnet_jax import cli  # pylint: disable=g-import-not-at-top
+  from dsnet_jax.tools import cli  # pylint: disable=g-import-not-at-top
   app.run(cli.main_errors(main, study.StudyError))

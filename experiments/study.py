@@ -23,7 +23,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnet_jax import budget as budget_lib, config_lib, rundir, train_lib  # noqa: E402
+from dsnet_jax import budget as budget_lib, config_lib, errors, rundir, train_lib  # noqa: E402
 from dsnet_jax.data import input_pipeline  # noqa: E402
 from dsnet_jax.models import get_model  # noqa: E402
 
@@ -216,10 +216,11 @@ def check_budgets(model_name: str, budgets: Sequence[float]) -> None:
   for budget in budgets:
     config = configured(CONFIGS[model_name], **{'gate.budget': budget, 'gate.madds_target': 0.0})
     model = get_model(config.model_name, **config.model)
-    image_shape = input_pipeline.preprocessing(config.data).image_shape  # As train.py's.
+    # As train.py's.
+    image_shape = input_pipeline.preprocessing(config_lib.data_spec(config.data)).image_shape
     try:
       budget_lib.make_budget(config.gate, model, image_shape)
-    except budget_lib.BudgetError as e:
+    except errors.BudgetError as e:
       raise StudyError(f'{model_name}: {e}') from None
 
 
@@ -277,7 +278,7 @@ def define_path_flags() -> None:
 
 def quiet() -> None:
   """Library INFO logs (orbax's) off in a script's absl main."""
-  from dsnet_jax import cli  # pylint: disable=import-outside-toplevel
+  from dsnet_jax.tools import cli  # pylint: disable=import-outside-toplevel
   cli.quiet_library_logs()
 
 

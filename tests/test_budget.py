@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsnet_jax import budget, config_lib, eval_lib, optim, train_lib
+from dsnet_jax import budget, config_lib, errors, eval_lib, optim, train_lib, train_steps
 from dsnet_jax.complexity import route_complexity
 from dsnet_jax.models import get_model
 from checks import tiny_config
@@ -87,8 +87,9 @@ def gate_steps(budget_fraction, steps):
   target = madds[0] + budget_fraction * (madds[-1] - madds[0])
   variables = model.init_variables(jax.random.key(0), IMAGE_SHAPE)
   tx = optim.make_optimizer(config.gate.optimizer, steps, variables['params'])
-  state = train_lib.GateState.create(variables, tx, with_ema=True)
-  step = jax.jit(functools.partial(train_lib.gate_train_step, model, tx, config.gate, target))
+  state = train_steps.GateState.create(variables, tx, with_ema=True)
+  step = jax.jit(functools.partial(train_steps.gate_train_step, model, tx,
+                                       config_lib.gate_recipe(config), target))
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=(32, *IMAGE_SHAPE)), jnp.float32),
            'label': jnp.asarray(rng.integers(0, 4, 32), jnp.int32)}
@@ -127,7 +128,7 @@ def test_the_dual_variable_moves_the_cost_toward_the_budget(fraction):
     ({'model.routing_space': ('auto',)}, "routing_space='auto' needs gate.budget"),
 ])
 def test_an_unusable_budget_fails_before_any_work(tmp_path, overrides, message):
-  with pytest.raises(config_lib.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     train_lib.train_and_evaluate(tiny_config(**overrides), str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
 
@@ -151,13 +152,13 @@ def test_proposed_routing_space_follows_the_concave_hull_up_to_twice_the_budget(
   # A budget above every hull route's cost still gets a route that can spend it.
   flat_top = rows_of(('0', .9, 1.0), ('1', .8, 2.0), ('2', .85, 3.0))
   assert budget.propose_routing_space(flat_top, 2.5e6) == ('0', '2')
-  with pytest.raises(budget.BudgetError, match='outside'):
+  with pytest.raises(errors.BudgetError, match='outside'):
     budget.propose_routing_space(rows, 0.5e6)
 
 
 def test_calibration_refuses_what_it_cannot_meet():
   logits = synthetic_routing_logits(100, 0)
-  with pytest.raises(budget.BudgetError, match='outside what the routes can spend'):
+  with pytest.raises(errors.BudgetError, match='outside what the routes can spend'):
     budget.calibrate_offsets(logits, np.array([1.0, 2.0, 3.0, 4.0]), 5.0)
   with pytest.raises(FloatingPointError, match='not all finite'):
     budget.calibrate_offsets(np.full((4, 4), np.nan), np.array([1.0, 2.0, 3.0, 4.0]), 2.0)

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsnet_jax import checkpointing, sharding
+from dsnet_jax import checkpointing, errors, sharding
 
 
 def make_state(scale=1.0, step=0):
@@ -84,7 +84,7 @@ def test_mismatch_names_every_offending_key(tmp_path):
     target['params']['head'] = {'bias': jax.ShapeDtypeStruct((10,), jnp.float32)}
     target['batch_stats']['bn']['mean'] = jax.ShapeDtypeStruct((8,), jnp.bfloat16)
     del target['batch_stats']['bn']['var']
-    with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    with pytest.raises(errors.CheckpointMismatchError) as error:
       ckpt.restore(target)
     message = str(error.value)
     assert 'does not match the model' in message
@@ -93,7 +93,7 @@ def test_mismatch_names_every_offending_key(tmp_path):
     assert 'params/head/bias: expected (10,) float32, missing from the checkpoint' in message
     assert 'batch_stats/bn/mean: expected (8,) bfloat16, found (8,) float32' in message
     assert 'batch_stats/bn/var: found (8,) float32, not in the model' in message
-    with pytest.raises(checkpointing.CheckpointMismatchError, match='params/head/bias'):
+    with pytest.raises(errors.CheckpointMismatchError, match='params/head/bias'):
       ckpt.restore({'params': target['params']}, partial=True)
 
 
@@ -109,7 +109,7 @@ def test_a_foreign_layout_is_named(tmp_path):
   with ocp.CheckpointManager(tmp_path) as manager:  # e.g. items written without Checkpointer.
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({'w': jnp.ones(2)})))
   with checkpointing.Checkpointer(tmp_path) as ckpt:
-    with pytest.raises(checkpointing.CheckpointMismatchError, match=r"no `state` item .*'params'"):
+    with pytest.raises(errors.CheckpointMismatchError, match=r"no `state` item .*'params'"):
       ckpt.restore({'params': {'w': jnp.ones(2)}}, partial=True)
 
 
@@ -169,7 +169,7 @@ def test_partial_restore_is_exact_inside_the_requested_items(tmp_path):
   with checkpointing.Checkpointer(tmp_path) as ckpt:
     ckpt.save(1, state, META)
     target = {k: jax.eval_shape(lambda: make_state()[k]) for k in ('params', 'batch_stats')}
-    with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    with pytest.raises(errors.CheckpointMismatchError) as error:
       ckpt.restore(target, partial=True)
   message = str(error.value)
   assert '(2 differences)' in message
@@ -184,7 +184,7 @@ def test_non_finite_state_is_never_saved(tmp_path, bad):
     ckpt.save(1, make_state(1.0, step=1), META)
     state = make_state(1.0, step=2)
     state['batch_stats']['bn']['mean'] = state['batch_stats']['bn']['mean'].at[3].set(bad)
-    with pytest.raises(checkpointing.NonFiniteStateError,
+    with pytest.raises(errors.NonFiniteStateError,
                        match=r'not saving step 2 .*batch_stats/bn/mean; the last saved step is 1'):
       ckpt.save(2, state, META)
     assert ckpt.all_steps() == [1]
@@ -218,14 +218,15 @@ def test_an_unreadable_latest_step_falls_back_in_one_line(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2.unreadable']  # Nothing deleted.
   _truncate_an_array_file(tmp_path / '1')
   with checkpointing.Checkpointer(tmp_path) as ckpt:
-    with pytest.raises(checkpointing.UnreadableCheckpointError, match='no readable step'):
+    with pytest.raises(errors.UnreadableCheckpointError, match='no readable step'):
       ckpt.restore(make_state(), fallback=True, log=lines.append)
 
 
 _FAILED_SAVE = textwrap.dedent('''
     import sys
     import jax.numpy as jnp
-    from dsnet_jax import checkpointing, cli
+    from dsnet_jax import checkpointing
+    from dsnet_jax.tools import cli
 
     def main():
       checkpointing.Checkpointer(sys.argv[1]).save(1, {'w': jnp.ones(4)})

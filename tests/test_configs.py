@@ -14,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from checks import ROOT
-from dsnet_jax import config_lib, rundir, train_lib
+from dsnet_jax import config_lib, errors, rundir, train_lib
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / 'configs').glob('*.py'))
 
@@ -97,9 +97,9 @@ def test_every_model_and_data_field_overrides_from_the_command_line(path):
 
 def test_set_model_names_the_available_models_on_a_typo():
   config = config_lib.defaults()
-  with pytest.raises(config_lib.ConfigError, match="'ds_mbent'.*ds_mbnet, ds_resnet, ds_vit"):
+  with pytest.raises(errors.ConfigError, match="'ds_mbent'.*ds_mbnet, ds_resnet, ds_vit"):
     config_lib.set_model(config, 'ds_mbent')
-  with pytest.raises(config_lib.ConfigError, match='model.widht'):
+  with pytest.raises(errors.ConfigError, match='model.widht'):
     config_lib.set_model(config, 'ds_vit', widht=3)
 
 
@@ -127,10 +127,10 @@ def test_durations_in_epochs_resolve_at_the_final_batch_size():
   bigger = config_lib.resolve_durations(config, examples)
   assert (bigger.supernet.steps, bigger.supernet.optimizer.lr) == (150, pytest.approx(0.4))
   config.supernet.steps = 10
-  with pytest.raises(config_lib.ConfigError, match='supernet.steps=10 and supernet.epochs=2.5'):
+  with pytest.raises(errors.ConfigError, match='supernet.steps=10 and supernet.epochs=2.5'):
     config_lib.resolve_durations(config, examples)
   config.supernet.steps, config.supernet.epochs = 0, 0.001
-  with pytest.raises(config_lib.ConfigError, match='less than one batch'):
+  with pytest.raises(errors.ConfigError, match='less than one batch'):
     config_lib.resolve_durations(config, examples)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from dsnet_jax import checkpointing
 from dsnet_jax.convert import ds_mbnet_torch
+from dsnet_jax.tools import convert_ds_mbnet
 from dsnet_jax.models import ds_mbnet
 
 # Every key and PyTorch shape of the authors' released DS-MBNet state dict.
@@ -301,7 +302,7 @@ def test_cli_writes_nothing_for_bad_values(state_dict, tmp_path):
   with pytest.raises(ds_mbnet_torch.StateDictMismatchError,
                      match=r'(?s)bn1\.aux_bn\.1\.running_mean: 1 values not finite.*'
                      r'conv_stem\.weight: dtype int64'):
-    ds_mbnet_torch.main([f'--input={npz}', f'--out={out}'])
+    convert_ds_mbnet.main([f'--input={npz}', f'--out={out}'])
   assert not out.exists()
 
 
@@ -325,7 +326,7 @@ def test_npz_and_cli_round_trip(state_dict, variables, tmp_path, capsys):
   chex.assert_trees_all_equal(loaded, state_dict)
 
   out = tmp_path / 'checkpoint'
-  ds_mbnet_torch.main([f'--input={npz}', f'--out={out}', '--weights=plain'])
+  convert_ds_mbnet.main([f'--input={npz}', f'--out={out}', '--weights=plain'])
   assert 'converted 604 tensors (dropped 234 num_batches_tracked): 7,676,204 params' in (
       capsys.readouterr().out)
   abstract, _ = ds_mbnet_torch.model_layout(ds_mbnet.Model())
@@ -335,10 +336,10 @@ def test_npz_and_cli_round_trip(state_dict, variables, tmp_path, capsys):
   assert meta['variables_key'] == '' and meta['model_name'] == 'ds_mbnet'
 
   with pytest.raises(FileExistsError, match='not empty'):
-    ds_mbnet_torch.main([f'--input={npz}', f'--out={out}'])
+    convert_ds_mbnet.main([f'--input={npz}', f'--out={out}'])
   (tmp_path / 'a_file').write_text('')
   with pytest.raises(FileExistsError, match='a_file is not a directory'):
-    ds_mbnet_torch.main([f'--input={npz}', f'--out={tmp_path / "a_file"}'])
+    convert_ds_mbnet.main([f'--input={npz}', f'--out={tmp_path / "a_file"}'])
 
 
 def test_load_torch_checkpoint(tmp_path):

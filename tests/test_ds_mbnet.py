@@ -7,7 +7,7 @@ import pytest
 
 import checks
 from dsnet_jax.models import ds_mbnet
-from dsnet_jax.routes import UnknownRouteError
+from dsnet_jax.errors import UnknownRouteError
 
 IMAGE = (32, 32, 3)  # The net runs at any multiple of 32; small keeps the test fast.
 

@@ -8,7 +8,7 @@ from scipy.special import erf
 import checks
 from dsnet_jax import complexity
 from dsnet_jax.models import ds_vit
-from dsnet_jax.routes import UnknownRouteError
+from dsnet_jax.errors import UnknownRouteError
 
 IMAGE = (32, 32, 3)
 TINY = dict(variant=None, width=48, depth=4, num_heads=3, mlp_dim=96, patch_size=8,

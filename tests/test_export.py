@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from checks import tiny_config
-from dsnet_jax import bn_calibration, export, stand_in
+from dsnet_jax import bn_calibration, errors, export, stand_in
 from dsnet_jax.inference import RoutedPredictor
 from dsnet_jax.models import ds_mbnet, ds_resnet, ds_vit, get_model
 
@@ -210,22 +210,22 @@ def test_bad_requests_fail_before_writing(tmp_path, monkeypatch):
   out = tmp_path / 'out'
   with pytest.raises(KeyError, match='unknown route 14'):
     export.export_route(model, variables, 14, str(out), IMAGE)
-  with pytest.raises(export.ExportError, match='unknown export format tflite'):
+  with pytest.raises(errors.ExportError, match='unknown export format tflite'):
     export.export_route(model, variables, 1, str(out), IMAGE, formats=('jax', 'tflite'))
-  with pytest.raises(export.ExportError, match='unknown platform garbage; valid: cpu, cuda'):
+  with pytest.raises(errors.ExportError, match='unknown platform garbage; valid: cpu, cuda'):
     export.export_route(model, variables, 1, str(out), IMAGE, platforms='cpu,garbage')
   for bad in (0, -3, 2.7, True):
-    with pytest.raises(export.ExportError, match='is not an integer >= 1'):
+    with pytest.raises(errors.ExportError, match='is not an integer >= 1'):
       export.export_route(model, variables, 1, str(out), IMAGE, batch_size=bad)
-  with pytest.raises(export.ExportError, match='preprocessing must be JSON'):
+  with pytest.raises(errors.ExportError, match='preprocessing must be JSON'):
     export.export_route(model, variables, 1, str(out), IMAGE, preprocessing={'f': object()})
-  with pytest.raises(export.ExportError, match='--out is empty'):
+  with pytest.raises(errors.ExportError, match='--out is empty'):
     export.export_route(model, variables, 1, '', IMAGE)
   (tmp_path / 'a_file').write_text('')
-  with pytest.raises(export.ExportError, match='is a file'):
+  with pytest.raises(errors.ExportError, match='is a file'):
     export.export_route(model, variables, 1, str(tmp_path / 'a_file' / 'sub'), IMAGE)
   monkeypatch.setitem(sys.modules, 'jax2onnx', None)  # As without the export extra.
-  with pytest.raises(export.ExportDependencyError, match=r"pip install '\.\[export\]'"):
+  with pytest.raises(errors.ExportDependencyError, match=r"pip install '\.\[export\]'"):
     export.export_routed(model, variables, str(out), IMAGE, formats=('onnx',))
   assert not out.exists() and os.listdir(tmp_path) == ['a_file']
   out.mkdir()
@@ -233,7 +233,7 @@ def test_bad_requests_fail_before_writing(tmp_path, monkeypatch):
   with pytest.raises(FileExistsError, match='is not empty; pass --overwrite'):
     export.export_route(model, variables, 1, str(out), IMAGE)
   (out / 'manifest.json').write_text('{"not": "an export"')  # Someone else's, and damaged.
-  with pytest.raises(export.ExportError, match='is not the manifest of an export'):
+  with pytest.raises(errors.ExportError, match='is not the manifest of an export'):
     export.export_route(model, variables, 1, str(out), IMAGE, overwrite=True)
   assert sorted(p.name for p in out.iterdir()) == ['keep.txt', 'manifest.json']
 
@@ -271,20 +271,20 @@ def test_loading_a_damaged_export_says_what_is_wrong(tmp_path):
   variables = stand_in.random_variables(model, IMAGE)
   out = str(tmp_path / 'r')
   export.export_route(model, variables, 1, out, IMAGE, platforms='cpu', verbose=False)
-  with pytest.raises(export.ExportError, match="has no program 'prefix'; it has route"):
+  with pytest.raises(errors.ExportError, match="has no program 'prefix'; it has route"):
     export.load_program(out, 'prefix')
   data = (tmp_path / 'r' / 'route.jaxexport').read_bytes()
   (tmp_path / 'r' / 'route.jaxexport').write_bytes(data[:len(data) // 2])
-  with pytest.raises(export.ExportError, match='not a readable jax.export artifact'):
+  with pytest.raises(errors.ExportError, match='not a readable jax.export artifact'):
     export.load_program(out, 'route')
   (tmp_path / 'r' / 'route.jaxexport').write_bytes(data)
   (tmp_path / 'r' / 'route.npz').write_bytes(b'PK\x03\x04 damaged')
-  with pytest.raises(export.ExportError, match='not a readable .npz'):
+  with pytest.raises(errors.ExportError, match='not a readable .npz'):
     export.load_program(out, 'route')
   manifest = export.load_manifest(out)
   del manifest['programs']['route']['files']['jax']
   (tmp_path / 'r' / 'manifest.json').write_text(json.dumps(manifest))
-  with pytest.raises(export.ExportError, match='only; export it with --format=jax'):
+  with pytest.raises(errors.ExportError, match='only; export it with --format=jax'):
     export.load_program(out, 'route')
 
 
@@ -294,7 +294,7 @@ def test_cli_exports_a_trained_workdir(trained, tmp_path):
   non-empty --out is refused unless --overwrite; no library log lines, a report of what was
   written; --routed refuses a checkpoint without a trained gate."""
   out = tmp_path / 'routed'
-  command = [sys.executable, '-m', 'dsnet_jax.export', f'--config={ROOT}/configs/tiny.py',
+  command = [sys.executable, '-m', 'dsnet_jax.tools.export', f'--config={ROOT}/configs/tiny.py',
              f'--workdir={trained.workdir}', '--platforms=cpu', '--format=jax']
   done = subprocess.run([*command, '--routed', f'--out={out}'], cwd=ROOT, capture_output=True,
                         text=True, check=True)

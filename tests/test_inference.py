@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import checks
-from dsnet_jax import bn_calibration, inference, stand_in
+from dsnet_jax import bn_calibration, errors, inference, stand_in
 from dsnet_jax.models import ds_mbnet, get_model
-from dsnet_jax.routes import UnknownRouteError
+from dsnet_jax.errors import UnknownRouteError
 
 IMAGE = (32, 32, 3)
 LADDER = (1, 4)
@@ -221,7 +221,7 @@ def test_clear_errors(setup):
     predictor.predict(images(2), routing_indices=[0, 4])
   with pytest.raises(ValueError, match=r'images must be \(n, 32, 32, 3\)'):
     predictor.predict(np.zeros((2, 16, 16, 3), np.float32))
-  with pytest.raises(inference.NotGatedError, match='Dense is not a gated model.*routing space'):
+  with pytest.raises(errors.NotGatedError, match='Dense is not a gated model.*routing space'):
     inference.RoutedPredictor(nn.Dense(3), {}, IMAGE)
 
   class RoutesOnly(nn.Module):
@@ -229,7 +229,7 @@ def test_clear_errors(setup):
 
     def __call__(self, x, route):
       return x
-  with pytest.raises(inference.NotGatedError, match='no prefix / suffix method'):
+  with pytest.raises(errors.NotGatedError, match='no prefix / suffix method'):
     inference.RoutedPredictor(RoutesOnly(), {}, IMAGE)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from checks import ROOT, tiny_config
-from dsnet_jax import complexity, eval_lib, inference, latency
+from dsnet_jax import complexity, errors, eval_lib, inference, latency
 
 
 @pytest.fixture(scope='module')
@@ -86,7 +86,7 @@ def test_eval_prints_ms_per_image_beside_madds(measured, capsys):
     (['--workdir=w'], 'give --config (with --workdir'),
 ])
 def test_cli_refuses_bad_flags_before_any_work(args, message):
-  result = subprocess.run([sys.executable, '-m', 'dsnet_jax.latency', *args], cwd=ROOT,
+  result = subprocess.run([sys.executable, '-m', 'dsnet_jax.tools.latency', *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert message in result.stderr
@@ -119,8 +119,8 @@ def test_a_gate_budget_in_milliseconds_on_this_device(trained, tmp_path, capsys)
   shutil.rmtree(workdir / 'checkpoints' / 'gate')
   config = tiny_config(num_devices=1, stages=('gate',), **{
       'gate.budget': 2.5, 'gate.budget_unit': 'ms', 'gate.calibration_examples': 24})
-  from dsnet_jax import budget as budget_lib, train_lib
-  with pytest.raises(budget_lib.BudgetError, match='needs a latency table at .*latency.json'):
+  from dsnet_jax import train_lib
+  with pytest.raises(errors.BudgetError, match='needs a latency table at .*latency.json'):
     train_lib.train_and_evaluate(config, str(workdir))
   assert not (workdir / 'checkpoints' / 'gate').exists()
   ms = {'0': 1.0, '1': 2.0, '2': 4.0, '3': 6.0, 'largest': 9.0}
@@ -132,7 +132,7 @@ def test_a_gate_budget_in_milliseconds_on_this_device(trained, tmp_path, capsys)
            'routed': {'madds': 1.0, 'ms_per_image': {b: {'median': 1.0, 'p90': 1.0}
                                                      for b in '14'}}}
   latency.save(table, str(workdir / latency.LATENCY_FILE))
-  with pytest.raises(budget_lib.BudgetError, match=r'outside what the routing space .* 1-4 ms'):
+  with pytest.raises(errors.BudgetError, match=r'outside what the routing space .* 1-4 ms'):
     train_lib.train_and_evaluate(tiny_config(num_devices=1, stages=('gate',), **{
         'gate.budget': 5.0, 'gate.budget_unit': 'ms'}), str(workdir))
   capsys.readouterr()
@@ -163,7 +163,7 @@ def test_a_damaged_or_foreign_table_is_refused_naming_the_problem(measured, tmp_
   path = tmp_path / latency.LATENCY_FILE
   damaged = damage(json.loads(json.dumps(table)))
   path.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
-  with pytest.raises(latency.LatencyTableError, match=re.escape(message)):
+  with pytest.raises(errors.LatencyTableError, match=re.escape(message)):
     latency.load(str(path), 'ds_mbnet')
   assert eval_lib.workdir_latency(str(tmp_path), (16, 16, 1), model) is None
   assert message in capsys.readouterr().out  # eval.py warns and shows no ms.

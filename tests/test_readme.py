@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from checks import ROOT
-from dsnet_jax import export
+from dsnet_jax import config_lib, export
 from dsnet_jax.data import input_pipeline
 
 
@@ -38,8 +38,8 @@ def test_every_python_block_of_the_readme_runs(trained, tmp_path, monkeypatch):
       want = loaded.model.apply(loaded.variables, image[None], route=route)[0]
       np.testing.assert_allclose(logits, want, atol=1e-5)
     assert namespace['routes'] == [loaded.routes.routing_space[i] for i in indices]
-    preprocessing = input_pipeline.describe_preprocessing(
-        input_pipeline.preprocessing(loaded.config.data))  # As `dsnet_jax.export` writes it.
+    preprocessing = input_pipeline.describe_preprocessing(  # As the export tool writes it.
+        input_pipeline.preprocessing(config_lib.data_spec(loaded.config.data)))
     export.export_routed(loaded.model, loaded.variables, 'routed', loaded.image_shape,
                          platforms=('cpu',), preprocessing=preprocessing, verbose=False)
     exec(blocks[3], namespace)  # pylint: disable=exec-used

@@ -1,7 +1,7 @@
 """Route specs, route tables and host-side sandwich draws."""
 import pytest
 
-from dsnet_jax import routes as routes_lib
+from dsnet_jax import errors, routes as routes_lib
 from dsnet_jax.models import ds_mbnet
 
 
@@ -21,10 +21,10 @@ def test_route_is_hashable_and_immutable():
 def test_lookup_by_name_index_or_route_and_errors():
   t = table()
   assert t[3] is t['3'] is t[t[3]]
-  with pytest.raises(routes_lib.UnknownRouteError, match='valid routes: 0, 1, .*largest'):
+  with pytest.raises(errors.UnknownRouteError, match='valid routes: 0, 1, .*largest'):
     t['biggest']
   assert t.routing_index(2) == 2
-  with pytest.raises(routes_lib.UnknownRouteError, match=r"not in the routing space \['0'"):
+  with pytest.raises(errors.UnknownRouteError, match=r"not in the routing space \['0'"):
     t.routing_index(7)
   assert [r.name for r in t.with_routing_space([0, 5, 9]).routing_space] == ['0', '5', '9']
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsnet_jax import checkpointing, config_lib, eval_lib, inference, optim, rundir, train_lib
+from dsnet_jax import checkpointing, errors, eval_lib, inference, optim, rundir, train_lib
 from checks import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -40,10 +40,10 @@ def restore(directory, config=None):
 def test_eval_with_another_architecture_is_refused(trained, tmp_path):
   workdir = copy_of(trained, tmp_path)
   other = one_device(**{'model.group_depths': (1, 1, 1, 1, 1)})
-  with pytest.raises(rundir.ConfigMismatchError, match=r"model.group_depths: \[1, 1, 1, 2, 1\]"):
+  with pytest.raises(errors.ConfigMismatchError, match=r"model.group_depths: \[1, 1, 1, 2, 1\]"):
     eval_lib.evaluate_workdir(other, str(workdir))
   # Allowed past the config check, the arrays themselves still have to match, all of them.
-  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+  with pytest.raises(errors.CheckpointMismatchError) as error:
     eval_lib.evaluate_workdir(other, str(workdir), allow_config_changes=['model.'])
   assert 'params/groups_3_1/conv_dw/kernel' in str(error.value)
   assert 'not in the model' in str(error.value)
@@ -55,7 +55,7 @@ def test_eval_with_another_architecture_is_refused(trained, tmp_path):
                                         ('model.dtype', 'bfloat16')])
 def test_a_finished_workdir_refuses_a_changed_config(trained, tmp_path, key, value):
   workdir = copy_of(trained, tmp_path)
-  with pytest.raises(rundir.ConfigMismatchError, match=f'{key}: '):
+  with pytest.raises(errors.ConfigMismatchError, match=f'{key}: '):
     train_lib.train_and_evaluate(one_device(**{key: value}), str(workdir))
 
 
@@ -63,7 +63,7 @@ def test_an_allowed_change_extends_a_finished_stage_and_stale_stages_are_refused
     trained, tmp_path, capsys):
   workdir = copy_of(trained, tmp_path)
   longer = one_device(**{'supernet.steps': 6})
-  with pytest.raises(rundir.StaleStageError, match='checkpoints/recalibrate was computed from'):
+  with pytest.raises(errors.StaleStageError, match='checkpoints/recalibrate was computed from'):
     train_lib.train_and_evaluate(longer, str(workdir), ['supernet.steps'])
   assert rundir.RunDir(workdir).status('supernet').step == 4  # Refused before any work.
 
@@ -119,13 +119,13 @@ def test_each_stage_changes_only_what_it_trains(trained):
 def test_batch_size_not_divisible_by_the_devices_fails_before_any_work(tmp_path):
   for key in ('batch_size', 'eval_batch_size'):
     config = tiny_config(num_devices=8, **{key: 12})
-    with pytest.raises(config_lib.ConfigError, match=f'{key}=12 is not divisible by the 8 dev'):
+    with pytest.raises(errors.ConfigError, match=f'{key}=12 is not divisible by the 8 dev'):
       train_lib.train_and_evaluate(config, str(tmp_path / key))
     assert not (tmp_path / key).exists()
 
 
 def test_model_name_typo_lists_the_models(tmp_path):
-  with pytest.raises(config_lib.ConfigError, match=r"ds_mbnett.*available: ds_mbnet, ds_resnet, "
+  with pytest.raises(errors.ConfigError, match=r"ds_mbnett.*available: ds_mbnet, ds_resnet, "
                      r"ds_vit$"):
     train_lib.train_and_evaluate(one_device(model_name='ds_mbnett'), str(tmp_path))
 
@@ -153,7 +153,7 @@ def test_an_exploding_gate_is_neither_saved_nor_marked_complete(trained, tmp_pat
   shutil.rmtree(workdir / 'checkpoints' / 'gate')
   config = one_device()
   config.gate.optimizer.lr = 1e30
-  with pytest.raises(checkpointing.NonFiniteStateError, match='not saving step'):
+  with pytest.raises(errors.NonFiniteStateError, match='not saving step'):
     train_lib.train_and_evaluate(config, str(workdir), ['gate.optimizer.lr'])
   assert not rundir.RunDir(workdir).status('gate').exists
 
@@ -193,7 +193,7 @@ def test_a_corrupt_latest_step_falls_back_and_resumes_to_the_same_result(trained
 def test_a_second_process_on_a_workdir_is_refused_at_once(tmp_path):
   import os
   with rundir.RunDir(tmp_path).lock():
-    with pytest.raises(rundir.WorkdirLockedError, match=f'in use .*PID {os.getpid()}'):
+    with pytest.raises(errors.LockedError, match=f'in use .*PID {os.getpid()}'):
       train_lib.train_and_evaluate(one_device(), str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists()
 
@@ -205,7 +205,7 @@ def test_eval_of_a_missing_workdir_creates_nothing(tmp_path):
 
 
 def test_a_routing_space_naming_unknown_routes_fails_before_any_work(tmp_path):
-  with pytest.raises(config_lib.ConfigError, match=r'model: unknown route 7; valid routes: 0'):
+  with pytest.raises(errors.ConfigError, match=r'model: unknown route 7; valid routes: 0'):
     train_lib.train_and_evaluate(one_device(**{'model.routing_space': (0, 7)}), str(tmp_path))
   assert not list(tmp_path.iterdir())
 
@@ -215,7 +215,7 @@ def test_a_fallback_step_is_checked_against_the_config_too(trained, tmp_path):
   workdir = copy_of(trained, tmp_path)
   meta = workdir / 'checkpoints' / 'gate' / '3' / 'meta' / 'metadata'
   meta.write_text(meta.read_text()[:5])
-  with pytest.raises(rundir.ConfigMismatchError, match='gate.madds_weight: 0.5 -> 0.9'):
+  with pytest.raises(errors.ConfigMismatchError, match='gate.madds_weight: 0.5 -> 0.9'):
     train_lib.train_and_evaluate(one_device(**{'gate.madds_weight': 0.9}), str(workdir))
 
 
@@ -248,13 +248,13 @@ def test_every_kind_of_damaged_step_falls_back(trained, tmp_path, capsys, damage
     ({'data.num_classes': 5}, 'model.num_classes=4 and data.num_classes=5 differ'),
 ])
 def test_more_config_errors_before_any_work(tmp_path, overrides, message):
-  with pytest.raises(config_lib.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     train_lib.train_and_evaluate(tiny_config(**overrides), str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
 
 
 def test_an_allowed_change_must_name_a_config_key(trained, tmp_path):
-  with pytest.raises(config_lib.ConfigError, match="'supernet.stepz' is not a config key"):
+  with pytest.raises(errors.ConfigError, match="'supernet.stepz' is not a config key"):
     eval_lib.evaluate_workdir(one_device(), str(trained.workdir),
                               allow_config_changes=['supernet.stepz'])
 
@@ -327,10 +327,10 @@ def test_a_routing_space_chosen_after_stage_one_trains_a_gate_to_its_budget(trai
   assert '[gate] finished at step 3; skipping' in capsys.readouterr().out
   assert again['gated']['budget_madds'] == gate.meta['budget_madds']
   # A gated checkpoint must match an explicit routing space exactly, even when allowed.
-  with pytest.raises(rundir.ConfigMismatchError, match='model.routing_space'):
+  with pytest.raises(errors.ConfigMismatchError, match='model.routing_space'):
     eval_lib.evaluate_workdir(one_device(), str(workdir))
   other = (0, 1, 3) if chosen != ['0', '1', '3'] else (0, 1, 2)
-  with pytest.raises(checkpointing.CheckpointMismatchError, match='gate trained for routing'):
+  with pytest.raises(errors.CheckpointMismatchError, match='gate trained for routing'):
     eval_lib.evaluate_workdir(one_device(**{'model.routing_space': other}), str(workdir),
                               allow_config_changes=['model.routing_space'])
 

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from checks import tiny_config
-from dsnet_jax import (bn_calibration, config_lib, eval_lib, losses, optim, rundir, sharding,
-                       stand_in, train_lib)
+from dsnet_jax import (bn_calibration, config_lib, errors, eval_lib, losses, optim, rundir,
+                       sharding, stand_in, train_lib, train_steps)
 
 
 def leaves_equal(a, b):
@@ -80,18 +80,18 @@ def test_resume_after_a_kill_equals_straight_run(tmp_path, monkeypatch):
   upstream = functools.partial(train_lib.init_variables, run)
   straight, _ = train_lib.supernet_stage(run, upstream)
 
-  real_step = train_lib.SupernetFunctions.step
+  real_step = train_steps.SupernetFunctions.step
 
   def dying_step(self, state, batch, table, seed, step, key):
     if step == 3:
       raise KeyboardInterrupt('killed')
     return real_step(self, state, batch, table, seed, step, key)
-  monkeypatch.setattr(train_lib.SupernetFunctions, 'step', dying_step)
+  monkeypatch.setattr(train_steps.SupernetFunctions, 'step', dying_step)
   run = train_lib.make_run(config, str(tmp_path / 'resumed'))
   upstream = functools.partial(train_lib.init_variables, run)
   with pytest.raises(KeyboardInterrupt):
     train_lib.supernet_stage(run, upstream)
-  monkeypatch.setattr(train_lib.SupernetFunctions, 'step', real_step)
+  monkeypatch.setattr(train_steps.SupernetFunctions, 'step', real_step)
   resumed, source = train_lib.supernet_stage(run, upstream)
   assert source == {'stage': 'supernet', 'step': 4}
   assert leaves_equal(straight, resumed)
@@ -106,8 +106,8 @@ def test_sharded_step_equals_single_device(tmp_path):
     run = train_lib.make_run(config, str(tmp_path / str(devices)))
     variables, _ = train_lib.init_variables(run)
     tx = optim.make_optimizer(config.supernet.optimizer, 2, variables['params'])
-    fns = train_lib.SupernetFunctions(run.model, tx, config.supernet, run.mesh)
-    state = train_lib.TrainState.create(variables, tx, with_ema=True)
+    fns = train_steps.SupernetFunctions(run.model, tx, config_lib.supernet_recipe(config), run.mesh)
+    state = train_steps.TrainState.create(variables, tx, with_ema=True)
     batch = next(run.batches(0))
     state, metrics = fns.step(state, batch, run.table, 0, 0, run.step_key(0, 0))
     results.append(jax.device_get((state.params, state.batch_stats, metrics['loss'])))
@@ -125,8 +125,8 @@ def test_compiles_bounded_by_routes_not_combinations(tmp_path):
   run = train_lib.make_run(config, str(tmp_path))
   variables, _ = train_lib.init_variables(run)
   tx = optim.make_optimizer(config.supernet.optimizer, 10, variables['params'])
-  fns = train_lib.SupernetFunctions(run.model, tx, config.supernet, run.mesh)
-  state = sharding.replicate(train_lib.TrainState.create(variables, tx, with_ema=True), run.mesh)
+  fns = train_steps.SupernetFunctions(run.model, tx, config_lib.supernet_recipe(config), run.mesh)
+  state = sharding.replicate(train_steps.TrainState.create(variables, tx, with_ema=True), run.mesh)
   drawn = set()
   for step, batch in zip(range(6), run.batches(0)):
     drawn.update(train_lib.routes_lib.sandwich_routes(run.table, 0, step, 2))
@@ -203,8 +203,8 @@ def test_a_bfloat16_step_keeps_float32_state_and_a_finite_loss(tmp_path):
   assert run.model.dtype == jnp.bfloat16
   variables = stand_in.random_variables(run.model, run.train_data.image_shape)
   tx = optim.make_optimizer(config.supernet.optimizer, 2, variables['params'])
-  fns = train_lib.SupernetFunctions(run.model, tx, config.supernet, run.mesh)
-  state = train_lib.TrainState.create(variables, tx, with_ema=True)
+  fns = train_steps.SupernetFunctions(run.model, tx, config_lib.supernet_recipe(config), run.mesh)
+  state = train_steps.TrainState.create(variables, tx, with_ema=True)
   grads, batch_stats, loss = fns.route_grad(
       state.params, state.batch_stats, next(run.batches(0)), None, run.step_key(0, 0),
       fns.zeros(state.params), route=run.table.largest)
@@ -234,7 +234,7 @@ def test_a_bfloat16_step_keeps_float32_state_and_a_finite_loss(tmp_path):
     ('model.group_depths', (1, 1), 'group_widths: one entry per group each'),
 ])
 def test_bad_config_fails_before_training_naming_the_key(tmp_path, key, value, message):
-  with pytest.raises((config_lib.ConfigError, TypeError), match=message):
+  with pytest.raises((errors.ConfigError, TypeError), match=message):
     train_lib.train_and_evaluate(tiny_config(**{key: value}), str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints')
 
@@ -242,12 +242,12 @@ def test_bad_config_fails_before_training_naming_the_key(tmp_path, key, value, m
 def test_several_processes_need_every_device_and_a_calibration_split_is_checked_first():
   config = tiny_config(num_devices=1)
   config_lib.validate_devices(config, 1, num_processes=1)
-  with pytest.raises(config_lib.ConfigError, match='with 2 processes the mesh must hold every'):
+  with pytest.raises(errors.ConfigError, match='with 2 processes the mesh must hold every'):
     config_lib.validate_devices(config, 2, num_processes=2)
   # The held-out calibration split is the error, not the epochs it leaves too few of.
   config = tiny_config(**{'gate.budget': 0.4, 'gate.steps': 0, 'gate.epochs': 1.0,
                           'gate.calibration_examples': 5000})
-  with pytest.raises(config_lib.ConfigError, match='calibration_examples=5000 leaves fewer'):
+  with pytest.raises(errors.ConfigError, match='calibration_examples=5000 leaves fewer'):
     train_lib.resolve_config(config)
 
 
@@ -271,7 +271,8 @@ def test_mvco_averages_the_teacher_over_two_views_and_trains_on_both():
   variables = {k: variables[k] for k in ('params', 'batch_stats')}
   batch = {'image': v1, 'image_view1': v2, 'label': jnp.array([0, 1, 2, 3])}
   tx = optim.make_optimizer(config.supernet.optimizer, 4, variables['params'])
-  fns = train_lib.SupernetFunctions(run_model, tx, config.supernet, sharding.make_mesh(1))
+  fns = train_steps.SupernetFunctions(run_model, tx, config_lib.supernet_recipe(config),
+                                      sharding.make_mesh(1))
   teacher = fns.teacher(variables, batch, route='largest')
   probs = [jax.nn.softmax(run_model.apply(variables, v, route='largest')) for v in (v1, v2)]
   np.testing.assert_allclose(teacher, (probs[0] + probs[1]) / 2, rtol=1e-5, atol=1e-7)
@@ -316,7 +317,8 @@ def test_without_bootstrapping_or_alone_a_route_learns_the_labels():
   variables = {k: variables[k] for k in ('params', 'batch_stats')}
   batch = {'image': images, 'label': labels}
   tx = optim.make_optimizer(config.supernet.optimizer, 4, variables['params'])
-  fns = train_lib.SupernetFunctions(model, tx, config.supernet, sharding.make_mesh(1))
+  fns = train_steps.SupernetFunctions(model, tx, config_lib.supernet_recipe(config),
+                                      sharding.make_mesh(1))
   zeros = lambda: jax.tree.map(jnp.zeros_like, variables['params'])
   route = model.routes[1]
   grads, _, loss = fns.route_grad(variables['params'], variables['batch_stats'], batch, None,
@@ -329,12 +331,13 @@ def test_without_bootstrapping_or_alone_a_route_learns_the_labels():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
   config.supernet.train_route = '2'
-  alone = train_lib.SupernetFunctions(model, tx, config.supernet, sharding.make_mesh(1))
+  alone = train_steps.SupernetFunctions(model, tx, config_lib.supernet_recipe(config),
+                                        sharding.make_mesh(1))
   step_key = jax.random.key(7)
   _, _, want = alone.route_grad(variables['params'], variables['batch_stats'], batch, None,
                                 jax.random.fold_in(step_key, 0), zeros(),
                                 route=model.routes['2'])
-  state = train_lib.TrainState.create(jax.tree.map(jnp.copy, variables), tx, with_ema=True)
+  state = train_steps.TrainState.create(jax.tree.map(jnp.copy, variables), tx, with_ema=True)
   _, metrics = alone.step(state, batch, model.routes, 0, 0, step_key)
   assert set(metrics) == {'loss_2', 'loss'}
   np.testing.assert_allclose(metrics['loss_2'], want, rtol=1e-6)
@@ -346,5 +349,5 @@ def test_without_bootstrapping_or_alone_a_route_learns_the_labels():
 ])
 def test_bad_stage_one_variants_fail_before_training(tmp_path, key, value, message):
   config = tiny_config(**{key: value, 'supernet.inplace_bootstrapping': False})
-  with pytest.raises(config_lib.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     train_lib.train_and_evaluate(config, str(tmp_path))

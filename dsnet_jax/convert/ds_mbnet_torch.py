@@ -1,6 +1,6 @@
 """Imports the authors' PyTorch DS-MBNet weights (github.com/changlin31/DS-Net) into our model.
 
-    python -m dsnet_jax.convert.ds_mbnet_torch --input=DS_MBNet-70_1.pth.tar --out=DIR \
+    python -m dsnet_jax.tools.convert_ds_mbnet --input=DS_MBNet-70_1.pth.tar --out=DIR \
         [--weights=ema|plain]
 
 writes an orbax checkpoint of `ds_mbnet.Model()`'s variables (step 0, items `params` and
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsnet_jax import checkpointing
+from dsnet_jax import checkpointing, errors
 from dsnet_jax.layers import SlicedBatchNorm
 from dsnet_jax.models import ds_mbnet
 
@@ -41,7 +41,7 @@ _MODULE_RENAMES = (
 )
 # Dense layers that are nn.Linear in PyTorch; the other Dense layers are 1x1 convs there.
 _TORCH_LINEARS = ('classifier',)
-_CHECKPOINT_KEYS = {'ema': 'state_dict_ema', 'plain': 'state_dict'}
+CHECKPOINT_KEYS = {'ema': 'state_dict_ema', 'plain': 'state_dict'}
 # The variable collections a checkpoint holds (not e.g. BN recalibration's `bn_moments`).
 COLLECTIONS = ('params', 'batch_stats')
 
@@ -50,7 +50,7 @@ Shape = tuple[int, ...]
 Source = tuple[dict[str, Shape], Callable[[list[np.ndarray]], np.ndarray]]
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(errors.UserError, ValueError):
   """Keys, shapes or values of a state dict do not fit the model; names every offending key."""
 
   def __init__(self, missing: Mapping[str, Shape], unexpected: Sequence[str],
@@ -184,10 +184,10 @@ def select_state_dict(checkpoint: Mapping[str, Any], weights: str = 'ema') -> di
   Returns:
     The state dict with DataParallel's `module.` prefix stripped.
   """
-  if weights not in _CHECKPOINT_KEYS:
-    raise ValueError(f'weights must be one of {list(_CHECKPOINT_KEYS)}, got {weights!r}')
-  if any(k in checkpoint for k in _CHECKPOINT_KEYS.values()):
-    key = _CHECKPOINT_KEYS[weights]
+  if weights not in CHECKPOINT_KEYS:
+    raise ValueError(f'weights must be one of {list(CHECKPOINT_KEYS)}, got {weights!r}')
+  if any(k in checkpoint for k in CHECKPOINT_KEYS.values()):
+    key = CHECKPOINT_KEYS[weights]
     if key not in checkpoint:
       raise ValueError(f'weights={weights!r} reads {key!r}, but the checkpoint holds only '
                        f'{sorted(checkpoint)}')
@@ -233,27 +233,3 @@ def save_checkpoint(variables: Mapping[str, Any], directory: str | os.PathLike) 
     ckpt.save(0, dict(variables), {'source': 'dsnet_jax.convert.ds_mbnet_torch',
                                    'model_name': 'ds_mbnet', 'variables_key': ''})
   return directory
-
-
-def main(argv: Sequence[str] | None = None):
-  parser = argparse.ArgumentParser(prog='python -m dsnet_jax.convert.ds_mbnet_torch',
-                                   description=__doc__.splitlines()[0])
-  parser.add_argument('--input', required=True,
-                      help='PyTorch checkpoint (.pth.tar, .pth; needs torch) or .npz state dict')
-  parser.add_argument('--out', required=True, help='new or empty directory for the checkpoint')
-  parser.add_argument('--weights', choices=list(_CHECKPOINT_KEYS), default='ema',
-                      help='which weights of a training checkpoint (default: ema)')
-  args = parser.parse_args(argv)
-  state_dict = load_state_dict(args.input, args.weights)
-  variables = convert_state_dict(state_dict)
-  directory = save_checkpoint(variables, args.out)
-  dropped = sum(k.endswith('.num_batches_tracked') for k in state_dict)
-  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
-  print(f'converted {len(state_dict) - dropped} tensors (dropped {dropped} num_batches_tracked): '
-        f'{count(variables["params"]):,} params, {count(variables["batch_stats"]):,} batch '
-        f'statistics -> {directory}')
-
-
-if __name__ == '__main__':
-  from dsnet_jax import cli
-  cli.main_errors(main, StateDictMismatchError, ImportError)()

@@ -1,4 +1,4 @@
 """Input data: tfds sources read without TensorFlow, NumPy preprocessing, grain loaders.
 
-Start at `input_pipeline.make(config.data, split, batch_size=..., train=...)`.
+Start at `input_pipeline.make(spec, split, batch_size=..., train=...)` with a `DataSpec`.
 """

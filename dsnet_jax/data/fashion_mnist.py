@@ -7,7 +7,6 @@ record i of a split is image i of its IDX file.
 """
 from __future__ import annotations
 
-import fcntl
 import gzip
 import importlib.util
 import math
@@ -15,11 +14,12 @@ import os
 from typing import Any, Callable, Sequence
 import zlib
 
+from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dsnet_jax import rundir
+from dsnet_jax import paths
 
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 # Split name -> IDX file prefix.
@@ -172,25 +172,18 @@ def _prepared_once(make_builder: Callable[[], tfds.core.DatasetBuilder],
   if builder.is_prepared():
     return builder
   root = os.fspath(builder.data_dir_root)
-  if rundir.is_remote(root):
+  if paths.is_remote(root):
     prepare(builder)
     return builder
   os.makedirs(root, exist_ok=True)
   lock = os.path.join(root, f'{builder.name}.lock')
-  fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      print(f'Waiting for another process to prepare {builder.name} in {root} (it holds {lock})',
-            flush=True)
-      fcntl.flock(fd, fcntl.LOCK_EX)
+  wait = lambda pid: logging.warning('Waiting for another process to prepare %s in %s (PID %s '
+                                     'holds %s)', builder.name, root, pid, lock)
+  with paths.exclusive_lock(lock, busy=None, wait=wait):
     builder = make_builder()  # A fresh look: the other process may have prepared it.
     if not builder.is_prepared():
       prepare(builder)
     return builder
-  finally:
-    os.close(fd)  # Releases the flock.
 
 
 def data_sources(data_dir: str | None = None,

@@ -1,39 +1,14 @@
-"""The one entry point from a config to batches: `make(config.data, split, ...)`.
+"""The one entry point from a data spec to batches: `make(spec, split, batch_size=..., train=...)`.
 
-`config.data` fields (defaults in brackets):
-  name: 'fashion_mnist' | 'imagenet2012' | 'synthetic'.
-  data_dir [None = tfds's default, ~/tensorflow_datasets]: where tfds data is prepared.
-  debian_dir [fashion_mnist.DEBIAN_DIR]: Fashion-MNIST IDX files.
-  image_size, num_classes: checked against the dataset (synthetic: define it).
-  augment ['none']: 'pad_crop_flip' | 'rrc_flip' | 'none'.
-  crop_pct [0.875]: eval center crop fraction, for datasets of varying image size.
-  in_memory [False]: read the split into NumPy once (small data sets).
-  num_workers [0 = in-process], num_threads [2], prefetch [2]: grain parallelism.
-  channels [3], synthetic_num_examples [1024]: synthetic data only.
-Training-only options (all off by default; eval batches never change):
-  randaugment ['']: RandAugment on the uint8 image after crop/flip, timm's spelling
-    'rand-m{magnitude of 10}[-n{ops, 2}][-mstd{magnitude noise, 0}][-p{chance per op, 0.5}]',
-    e.g. 'rand-m9-n2' (the DS-Net ImageNet recipe's 'rand-m9-mstd0.5'); '' = off.
-  random_erasing [0.0]: chance of replacing a random rectangle (2%-33% of the area, aspect
-    0.3-3.3) of the normalised image with per-pixel standard normal noise (timm's, mode 'pixel').
-  views [1]: augmented views per example, each with its own augmentation seed (seed, epoch,
-    record, view); views=2 adds 'image_view1' (same shape as 'image'; 'label' is shared), e.g.
-    for multi-view consistency (MvCo) supernet training.
-  mixup_alpha [0.0], cutmix_alpha [0.0]: Beta(alpha, alpha) of timm-style batch mixup / cutmix
-    (0 = off); per host batch, one lambda (and box) per step from (seed, step), each example
-    mixed with the batch reversed, every view alike. Adds 'label_probs': float32
-    (host_batch, num_classes), the mixed one-hot targets; 'label' stays the original labels.
-  mix_prob [1.0]: chance that a batch is mixed at all (else 'label_probs' is one-hot).
-  switch_prob [0.5]: chance of cutmix rather than mixup when both alphas are > 0.
+`DataSpec` (frozen) holds every data option; `config.data` is checked against it and turned
+into one by `config_lib`. The fields are documented on the class.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable, Iterator, Sequence
 
-import ml_collections
-
-from dsnet_jax.config_lib import ConfigError
+from dsnet_jax.errors import ConfigError
 from dsnet_jax.data import fashion_mnist, imagenet
 from dsnet_jax.data.augment import Mixing
 from dsnet_jax.data.in_memory import ArraySource, load_numpy
@@ -70,57 +45,93 @@ class Pipeline:
   mixes_labels: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """A data set and how its batches are made. None: the data set's own value (image_size,
+  num_classes) or, for data_dir, tfds's default (~/tensorflow_datasets).
+
+  Training-only options (off by default; eval batches never change): randaugment, timm's
+  spelling 'rand-m{magnitude of 10}[-n{ops, 2}][-mstd{noise, 0}][-p{chance per op, 0.5}]',
+  e.g. 'rand-m9-mstd0.5' ('' = off); random_erasing, the chance of replacing a random rectangle
+  (2-33 % of the area, aspect 0.3-3.3) of the normalised image with standard normal noise
+  (timm's mode 'pixel'); views, augmented views per example, each with its own augmentation
+  seed (views=2 adds 'image_view1', e.g. for MvCo); mixup_alpha / cutmix_alpha, Beta(alpha,
+  alpha) of timm-style batch mixup / cutmix (0 = off; one lambda and box per step from (seed,
+  step), each example mixed with the batch reversed, every view alike; adds 'label_probs'),
+  applied with chance mix_prob, cutmix rather than mixup with chance switch_prob.
+  """
+  name: str = 'fashion_mnist'  # 'fashion_mnist' | 'imagenet2012' | 'synthetic'.
+  data_dir: str | None = None  # Where tfds data is prepared.
+  debian_dir: str | None = None  # Fashion-MNIST IDX files (None: fashion_mnist.DEBIAN_DIR).
+  image_size: int | None = None  # Checked against the data set (synthetic: define it).
+  num_classes: int | None = None  # Checked against the data set (synthetic: define it).
+  channels: int | None = None  # Synthetic data only (None: 3).
+  augment: str = 'none'  # 'pad_crop_flip' | 'rrc_flip' | 'none'.
+  crop_pct: float = 0.875  # Eval center crop fraction (data sets of varying image size).
+  randaugment: str = ''
+  random_erasing: float = 0.0
+  views: int = 1
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+  mix_prob: float = 1.0
+  switch_prob: float = 0.5
+  in_memory: bool = False  # Read the split into NumPy once (small data sets).
+  num_workers: int = 0  # grain worker processes (0: in-process).
+  num_threads: int = 2  # grain reader threads.
+  prefetch: int = 2  # grain prefetch buffer.
+  synthetic_num_examples: int = 1024  # Synthetic data only.
+
+
 def _check_name(name: str) -> None:
   if name not in DATASETS:
     raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(DATASETS)}')
 
 
-def _check(config: ml_collections.ConfigDict, field: str, expected: int, name: str) -> None:
-  if config.get(field) not in (None, expected):  # None: take the dataset's.
-    raise ConfigError(f'config.data.{field}={config.get(field)} but {name} has {expected}')
+def _check(spec: DataSpec, field: str, expected: int, name: str) -> None:
+  if getattr(spec, field) not in (None, expected):  # None: take the dataset's.
+    raise ConfigError(f'config.data.{field}={getattr(spec, field)} but {name} has {expected}')
 
 
-def _dataset(config: ml_collections.ConfigDict,
+def _dataset(spec: DataSpec,
              split: str) -> tuple[Sequence[dict[str, Any]], Preprocess, int]:
   """The split's random-access source, its preprocessing and its number of classes."""
-  name = config.name
+  name = spec.name
   _check_name(name)
-  preprocess = preprocessing(config)
+  preprocess = preprocessing(spec)
   if name == 'fashion_mnist':
-    _check(config, 'num_classes', fashion_mnist.NUM_CLASSES, name)
+    _check(spec, 'num_classes', fashion_mnist.NUM_CLASSES, name)
     sources = fashion_mnist.data_sources(
-        config.get('data_dir'), config.get('debian_dir') or fashion_mnist.DEBIAN_DIR)
+        spec.data_dir, spec.debian_dir or fashion_mnist.DEBIAN_DIR)
     num_classes = fashion_mnist.NUM_CLASSES
   elif name == 'imagenet2012':
-    _check(config, 'num_classes', imagenet.NUM_CLASSES, name)
-    sources = imagenet.data_sources(config.get('data_dir'))
+    _check(spec, 'num_classes', imagenet.NUM_CLASSES, name)
+    sources = imagenet.data_sources(spec.data_dir)
     num_classes = imagenet.NUM_CLASSES
   else:
-    sources = {s: SyntheticSource(config.get('synthetic_num_examples', 1024),
-                                  preprocess.image_shape, config.num_classes, seed=i)
+    sources = {s: SyntheticSource(spec.synthetic_num_examples,
+                                  preprocess.image_shape, spec.num_classes, seed=i)
                for i, s in enumerate(('train', 'test'))}
-    num_classes = config.num_classes
+    num_classes = spec.num_classes
   if split not in sources:
     raise ValueError(f'{name} has no split {split!r}; splits: {sorted(sources)}')
   return sources[split], preprocess, num_classes
 
 
-def preprocessing(config: ml_collections.ConfigDict) -> Preprocess:
-  """The preprocessing of the data set `config` (config.data) names: image size, channels,
+def preprocessing(spec: DataSpec) -> Preprocess:
+  """The preprocessing of the data set `spec` names: image size, channels,
   normalisation, augmentation."""
-  name = config.name
+  name = spec.name
   _check_name(name)
-  augment = config.get('augment') or 'none'
-  extra = dict(randaugment=config.get('randaugment') or '',
-               random_erasing=float(config.get('random_erasing') or 0.0))
+  augment = spec.augment or 'none'
+  extra = dict(randaugment=spec.randaugment or '', random_erasing=float(spec.random_erasing))
   if name == 'fashion_mnist':
-    _check(config, 'image_size', 28, name)
+    _check(spec, 'image_size', 28, name)
     return Preprocess(28, 1, fashion_mnist.MEAN, fashion_mnist.STD, augment, **extra)
   if name == 'imagenet2012':
-    return Preprocess(config.get('image_size') or 224, 3, imagenet.MEAN, imagenet.STD,
-                      augment, 'resize_crop', config.get('crop_pct') or 0.875, **extra)
-  channels = config.get('channels') or 3
-  return Preprocess(config.image_size, channels, (0.5,) * channels, (0.5,) * channels, augment,
+    return Preprocess(spec.image_size or 224, 3, imagenet.MEAN, imagenet.STD,
+                      augment, 'resize_crop', spec.crop_pct, **extra)
+  channels = spec.channels or 3
+  return Preprocess(spec.image_size, channels, (0.5,) * channels, (0.5,) * channels, augment,
                     **extra)
 
 
@@ -133,16 +144,16 @@ def describe_preprocessing(preprocess: Preprocess) -> dict[str, Any]:
                      if preprocess.eval_resize == 'resize_crop' else 'none (image_size square)')}
 
 
-def check_available(config: ml_collections.ConfigDict, split: str | None = None) -> None:
-  """Raises at once, with what to do, if `config.data` names data that cannot be read."""
-  name = config.name
+def check_available(spec: DataSpec, split: str | None = None) -> None:
+  """Raises at once, with what to do, if `spec` names data that cannot be read."""
+  name = spec.name
   _check_name(name)
-  _dataset(config, split or EVAL_SPLITS[name])
+  _dataset(spec, split or EVAL_SPLITS[name])
 
 
-def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
-  """The number of records in `split` of the data set `config` (config.data) names."""
-  return len(_dataset(config, split)[0])
+def num_examples(spec: DataSpec, split: str) -> int:
+  """The number of records in `split` of the data set `spec` names."""
+  return len(_dataset(spec, split)[0])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -161,13 +172,13 @@ class Subrange:
     return self.source[self.start + index]
 
 
-def make(config: ml_collections.ConfigDict, split: str, *, batch_size: int, train: bool,
+def make(spec: DataSpec, split: str, *, batch_size: int, train: bool,
          seed: int = 0, shard: HostShard | None = None,
          examples: tuple[int, int] | None = None) -> Pipeline:
-  """Builds the pipeline of `split` for `config.data`.
+  """Builds the pipeline of `split` for `spec`.
 
   Args:
-    config: the `config.data` ConfigDict (see the module docstring).
+    spec: the data set and its options.
     split: 'train', or the eval split (EVAL_SPLITS[name]).
     batch_size: global batch size, all hosts together.
     train: shuffled, augmented, endless, drop-remainder batches; else one padded pass.
@@ -178,37 +189,36 @@ def make(config: ml_collections.ConfigDict, split: str, *, batch_size: int, trai
   Raises:
     ValueError: `examples` leaves fewer records than one batch (train) or none (eval).
   """
-  source, preprocess, num_classes = _dataset(config, split)
+  source, preprocess, num_classes = _dataset(spec, split)
   if examples is not None:
     start, stop, _ = slice(*examples).indices(len(source))
     if stop - start < (batch_size if train else 1):
-      raise ValueError(f'records {examples} of {config.name} {split} ({len(source)} records) '
+      raise ValueError(f'records {examples} of {spec.name} {split} ({len(source)} records) '
                        f'leave {max(stop - start, 0)}, fewer than {"a batch" if train else "one"}')
     source = Subrange(source, start, stop)
-  if config.get('in_memory', False):
+  if spec.in_memory:
     source = ArraySource(load_numpy(source))
   shard = shard or HostShard.current()
-  parallelism = dict(num_workers=config.get('num_workers', 0),
-                     num_threads=config.get('num_threads', 2), prefetch=config.get('prefetch', 2))
+  parallelism = dict(num_workers=spec.num_workers,
+                     num_threads=spec.num_threads, prefetch=spec.prefetch)
   views, mixing = 1, None
   if train:
-    views = int(config.get('views', 1))
-    mixing = _mixing(config, num_classes, seed)
+    views = int(spec.views)
+    mixing = _mixing(spec, num_classes, seed)
     loader = TrainLoader(source, preprocess, batch_size, seed, shard, **parallelism,
                          views=views, mixing=mixing)
   else:
     loader = EvalLoader(source, preprocess, batch_size, shard, **parallelism)
-  return Pipeline(name=config.name, split=split, train=train, num_examples=len(source),
+  return Pipeline(name=spec.name, split=split, train=train, num_examples=len(source),
                   num_classes=num_classes, image_shape=preprocess.image_shape,
                   global_batch_size=batch_size, host_batch_size=loader.host_batch_size,
                   steps_per_epoch=loader.steps_per_epoch, batches=loader.batches, views=views,
                   mixes_labels=mixing is not None)
 
 
-def _mixing(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> Mixing | None:
-  mixup, cutmix = config.get('mixup_alpha') or 0.0, config.get('cutmix_alpha') or 0.0
+def _mixing(spec: DataSpec, num_classes: int, seed: int) -> Mixing | None:
+  mixup, cutmix = spec.mixup_alpha, spec.cutmix_alpha
   if not (mixup or cutmix):
     return None
-  prob, switch = config.get('mix_prob'), config.get('switch_prob')
-  return Mixing(num_classes, seed, float(mixup), float(cutmix),
-                1.0 if prob is None else float(prob), 0.5 if switch is None else float(switch))
+  return Mixing(num_classes, seed, float(mixup), float(cutmix), float(spec.mix_prob),
+                float(spec.switch_prob))

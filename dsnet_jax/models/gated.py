@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsnet_jax.complexity import route_complexity
+
 RouteChoice = Callable[[jax.Array], jax.Array]
 # Parameter paths ('a/b/kernel') of the routing head: the gate's route logits, trained in
 # Stage II only.
@@ -141,6 +143,5 @@ class GatedSupernet(nn.Module):
   @nn.nowrap
   def routing_madds(self, image_shape) -> np.ndarray:
     """MAdds per image (float64, (R,)) of each routing-space route, gate included."""
-    from dsnet_jax.complexity import route_complexity  # complexity traces models.
     return np.asarray([route_complexity(self, r, tuple(image_shape), with_gate=True).madds
                        for r in self.routes.routing_space], np.float64)

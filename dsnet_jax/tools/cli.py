@@ -1,19 +1,15 @@
-"""What the command-line entry points share: errors a user can fix end in one line, not a
-traceback, and a failed checkpoint save ends the process at once."""
+"""What the command lines share: a `UserError` ends in one `error:` line, not a traceback; a
+failed checkpoint save ends the process at once; config printing and multi-host start."""
 from __future__ import annotations
 
 import functools
 import os
 import sys
 
-from dsnet_jax import checkpointing, config_lib, rundir
-from dsnet_jax.routes import UnknownRouteError
+from dsnet_jax import config_lib, errors
 
 # Errors whose message says what to fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (config_lib.ConfigError, rundir.ConfigMismatchError, rundir.StaleStageError,
-               rundir.WorkdirLockedError, checkpointing.CheckpointMismatchError,
-               checkpointing.UnreadableCheckpointError, checkpointing.NonFiniteStateError,
-               UnknownRouteError, FileNotFoundError, FileExistsError, NotADirectoryError,
+USER_ERRORS = (errors.UserError, FileNotFoundError, FileExistsError, NotADirectoryError,
                FloatingPointError)
 
 
@@ -29,7 +25,7 @@ def main_errors(main, *more_user_errors: type[Exception]):
   def wrapped(*args, **kwargs):
     try:
       return main(*args, **kwargs)
-    except checkpointing.CheckpointSaveError as e:
+    except errors.CheckpointSaveError as e:
       sys.stdout.flush()
       print(f'error: {e}', file=sys.stderr, flush=True)
       os._exit(1)
@@ -71,15 +67,15 @@ def start_distributed(flag_values) -> None:
   process 0 only (the others' stdout goes nowhere; errors still show, on stderr).
 
   Raises:
-    config_lib.ConfigError: those flags without --distributed, or a process id out of range.
+    errors.ConfigError: those flags without --distributed, or a process id out of range.
   """
   given = [f'--{name}' for name in ('coordinator_address', 'num_processes', 'process_id')
            if flag_values[name].present]
   if given and not flag_values.distributed:
-    raise config_lib.ConfigError(f'{", ".join(given)} need --distributed')
+    raise errors.ConfigError(f'{", ".join(given)} need --distributed')
   n, i = flag_values.num_processes, flag_values.process_id
   if n is not None and (n < 1 or (i is not None and not 0 <= i < n)):
-    raise config_lib.ConfigError(f'--process_id={i} --num_processes={n}: need 0 <= process_id '
+    raise errors.ConfigError(f'--process_id={i} --num_processes={n}: need 0 <= process_id '
                                  '< num_processes')
   if not flag_values.distributed:
     return
@@ -105,5 +101,5 @@ def start(flag_values, resolve=None) -> bool:
     print(config)
     return False
   if not flag_values.workdir:
-    raise config_lib.ConfigError('--workdir is required (only --print_config goes without)')
+    raise errors.ConfigError('--workdir is required (only --print_config goes without)')
   return True

@@ -1,0 +1,94 @@
+"""Times every route and the routed model on this device; writes latency.json.
+
+    python -m dsnet_jax.tools.latency --config=configs/ds_mbnet_fmnist.py \
+        --workdir=workdir/ds_mbnet_fmnist             # writes workdir/.../latency.json
+    python -m dsnet_jax.tools.latency --config=configs/ds_mbnet_fmnist.py \
+        --output=workdir/ds_mbnet_fmnist/latency.json   # before training: random weights
+    python -m dsnet_jax.tools.latency --model=ds_mbnet --image_size=224 --output=latency.json
+
+What is measured, and how: `dsnet_jax.latency`.
+"""
+import os
+
+from absl import app, flags, logging
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+from dsnet_jax import config_lib, eval_lib, inference, latency, stand_in
+from dsnet_jax.models import available_models, get_model
+from dsnet_jax.tools import cli
+
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file('config', None, 'The config --workdir was trained with.')
+flags.DEFINE_string('workdir', '', 'Training workdir: its latest stage is timed and '
+                    'latency.json written there (without it: random weights of --config\'s '
+                    'model).')
+flags.DEFINE_string('model', '', 'Instead of a workdir: a model name, random weights.')
+flags.DEFINE_integer('image_size', 224, 'With --model: image height and width.')
+flags.DEFINE_integer('num_classes', 1000, 'With --model: classes.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'With --model: compute dtype.')
+flags.DEFINE_integer('batch', 0, 'Throughput batch (0: 64 on CPU, 256 on accelerators).')
+flags.DEFINE_list('batch_sizes', [], 'Batch sizes to time (default: 1 and --batch).')
+flags.DEFINE_list('routes', [], 'Routes to time (default: every route of the table).')
+flags.DEFINE_integer('rounds', 5, 'Timed rounds (median and p90).')
+flags.DEFINE_integer('singles', 8, 'Images per batch-1 round.')
+flags.DEFINE_string('output', '', 'Where to write the table (default: '
+                    '<workdir>/latency.json; with --model: printed only).')
+
+
+def main(argv):
+  f = FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if bool(f.config) == bool(f.model) or (f.workdir and not f.config):
+    raise app.UsageError('give --config (with --workdir: its trained model; without: random '
+                         'weights) or --model (random weights)')
+  batch = f.batch or latency.default_throughput_batch()
+  try:
+    sizes = sorted({int(b) for b in f.batch_sizes} | {1, batch})
+  except ValueError:
+    raise app.UsageError(f'--batch_sizes must be integers, got {f.batch_sizes}') from None
+  output = f.output or (f.workdir and os.path.join(f.workdir, latency.LATENCY_FILE))
+  if output and (os.path.isdir(output) or os.path.isfile(os.path.dirname(output) or '.')):
+    raise app.UsageError(f'--output={output} is a directory or under a file: give a file path')
+  if f.model and (f.image_size < 1 or f.num_classes < 1):
+    raise app.UsageError('--image_size and --num_classes must be positive')
+  if sizes[0] < 1 or f.rounds < 1 or f.singles < 1:
+    raise app.UsageError(f'batch sizes, --rounds and --singles must be positive, got {sizes}, '
+                         f'{f.rounds}, {f.singles}')
+  count = max(sizes[-1], f.singles)
+  if f.model and f.model not in available_models():
+    raise app.UsageError(f'unknown model {f.model!r}; available: '
+                         f'{", ".join(available_models())}')
+  if f.config:
+    if f.workdir:
+      restored, pipeline, _ = eval_lib.restore_workdir(f.config, f.workdir)
+      model, variables = restored.model, restored.variables
+    else:
+      config_lib.validate(f.config)
+      pipeline = eval_lib.eval_pipeline(f.config)
+      model = get_model(f.config.model_name, **f.config.model)
+      variables = stand_in.random_variables(model, pipeline.image_shape)
+    image_shape = pipeline.image_shape
+    images = latency.evaluation_images(pipeline, count)
+  else:
+    model = latency.model_for(f.model, f.image_size, num_classes=f.num_classes,
+                              dtype=f.dtype)
+    image_shape = (f.image_size, f.image_size, 3)
+    variables = stand_in.random_variables(model, image_shape)
+    images = np.random.default_rng(0).normal(size=(count, *image_shape)).astype(np.float32)
+  predictor = inference.RoutedPredictor(model, jax.device_put(variables), image_shape,
+                                        max_batch=sizes[-1])
+  table = latency.measure(predictor, images, routes=f.routes or None, batch_sizes=sizes,
+                          singles=f.singles, rounds=f.rounds)
+  print(latency.format_table(table))
+  if output:
+    latency.save(table, output)
+    print(f'wrote {output}')
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.WARNING)
+  app.run(cli.main_errors(main))
