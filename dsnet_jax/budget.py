@@ -1,27 +1,7 @@
-"""The gate's compute budget: what it means in MAdds, how training is held to it, how the
-argmax routing used at inference is calibrated onto it.
-
-`config.gate.budget` is the average cost per image the routed model must have, as a fraction
-of the 'largest' route's MAdds (`budget_unit='largest'`), in MAdds (`'madds'`), or in
-milliseconds on this device (`'ms'`: each route's ms/image at the throughput batch of the
-workdir's latency table, `python -m dsnet_jax.tools.latency`). [ours] It is a constraint, not a
-hand-weighted penalty; below, "cost" is MAdds or milliseconds:
-
-1. Training (dual ascent): the loss gets `dual * excess(cost)`, where cost is the batch's
-   mean MAdds under the straight-through routes and `excess` is (cost - budget) over the
-   routing space's cost range; after each step the dual variable moves by `dual_lr *
-   excess(argmax cost)`, the cost of the argmax routing that inference uses, so it rises while
-   the gate spends too much and falls (below zero too: the constraint is an equality) while it
-   spends too little.
-2. Calibration: on a held-out slice of the training split, one price `p` on compute is found
-   by bisection such that argmax(routing logits - p * route MAdds / budget) spends the budget
-   on average. The offsets (shifted so that the cheapest route's is 0) are saved with the
-   gate's checkpoint (meta `routing_offsets`) and added to the routing logits by
-   `apply_prefix`, so eval.py and `RoutedPredictor` route with them. A single price keeps the
-   routing a cost-aware argmax (each example's choice only gets cheaper as the price rises),
-   so the average cost is monotone in `p` and the bisection cannot miss.
-3. `propose_routing_space` picks the routing space for a budget from measured routes
-   (`model.routing_space='auto'`).
+"""The gate's compute budget [ours]: a fraction of 'largest''s MAdds, MAdds, or ms per image
+(from a latency table); held in training by dual ascent (`excess`), met at inference by
+per-route logit offsets calibrated on held-out images (`calibrate_offsets`); and a routing
+space proposed for it (`propose_routing_space`). The method: docs/design.md.
 """
 from __future__ import annotations
 
@@ -191,35 +171,35 @@ def calibrate_offsets(routing_logits: np.ndarray, route_costs: np.ndarray, budge
 def propose_routing_space(rows: Sequence[dict[str, Any]], budget: float,
                           max_routes: int = 4) -> tuple[str, ...]:
   """[ours] A routing space for `budget` from measured routes: the routes on the upper
-  concave hull of accuracy vs MAdds (each more accurate than mixing its neighbours), from the
+  concave hull of accuracy vs cost (each more accurate than mixing its neighbours), from the
   cheapest up to the first at or beyond `2 * budget - cheapest` (so the budget lies at most
   halfway: the gate may send up to half the images to the widest route), at most
   `max_routes` of them (the middle ones thinned evenly). If the hull ends below the budget,
   the cheapest route that costs at least the budget is added, so the budget can be spent.
 
   Args:
-    rows: {'route', 'accuracy', 'madds'} of the routes that may share a routing space
-      (measured on held-out data, e.g. the gate's calibration slice); 'madds' may hold any
-      cost in the budget's unit (e.g. ms).
+    rows: {'route', 'accuracy', 'cost'} of the routes that may share a routing space
+      (measured on held-out data, e.g. the gate's calibration slice); 'cost' in the budget's
+      unit (MAdds or ms).
     budget: cost per image.
   Raises:
     BudgetError: the budget is below the cheapest route or above the dearest.
   """
-  points = sorted(rows, key=lambda r: (r['madds'], -r['accuracy']))
-  if not points[0]['madds'] <= budget <= points[-1]['madds']:
+  points = sorted(rows, key=lambda r: (r['cost'], -r['accuracy']))
+  if not points[0]['cost'] <= budget <= points[-1]['cost']:
     raise BudgetError(f'budget {budget:.6g} is outside the measured routes\' costs '
-                      f'{points[0]["madds"]:.6g}-{points[-1]["madds"]:.6g}')
+                      f'{points[0]["cost"]:.6g}-{points[-1]["cost"]:.6g}')
   hull = []
   for point in points:
     while len(hull) >= 2 and _cross(hull[-2], hull[-1], point) >= 0:
       hull.pop()  # hull[-1] is not above the chord from hull[-2] to point.
     if not hull or point['accuracy'] > hull[-1]['accuracy']:
       hull.append(point)
-  reach = 2 * budget - hull[0]['madds']
-  end = next((i for i, p in enumerate(hull) if p['madds'] >= reach), len(hull) - 1)
+  reach = 2 * budget - hull[0]['cost']
+  end = next((i for i, p in enumerate(hull) if p['cost'] >= reach), len(hull) - 1)
   chosen = hull[:end + 1]
-  if chosen[-1]['madds'] < budget:  # No route that costs the budget is more accurate.
-    chosen.append(next(p for p in points if p['madds'] >= budget))
+  if chosen[-1]['cost'] < budget:  # No route that costs the budget is more accurate.
+    chosen.append(next(p for p in points if p['cost'] >= budget))
   if len(chosen) > max_routes:
     keep = np.linspace(0, len(chosen) - 1, max_routes).round().astype(int)
     chosen = [chosen[i] for i in keep]
@@ -227,6 +207,6 @@ def propose_routing_space(rows: Sequence[dict[str, Any]], budget: float,
 
 
 def _cross(a, b, c) -> float:
-  """> 0 when c lies above the line through a and b (accuracy over MAdds)."""
-  return ((b['madds'] - a['madds']) * (c['accuracy'] - a['accuracy'])
-          - (b['accuracy'] - a['accuracy']) * (c['madds'] - a['madds']))
+  """> 0 when c lies above the line through a and b (accuracy over cost)."""
+  return ((b['cost'] - a['cost']) * (c['accuracy'] - a['accuracy'])
+          - (b['accuracy'] - a['accuracy']) * (c['cost'] - a['cost']))

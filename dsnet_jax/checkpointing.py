@@ -1,23 +1,8 @@
 """Checkpoints: the one place that knows orbax.
 
-Each step holds two items: `state`, a pytree of arrays (params, batch_stats, opt_state, ema,
-step), and `meta`, a JSON dict (config, stage, seed). Restores go into a target tree whose
-`jax.ShapeDtypeStruct` leaves carry shardings, so arrays land where the jitted step expects
-them; the target is checked against the stored tree first, so a wrong model config fails
-with one readable error instead of deep inside orbax.
-
-Saves are atomic: orbax writes `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/`
-when complete, and step listing ignores tmp directories, so a save killed midway leaves the
-previous step as the latest (tests/test_checkpointing.py kills one to check).
-
-`state` uses orbax's PyTree handler rather than the Standard one: same files on disk, but
-orbax 0.12 restores a subset (eval's params and batch_stats) only through
-`PyTreeRestore(partial_restore=True)`, and a manager binds one handler type per item.
-
-Nothing worse than the last good step: a state with a NaN or Inf is refused before anything
-is written (`NonFiniteStateError`), a restore that cannot read a step falls back to the one
-before it (`restore(..., fallback=True)`), naming the unreadable step in one line, and a save
-that cannot write raises `CheckpointSaveError` at once, the OS error last.
+Each step holds `state` (a pytree of arrays) and `meta` (a JSON dict). Restores are exact and
+go into a sharded target checked against the stored tree first; saves are atomic; a NaN/Inf
+state is never written; an unreadable step falls back to the one before (docs/design.md).
 """
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def _route_complexity(model, route, image_shape: tuple[int, ...], with_gate: boo
                     params=_params_read(jaxpr, jaxpr.invars[:n_params], live))
 
 
-def route_table(model, image_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+def complexity_rows(model, image_shape: tuple[int, ...]) -> list[dict[str, Any]]:
   """One row per route: name, widths, MAdds, params."""
   rows = []
   for route in model.routes:

@@ -20,8 +20,9 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from dsnet_jax import models
-from dsnet_jax.data.input_pipeline import DATASETS, DataSpec
+from dsnet_jax.data.input_pipeline import DATASETS, DataSpec, check_available, num_examples
 from dsnet_jax.errors import ConfigError
+from dsnet_jax.optim import OptimizerSpec
 from dsnet_jax.routes import AUTO, RouteTable
 from dsnet_jax.train_steps import GateRecipe, SupernetRecipe
 
@@ -570,3 +571,144 @@ def _get(config, path: str):
       return None
     config = config[part]
   return config
+
+
+# --- the resolved run: frozen specs ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SupernetSpec:
+  """Stage I, resolved: its steps, optimizer, batches and what each step trains."""
+  steps: int
+  optimizer: OptimizerSpec
+  data: DataSpec
+  recipe: SupernetRecipe
+
+
+@dataclasses.dataclass(frozen=True)
+class RecalibrateSpec:
+  """BN recalibration, resolved: how many batches of which data."""
+  num_batches: int
+  data: DataSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSpec:
+  """Stage II, resolved: its steps, optimizer, batches, what each step trains, and the budget
+  (`budget` in `budget_unit`, 0: none) with the training images held out to calibrate it
+  (`held_out`, the last ones of the training split; 0 without a budget)."""
+  steps: int
+  optimizer: OptimizerSpec
+  data: DataSpec
+  recipe: GateRecipe
+  budget: float
+  budget_unit: str
+  held_out: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """Everything a run needs, resolved once from a config (`resolve`): durations in steps,
+  learning rates scaled, each stage's data fixed, the model built. `config_json` is the
+  resolved config as checkpoints record it and as resumes compare it."""
+  config_json: str
+  seed: int
+  model_name: str
+  model: Any  # The Flax module (hashable).
+  stages: tuple[str, ...]
+  batch_size: int
+  eval_batch_size: int
+  num_devices: int  # 0: every device.
+  init_checkpoint: str
+  supernet: SupernetSpec
+  recalibrate: RecalibrateSpec
+  gate: GateSpec
+  eval_data: DataSpec
+  log_every_steps: int
+  eval_every_steps: int
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    """The resolved config (a fresh copy: the spec stays frozen)."""
+    return from_json(self.config_json)
+
+  def stage_steps(self, stage: str) -> int:
+    """The step at which `stage` is finished."""
+    return {'supernet': self.supernet.steps, 'recalibrate': self.recalibrate.num_batches,
+            'gate': self.gate.steps}[stage]
+
+
+def _tuples(tree):
+  """JSON's lists back to the tuples configs hold (model fields must be hashable)."""
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_tuples(v) for v in tree)
+  return tree
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """A config saved as JSON (a checkpoint's meta), with its tuples restored."""
+  return ml_collections.ConfigDict(_tuples(json.loads(text)))
+
+
+def optimizer_spec(section: ml_collections.ConfigDict) -> OptimizerSpec:
+  """The OptimizerSpec of a resolved `<stage>.optimizer` section."""
+  return _recipe(OptimizerSpec, section)
+
+
+def resolve(config: ml_collections.ConfigDict) -> RunSpec:
+  """The run `config` describes, validated and resolved (`resolve_config`), as frozen specs.
+
+  Raises:
+    ConfigError: an invalid config, or a budget's held-out images that leave the gate stage
+      less than one batch; FileNotFoundError: data needed to resolve epochs is missing.
+  """
+  config = resolve_config(config)
+  held_out = config.gate.calibration_examples if config.gate.budget else 0
+  if held_out:
+    _check_held_out(config, num_examples(stage_data(config, 'supernet'), 'train'))
+  return RunSpec(
+      config_json=config.to_json(), seed=config.seed, model_name=config.model_name,
+      model=models.get_model(config.model_name, **config.model), stages=tuple(config.stages),
+      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+      num_devices=config.num_devices, init_checkpoint=config.init_checkpoint,
+      supernet=SupernetSpec(config.supernet.steps, optimizer_spec(config.supernet.optimizer),
+                            stage_data(config, 'supernet'), supernet_recipe(config)),
+      recalibrate=RecalibrateSpec(config.recalibrate.num_batches,
+                                  stage_data(config, 'recalibrate')),
+      gate=GateSpec(config.gate.steps, optimizer_spec(config.gate.optimizer),
+                    stage_data(config, 'gate'), gate_recipe(config), float(config.gate.budget),
+                    config.gate.budget_unit, held_out),
+      eval_data=data_spec(config.data), log_every_steps=config.log_every_steps,
+      eval_every_steps=config.eval_every_steps,
+      checkpoint_every_steps=config.checkpoint_every_steps,
+      keep_checkpoints=config.keep_checkpoints)
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config as training runs it: validated, with every duration in steps at its batch
+  size (`resolve_durations`; an epoch of the gate stage leaves out the examples held out to
+  calibrate the budget).
+
+  Raises:
+    ConfigError: an invalid config; FileNotFoundError: the data is missing.
+  """
+  validate(config)
+  if not counts_in_epochs(config):  # The data's size is not needed.
+    return resolve_durations(config, None)
+  check_available(data_spec(config.data), 'train')
+  examples = num_examples(stage_data(config, 'supernet'), 'train')
+  held_out = config.gate.calibration_examples if config.gate.budget else 0
+  if held_out:
+    _check_held_out(config, examples)
+  return resolve_durations(config, {'supernet': examples, 'gate': examples - held_out})
+
+
+def _check_held_out(config: ml_collections.ConfigDict, examples: int) -> None:
+  held_out = config.gate.calibration_examples
+  if examples - held_out < config.batch_size:
+    raise ConfigError(
+        f'config key gate.calibration_examples={held_out} leaves fewer than one batch of the '
+        f'{examples} training examples for the gate stage')

@@ -68,7 +68,7 @@ def gated_result(model, variables, pipeline, mesh) -> dict[str, Any]:
           'routing_indices': np.concatenate(indices)}
 
 
-def route_table(model, variables, pipeline, mesh) -> list[dict[str, Any]]:
+def route_results(model, variables, pipeline, mesh) -> list[dict[str, Any]]:
   """Accuracy, MAdds and parameters of every route; a progress line per route."""
   rows = []
   for i, route in enumerate(model.routes):
@@ -87,7 +87,7 @@ def static_accuracy_at(rows, madds: float) -> float:
   the nearest end's outside the curve.
 
   Args:
-    rows: route_table rows ('accuracy', 'madds').
+    rows: route_results rows ('accuracy', 'madds').
     madds: average MAdds per image.
   """
   points = sorted((r['madds'], r['accuracy']) for r in rows)
@@ -105,7 +105,7 @@ def best_static_mix_at(rows, madds: float) -> float:
              for m0, a0 in points for m1, a1 in points if m0 <= madds < m1)
 
 
-def compare_with_static(rows, gated: dict[str, Any], budget: dict[str, float] | None = None
+def compare_with_static(rows, gated: dict[str, Any], budget_meta: dict[str, float] | None = None
                         ) -> dict[str, Any]:
   """`gated` plus 'static_accuracy' (the static curve at the gated model's cost), 'gain' (the
   gated accuracy minus it), 'best_static_mix' and 'gain_over_mix' (the same against the
@@ -114,10 +114,10 @@ def compare_with_static(rows, gated: dict[str, Any], budget: dict[str, float] | 
   static = static_accuracy_at(rows, gated['madds'])
   mix = best_static_mix_at(rows, gated['madds'])
   return {**gated, 'static_accuracy': static, 'gain': gated['accuracy'] - static,
-          'best_static_mix': mix, 'gain_over_mix': gated['accuracy'] - mix, **(budget or {})}
+          'best_static_mix': mix, 'gain_over_mix': gated['accuracy'] - mix, **(budget_meta or {})}
 
 
-def budget_of(meta: dict[str, Any]) -> dict[str, float]:
+def calibrated_budget(meta: dict[str, Any]) -> dict[str, float]:
   """The budget a gate checkpoint's offsets were calibrated for: {} or {'budget_<unit>': v}."""
   return {k: meta[k] for k in ('budget_madds', 'budget_ms') if meta.get(k)}
 
@@ -206,19 +206,19 @@ def plot(rows, gated, path: str, title: str = ''):
 
 
 def evaluate_and_report(model, variables, pipeline, mesh, output_dir: str, gated: bool = True,
-                        budget: dict[str, float] | None = None,
+                        budget_meta: dict[str, float] | None = None,
                         latency: dict[str, Any] | None = None, title: str = '') -> dict[str, Any]:
   """Prints the route table (and the gated result against the static routes' curve and the
   budget, MAdds per image, when set; ms/image from a latency table when given), writes
   eval.json, eval.png (titled `title`) and, for a gated model, routes.npy (each evaluation
   example's routing index, in the split's order) into `output_dir` (local or gs://; process
   0 writes)."""
-  rows = route_table(model, variables, pipeline, mesh)
+  rows = route_results(model, variables, pipeline, mesh)
   result, routing_indices = None, None
   if gated:
     result = gated_result(model, variables, pipeline, mesh)
     routing_indices = result.pop('routing_indices')
-    result = compare_with_static(rows, result, budget)
+    result = compare_with_static(rows, result, budget_meta)
   if latency:
     add_latency(rows, result, latency)
   print(format_report(rows, result, latency), flush=True)
@@ -241,11 +241,10 @@ def report_title(model, config, restored) -> str:
   return f'{type(model).__name__} on {config.data.name}, {stage} step {restored.step}'
 
 
-def eval_pipeline(config) -> input_pipeline.Pipeline:
-  """The evaluation split's batches for `config` (no training pipeline is built)."""
-  return input_pipeline.make(config_lib.data_spec(config.data),
-                             input_pipeline.EVAL_SPLITS[config.data.name],
-                             batch_size=config.eval_batch_size, train=False)
+def eval_pipeline(data: input_pipeline.DataSpec, batch_size: int) -> input_pipeline.Pipeline:
+  """The evaluation split's batches of `data` (no training pipeline is built)."""
+  return input_pipeline.make(data, input_pipeline.EVAL_SPLITS[data.name], batch_size=batch_size,
+                             train=False)
 
 
 def restore_workdir(config, workdir: str, checkpoint: str = '',
@@ -269,7 +268,7 @@ def restore_workdir(config, workdir: str, checkpoint: str = '',
     rundir_lib.RunDir(workdir).latest_stage_dir()  # Raises before the data is read.
   input_pipeline.check_available(config_lib.data_spec(config.data))
   mesh = sharding.make_mesh(config.num_devices or None)
-  pipeline = eval_pipeline(config)
+  pipeline = eval_pipeline(config_lib.data_spec(config.data), config.eval_batch_size)
   restored = rundir_lib.load(workdir, checkpoint, config, allow_config_changes, mesh).restored
   print(f'restored {restored.describe()}', flush=True)
   if not restored.complete:
@@ -293,7 +292,7 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '',
   output_dir = output_dir or restored.directory
   print(f'report -> {output_dir}', flush=True)
   return evaluate_and_report(restored.model, restored.variables, pipeline, mesh, output_dir,
-                             gated=restored.gated, budget=budget_of(restored.meta),
+                             gated=restored.gated, budget_meta=calibrated_budget(restored.meta),
                              latency=workdir_latency(workdir, pipeline.image_shape,
                                                      restored.model),
                              title=report_title(restored.model, config, restored))

@@ -1,22 +1,11 @@
-"""Transparent huge pages for XLA:CPU's buffers: the entry points relaunch themselves with glibc's
-`glibc.malloc.hugetlb=1` tunable.
-
-XLA:CPU allocates its large buffers (activations, gradients) afresh at every call; glibc maps
-each with mmap and unmaps it when it is freed, so every training step touches new 4 KiB pages.
-On the DS-MBNet Fashion-MNIST demo that is ~200k page faults a second and ~40 % of the
-process's CPU time in the kernel. With the tunable glibc asks the kernel for 2 MiB pages
-(madvise(MADV_HUGEPAGE)) where its mode is 'madvise' (the usual default): 5-14x fewer faults,
-a training step 1.5-1.6x faster on a 2-core VM (`benchmarks/huge_pages.py`), the same
-results bit for bit (the pages hold the same values). glibc reads its tunables when a process
-starts, hence a relaunch (os.execve: same process id) rather than a setting.
+"""Transparent huge pages for XLA:CPU's buffers: the entry points relaunch themselves with
+glibc's `glibc.malloc.hugetlb=1` tunable (why, and what it buys: docs/design.md).
 
     if __name__ == '__main__':
       huge_pages.relaunch()  # First: whatever ran before it runs again.
-      app.run(main)
 
-Opt out with `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` (any value of the tunable is left alone):
-on a host short of memory, the kernel may stall compacting memory for huge pages. A library
-user (a notebook) sets `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` before Python starts.
+Opt out with `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`; a notebook sets
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` before Python starts.
 """
 from __future__ import annotations
 

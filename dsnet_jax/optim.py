@@ -1,13 +1,7 @@
-"""Optimizers from the config: SGD-Nesterov or AdamW, warm-up + cosine, parameter groups.
-
-`config.optimizer` fields:
-  name: 'sgd' | 'adamw'; lr; end_lr; warmup_steps; momentum, nesterov (sgd); b1, b2 (adamw);
-  weight_decay (never on biases or other 1-D params);
-  param_groups: ((regex, multiplier | None), ...) matched in order against 'a/b/kernel' paths;
-    the multiplier scales that group's learning rate, None freezes it. Default: train all.
-"""
+"""Optimizers: SGD-Nesterov or AdamW, warm-up + cosine, parameter groups, and the EMA."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Sequence
 
@@ -18,7 +12,29 @@ import optax
 FROZEN = 'frozen'
 
 
-def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """A stage's optimizer (`config.<stage>.optimizer` once resolved: `lr` already scaled to the
+  batch size, warm-up in steps).
+
+  name: 'sgd' | 'adamw'; lr, end_lr: the schedule's peak and end; warmup_steps; momentum,
+  nesterov (sgd); b1, b2 (adamw); weight_decay (never on biases or other 1-D params);
+  param_groups: ((regex, multiplier | None), ...) matched in order against 'a/b/kernel'
+  paths; the multiplier scales that group's learning rate, None freezes it.
+  """
+  name: str
+  lr: float
+  end_lr: float
+  warmup_steps: int
+  momentum: float
+  nesterov: bool
+  b1: float
+  b2: float
+  weight_decay: float
+  param_groups: tuple[tuple[str, float | None], ...]
+
+
+def learning_rate_schedule(config: OptimizerSpec, total_steps: int) -> optax.Schedule:
   """Linear warm-up from 0 to `lr`, then cosine to `end_lr` at `total_steps`."""
   warmup = min(config.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
@@ -45,9 +61,9 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(config, total_steps: int, params, frozen: str | None = None
+def make_optimizer(config: OptimizerSpec, total_steps: int, params, frozen: str | None = None
                    ) -> optax.GradientTransformation:
-  """The optax transformation of `config.optimizer` for `total_steps` steps over `params`.
+  """The optax transformation of `config` for `total_steps` steps over `params`.
 
   `frozen`: a regex of parameter paths that never change, whatever `param_groups` says (a
   stage's parameters that get no gradient: weight decay would still move them).

@@ -43,7 +43,6 @@ from dsnet_jax.models import get_model
 from dsnet_jax.models.gated import ROUTING_HEAD
 from dsnet_jax.routes import RouteTable
 
-STAGES = ('supernet', 'recalibrate', 'gate')
 # Config keys that change neither the model nor the numbers a run computes.
 RUN_NEUTRAL_KEYS = ('stages', 'num_devices', 'eval_batch_size', 'log_every_steps',
                     'eval_every_steps', 'eval_every_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
@@ -214,17 +213,8 @@ def saved_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
   if 'config' not in meta:
     raise errors.ConfigError(f'{directory} saved no config (an imported checkpoint?): '
                                  'give its config')
-  saved = json.loads(meta['config']) if isinstance(meta['config'], str) else meta['config']
-  return ml_collections.ConfigDict(_tuples(saved))
-
-
-def _tuples(tree):
-  """JSON's lists back to the tuples configs hold (model fields must be hashable)."""
-  if isinstance(tree, dict):
-    return {k: _tuples(v) for k, v in tree.items()}
-  if isinstance(tree, list):
-    return tuple(_tuples(v) for v in tree)
-  return tree
+  saved = meta['config'] if isinstance(meta['config'], str) else json.dumps(meta['config'])
+  return config_lib.from_json(saved)
 
 
 def _routing_space(model) -> tuple[str, ...]:
@@ -363,7 +353,7 @@ class RunDir:
     """The checkpoint folder of the last stage (in training order) that saved a step."""
     if not epath.Path(self.workdir).is_dir():
       raise FileNotFoundError(f'no workdir {self.workdir}')
-    for stage in reversed(STAGES):
+    for stage in reversed(config_lib.STAGES):
       if self.status(stage).exists:
         return self.stage_dir(stage)
     raise FileNotFoundError(f'no checkpoint under {epath.Path(self.workdir) / "checkpoints"}; '

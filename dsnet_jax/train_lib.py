@@ -1,25 +1,9 @@
 """`train_and_evaluate(config, workdir)`: Stage I supernet, BN recalibration, Stage II gate.
 
-Each stage checkpoints under the run directory (`rundir`); a stage is finished when its latest
-step reaches the configured total, and a finished stage is skipped on resume. Stages are
-chained lazily from the last: a finished stage returns its own variables without touching the
-stages before it, an unfinished one resumes from its own checkpoint, and only a stage that
-starts fresh asks the stage before it for its output. Before any work the workdir is locked
-(one run per workdir) and every existing checkpoint is checked against the current config
-and against the checkpoint it was computed from, so nothing resumes into a different run.
-
-With `config.gate.budget`, Stage II is held to an average cost (dsnet_jax.budget): dual ascent
-while it trains, then routing offsets calibrated on held-out training images; with
-`model.routing_space='auto'` it first chooses the routing space for the budget.
-
-Every random choice (routes, dropout, Gumbel noise, batch order, augmentation) is a
-function of (config.seed, step), so a resumed run continues exactly as an unbroken one.
-A stage changes only what it trains: Stage I never moves the routing head (it gets no
-gradient there), Stage II moves nothing else (`config.gate.optimizer.param_groups`).
-
-Stage I compiles one gradient program per route (route is static), never one per route
-combination: a step draws its sandwich on the host, sums the routes' gradients into one
-accumulator and applies a single optimizer update.
+Orchestration only: resolves the config into a RunSpec, locks the workdir, checks that every
+checkpoint belongs to this run, chains the stages lazily (a finished stage is skipped), saves,
+logs and evaluates. The steps themselves are `train_steps`; how stages chain and resume is in
+docs/design.md.
 """
 from __future__ import annotations
 
@@ -33,14 +17,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from dsnet_jax import errors
-from dsnet_jax import bn_calibration, checkpointing, config_lib, eval_lib, optim
+from dsnet_jax import bn_calibration, checkpointing, config_lib, errors, eval_lib, optim
 from dsnet_jax import budget as budget_lib
 from dsnet_jax import routes as routes_lib
 from dsnet_jax import rundir as rundir_lib
 from dsnet_jax import sharding
 from dsnet_jax.data import input_pipeline
-from dsnet_jax.models import get_model
 from dsnet_jax.models.gated import ROUTING_HEAD
 from dsnet_jax.progress import ProgressLogger
 from dsnet_jax.train_steps import (GateState, SupernetFunctions, TrainState, Variables,
@@ -53,14 +35,14 @@ StageOutput = tuple[Variables, dict[str, Any]]
 @dataclasses.dataclass
 class Run:
   """What every stage shares."""
-  config: ml_collections.ConfigDict
+  spec: config_lib.RunSpec
   rundir: rundir_lib.RunDir
   model: Any
   mesh: jax.sharding.Mesh
   train_data: input_pipeline.Pipeline
   eval_data: input_pipeline.Pipeline
   allow_changes: tuple[str, ...] = ()
-  # The training batches of each later stage (config_lib.stage_data).
+  # The training batches of each later stage.
   stage_data: dict[str, input_pipeline.Pipeline] = dataclasses.field(default_factory=dict)
   # With a gate budget, the held-out end of the training split that the routing offsets are
   # calibrated on (eval preprocessing).
@@ -77,7 +59,7 @@ class Run:
   @functools.cached_property
   def budget(self) -> budget_lib.Budget | None:
     """The gate's budget with the routing space's route costs (None without one)."""
-    return budget_lib.make_budget(self.config.gate, self.model, self.train_data.image_shape,
+    return budget_lib.make_budget(self.spec.gate, self.model, self.train_data.image_shape,
                                   self.rundir.workdir)
 
   def route_costs(self) -> np.ndarray:
@@ -99,79 +81,47 @@ class Run:
       yield sharding.global_batch(batch, self.mesh)
 
   def step_key(self, step: int, purpose: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), step), purpose)
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.spec.seed), step), purpose)
 
   def meta(self, stage: str, step: int, total: int, source: dict[str, Any],
            variables_key: str = '', gated: bool = False, **extra) -> dict[str, Any]:
     """What a checkpoint says of itself (see rundir's docstring)."""
     return {'stage': stage, 'step': step, 'total_steps': total, 'complete': step >= total,
             'source': source, 'variables_key': variables_key, 'gated': gated,
-            'seed': self.config.seed, 'model_name': self.config.model_name,
-            'config': self.config.to_json(), **extra}
+            'seed': self.spec.seed, 'model_name': self.spec.model_name,
+            'config': self.spec.config_json, **extra}
 
 
 def make_run(config: ml_collections.ConfigDict, workdir: str,
              allow_config_changes: Iterable[str] = ()) -> Run:
-  """Validates the config, the data and the batch sizes before building anything heavy; the
-  run holds the config with its durations resolved (resolve_config)."""
-  config = resolve_config(config)
-  config_lib.check_key_paths(config, allow_config_changes, '--allow_config_change key')
-  config_lib.validate_devices(config, len(jax.devices()), jax.process_count())
-  input_pipeline.check_available(config_lib.data_spec(config.data))
-  mesh = sharding.make_mesh(config.num_devices or None)
-  model = get_model(config.model_name, **config.model)
+  """Resolves the config (`config_lib.resolve`) and checks the devices, the data and the
+  budget before building anything heavy."""
+  spec = config_lib.resolve(config)
+  config_lib.check_key_paths(spec.config, allow_config_changes, '--allow_config_change key')
+  config_lib.validate_devices(spec.config, len(jax.devices()), jax.process_count())
+  input_pipeline.check_available(spec.eval_data)
+  mesh = sharding.make_mesh(spec.num_devices or None)
 
-  def training(stage, examples=None):
-    return input_pipeline.make(config_lib.stage_data(config, stage), 'train',
-                               batch_size=config.batch_size, train=True, seed=config.seed,
-                               examples=examples)
+  def training(data, examples=None):
+    return input_pipeline.make(data, 'train', batch_size=spec.batch_size, train=True,
+                               seed=spec.seed, examples=examples)
 
-  train_data = training('supernet')
+  train_data = training(spec.supernet.data)
   run_dir = rundir_lib.RunDir(workdir)
-  budget = budget_lib.make_budget(config.gate, model, train_data.image_shape, run_dir.workdir)
-  held_out = _held_out(config, train_data.num_examples)
-  stage_data = {'recalibrate': training('recalibrate'),
-                'gate': training('gate', (0, -held_out) if held_out else None)}
+  budget = budget_lib.make_budget(spec.gate, spec.model, train_data.image_shape,
+                                  run_dir.workdir)
+  held_out = spec.gate.held_out
+  stage_data = {'recalibrate': training(spec.recalibrate.data),
+                'gate': training(spec.gate.data, (0, -held_out) if held_out else None)}
   calibration_data = input_pipeline.make(
-      config_lib.stage_data(config, 'gate'), 'train', batch_size=config.eval_batch_size,
-      train=False, examples=(-held_out, None)) if held_out else None
-  eval_data = eval_lib.eval_pipeline(config)
-  run = Run(config, run_dir, model, mesh, train_data, eval_data,
+      spec.gate.data, 'train', batch_size=spec.eval_batch_size, train=False,
+      examples=(-held_out, None)) if held_out else None
+  eval_data = eval_lib.eval_pipeline(spec.eval_data, spec.eval_batch_size)
+  run = Run(spec, run_dir, spec.model, mesh, train_data, eval_data,
             config_lib.with_derived_keys(allow_config_changes),
             stage_data, calibration_data)
   run.budget = budget  # Checked above, before any work.
   return run
-
-
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config as training runs it: validated, with every duration in steps at its batch
-  size (config_lib.resolve_durations; an epoch of the gate stage leaves out the examples
-  held out to calibrate the budget).
-
-  Raises:
-    errors.ConfigError: an invalid config; FileNotFoundError: the data is missing.
-  """
-  config_lib.validate(config)
-  if not config_lib.counts_in_epochs(config):  # The data's size is not needed.
-    return config_lib.resolve_durations(config, None)
-  input_pipeline.check_available(config_lib.data_spec(config.data), 'train')
-  examples = input_pipeline.num_examples(config_lib.stage_data(config, 'supernet'), 'train')
-  return config_lib.resolve_durations(
-      config, {'supernet': examples, 'gate': examples - _held_out(config, examples)})
-
-
-def _held_out(config: ml_collections.ConfigDict, examples: int) -> int:
-  """The training examples held out to calibrate the gate's budget (0 without a budget).
-
-  Raises:
-    errors.ConfigError: they leave the gate stage less than one batch.
-  """
-  held_out = config.gate.calibration_examples if config.gate.budget else 0
-  if held_out and examples - held_out < config.batch_size:
-    raise errors.ConfigError(
-        f'config key gate.calibration_examples={held_out} leaves fewer than one batch of the '
-        f'{examples} training examples for the gate stage')
-  return held_out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -188,26 +138,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     errors.LockedError: before any training.
   """
   run = make_run(config, workdir, allow_config_changes)
+  spec = run.spec
   with run.rundir.lock():
     check_resumable(run)
     output: Callable[[], StageOutput] = functools.partial(start_variables, run)
-    for stage in config.stages:
-      output = functools.partial(STAGES[stage], run, output)
+    for stage in spec.stages:
+      output = functools.partial(STAGE_FUNCTIONS[stage], run, output)
     variables, _ = output()
-    gated = 'gate' in config.stages
+    gated = 'gate' in spec.stages
     # The budget the gate's offsets were calibrated for, as eval.py reads it.
-    budget = eval_lib.budget_of(run.rundir.status('gate').meta) if gated else None
+    calibrated = eval_lib.calibrated_budget(run.rundir.status('gate').meta) if gated else None
     return eval_lib.evaluate_and_report(
         run.model, variables, run.eval_data, run.mesh, run.rundir.workdir, gated=gated,
-        budget=budget, latency=eval_lib.workdir_latency(run.rundir.workdir,
+        budget_meta=calibrated, latency=eval_lib.workdir_latency(run.rundir.workdir,
                                                         run.eval_data.image_shape, run.model),
-        title=f'{type(run.model).__name__} on {config.data.name}, after {config.stages[-1]}')
-
-
-def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
-  """The step at which `stage` is finished."""
-  return {'supernet': config.supernet.steps, 'recalibrate': config.recalibrate.num_batches,
-          'gate': config.gate.steps}[stage]
+        title=f'{type(run.model).__name__} on {spec.eval_data.name}, after {spec.stages[-1]}')
 
 
 def check_resumable(run: Run) -> None:
@@ -218,12 +163,12 @@ def check_resumable(run: Run) -> None:
   before it will have (else it is stale: e.g. the supernet was extended after the gate ran).
   """
   previous = _earlier_stage(run)
-  for stage in run.config.stages:
+  for stage in run.spec.stages:
     status = run.rundir.status(stage)
     if status.exists and 'config' in status.meta:
       _check_stage_config(run, stage, status.meta)
     if status.exists and previous is not None and 'source' in status.meta:
-      step = max(previous.step or 0, stage_steps(run.config, previous.stage))
+      step = max(previous.step or 0, run.spec.stage_steps(previous.stage))
       expected = {'stage': previous.stage, 'step': step}
       if status.meta['source'] != expected:
         raise errors.StaleStageError(
@@ -238,10 +183,10 @@ def _check_stage_config(run: Run, stage: str, meta: dict[str, Any]) -> None:
   """A stage's checkpoint must have the current config but for run-neutral keys, later
   stages' sections and the allowed changes (and, once an ungated stage is finished, the
   routing space: the gate stage re-initialises the routing head)."""
-  later = [f'{s}.' for s in rundir_lib.STAGES[rundir_lib.STAGES.index(stage) + 1:]]
-  finished = meta.get('step', 0) >= stage_steps(run.config, stage)
+  later = [f'{s}.' for s in config_lib.STAGES[config_lib.STAGES.index(stage) + 1:]]
+  finished = meta.get('step', 0) >= run.spec.stage_steps(stage)
   routing = rundir_lib.ROUTING_SPACE_KEYS if stage != 'gate' and finished else ()
-  rundir_lib.check_config(meta, run.config, None, run.allow_changes,
+  rundir_lib.check_config(meta, run.spec.config, None, run.allow_changes,
                           f'checkpoints/{stage} in {run.rundir.workdir}',
                           ignore=(*rundir_lib.RUN_NEUTRAL_KEYS, *later, *routing))
 
@@ -250,10 +195,10 @@ def _earlier_stage(run: Run) -> rundir_lib.StageStatus | None:
   """The last finished stage before the first configured one, if the workdir has one (e.g.
   the supernet, when a later run configures only the gate stage) and no init_checkpoint is
   set."""
-  if run.config.init_checkpoint:
+  if run.spec.init_checkpoint:
     return None
-  first = rundir_lib.STAGES.index(run.config.stages[0])
-  for stage in reversed(rundir_lib.STAGES[:first]):
+  first = config_lib.STAGES.index(run.spec.stages[0])
+  for stage in reversed(config_lib.STAGES[:first]):
     status = run.rundir.status(stage)
     if status.exists and status.meta.get('complete'):
       return status
@@ -268,35 +213,35 @@ def start_variables(run: Run) -> StageOutput:
     return init_variables(run)
   restored = rundir_lib.restore_variables(
       run.rundir.stage_dir(earlier.stage), run.model, run.train_data.image_shape, run.mesh,
-      config=run.config, allow_changes=run.allow_changes)
+      config=run.spec.config, allow_changes=run.allow_changes)
   print(f'starting from {restored.describe()}', flush=True)
   return restored.variables, {'stage': earlier.stage, 'step': restored.step}
 
 
 def init_variables(run: Run) -> StageOutput:
   """Full-size variables, from `config.init_checkpoint` or a fresh init, replicated."""
-  if run.config.init_checkpoint:
+  if run.spec.init_checkpoint:
     restored = rundir_lib.restore_variables(
-        run.config.init_checkpoint, run.model, run.train_data.image_shape, run.mesh,
-        config=run.config, allow_changes=run.allow_changes)
+        run.spec.init_checkpoint, run.model, run.train_data.image_shape, run.mesh,
+        config=run.spec.config, allow_changes=run.allow_changes)
     print(f'initialised from {restored.describe()}', flush=True)
-    return restored.variables, {'init_checkpoint': run.config.init_checkpoint,
+    return restored.variables, {'init_checkpoint': run.spec.init_checkpoint,
                                 'step': restored.step}
   init = jax.jit(functools.partial(run.model.init_variables,
                                    image_shape=run.train_data.image_shape),
                  out_shardings=sharding.replicated(run.mesh))
-  return init(jax.random.key(run.config.seed)), {'init_seed': run.config.seed}
+  return init(jax.random.key(run.spec.seed)), {'init_seed': run.spec.seed}
 
 
 def _finished_output(run: Run, stage: str) -> StageOutput | None:
   """The variables of a stage whose checkpoint reached the configured steps, as
   `rundir.restore_variables` reads them (so a routing space changed since an ungated stage
   gets a new routing head), else None."""
-  total = stage_steps(run.config, stage)
+  total = run.spec.stage_steps(stage)
   if (run.rundir.status(stage).step or 0) < total:
     return None
   restored = rundir_lib.restore_variables(
-      run.rundir.stage_dir(stage), run.model, run.train_data.image_shape, run.mesh, run.config,
+      run.rundir.stage_dir(stage), run.model, run.train_data.image_shape, run.mesh, run.spec.config,
       run.allow_changes, log=lambda line: print(f'[{stage}] {line}', flush=True))
   if restored.step < total:  # The finished step was unreadable: the stage resumes.
     return None
@@ -338,22 +283,22 @@ def _train_steps(run: Run, stage: str, state, start: int, total: int, step_fn: C
                  checkpoint_meta: Callable[[int], dict], after_step: Callable | None = None):
   """Runs steps start..total-1 of `step_fn(state, batch, step) -> (state, metrics)`, logging
   and saving as the config says; `after_step(done, state, logger)` runs after each step."""
-  config = run.config
+  spec = run.spec
   run.rundir.truncate_metrics(stage, start)
-  logger = ProgressLogger(run.rundir.metrics_path, stage, total, config.batch_size)
+  logger = ProgressLogger(run.rundir.metrics_path, stage, total, spec.batch_size)
   logger.start(start)
-  with run.rundir.checkpointer(stage, keep=config.keep_checkpoints) as ckpt:
+  with run.rundir.checkpointer(stage, keep=spec.keep_checkpoints) as ckpt:
     for step, batch in zip(range(start, total), run.batches(start, stage)):
       state, metrics = step_fn(state, batch, step)
       done = step + 1
       if step == start:  # The first step compiles: speed and ETA count from its end.
         jax.block_until_ready(metrics)
         logger.compiled(done)
-      if done % config.log_every_steps == 0 or done == total:
+      if done % spec.log_every_steps == 0 or done == total:
         logger.log(done, metrics)
       if after_step:
         after_step(done, state, logger)
-      if done % config.checkpoint_every_steps == 0 or done == total:
+      if done % spec.checkpoint_every_steps == 0 or done == total:
         ckpt.save(done, state, checkpoint_meta(done))
   return state, logger
 
@@ -363,7 +308,7 @@ def _train_steps(run: Run, stage: str, state, start: int, total: int, step_fn: C
 
 def supernet_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
   """Sandwich rule + in-place bootstrapping from an EMA teacher; hands on the EMA variables."""
-  cfg = run.config.supernet
+  cfg = run.spec.supernet
   if (finished := _finished_output(run, 'supernet')) is not None:
     return finished
   tx = supernet_optimizer(run)
@@ -371,15 +316,15 @@ def supernet_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput
   state, start, source = _stage_start(run, 'supernet', cfg.steps, _abstract_state(run, fresh),
                                       fresh, upstream)
   if start < cfg.steps:
-    fns = SupernetFunctions(run.model, tx, config_lib.supernet_recipe(run.config), run.mesh)
-    evaluated = ([run.table[cfg.train_route]] if cfg.train_route
+    fns = SupernetFunctions(run.model, tx, cfg.recipe, run.mesh)
+    evaluated = ([run.table[cfg.recipe.train_route]] if cfg.recipe.train_route
                  else [run.table.smallest, run.table.largest])
 
     def step_fn(state, batch, step):
-      return fns.step(state, batch, run.table, run.config.seed, step, run.step_key(step, 0))
+      return fns.step(state, batch, run.table, run.spec.seed, step, run.step_key(step, 0))
 
     def after_step(done, state, logger):
-      if run.config.eval_every_steps and done % run.config.eval_every_steps == 0:
+      if run.spec.eval_every_steps and done % run.spec.eval_every_steps == 0:
         _log_eval(run, logger, done, state.ema, evaluated)
 
     state, logger = _train_steps(
@@ -393,7 +338,7 @@ def supernet_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput
 def supernet_optimizer(run: Run) -> optax.GradientTransformation:
   """Stage I's optimizer: `supernet.optimizer` over `supernet.steps`, the routing head frozen
   (it gets no gradient in Stage I, but weight decay would still move it)."""
-  cfg = run.config.supernet
+  cfg = run.spec.supernet
   return optim.make_optimizer(cfg.optimizer, cfg.steps, run.abstract_variables['params'],
                               frozen=ROUTING_HEAD)
 
@@ -403,7 +348,7 @@ def supernet_optimizer(run: Run) -> optax.GradientTransformation:
 
 def recalibrate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
   """Every route's running statistics set to their exact average over training batches."""
-  n = run.config.recalibrate.num_batches
+  n = run.spec.recalibrate.num_batches
   if (finished := _finished_output(run, 'recalibrate')) is not None:
     return finished
   identity = lambda variables: variables
@@ -427,7 +372,7 @@ def gate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
   the EMA of the variables (`gate.ema_decay`), as the authors report theirs. With a budget,
   the routing offsets are calibrated on the held-out examples at the last step and saved
   with it (dsnet_jax.budget)."""
-  cfg = run.config.gate
+  cfg = run.spec.gate
   if run.table.auto:
     upstream = _choose_routing_space(run, upstream)
   if (finished := _finished_output(run, 'gate')) is not None:
@@ -438,9 +383,8 @@ def gate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOutput:
                                       fresh, upstream)
   route_costs = run.route_costs()
   calibration = {}
-  budget = run.budget.value if run.budget else 0.0
-  compiled = jax.jit(functools.partial(gate_train_step, run.model, tx,
-                                       config_lib.gate_recipe(run.config), budget),
+  target_cost = run.budget.value if run.budget else 0.0
+  compiled = jax.jit(functools.partial(gate_train_step, run.model, tx, cfg.recipe, target_cost),
                      donate_argnums=(0,), out_shardings=sharding.replicated(run.mesh))
   costs = jnp.asarray(route_costs, jnp.float32)
 
@@ -473,18 +417,18 @@ def _choose_routing_space(run: Run, upstream: Callable[[], StageOutput]
     return upstream
   variables, source = upstream()
   shape = run.train_data.image_shape
-  rows = [{'route': r.name, 'madds': cost,
+  rows = [{'route': r.name, 'cost': cost,
            'accuracy': eval_lib.route_accuracy(run.model, variables, run.calibration_data, r,
                                                run.mesh)}
           for r, cost in zip(run.table.routing_space, run.route_costs())]
   space = budget_lib.propose_routing_space(rows, run.budget.value)
   print('[gate] routes on the held-out training images: ' + '  '.join(
-      f'{r["route"]} {r["accuracy"]:.4f} @ {run.budget.format(r["madds"])}' for r in rows) +
+      f'{r["route"]} {r["accuracy"]:.4f} @ {run.budget.format(r["cost"])}' for r in rows) +
         f'\n[gate] routing space for the budget: {list(space)}', flush=True)
   run.use_model(run.model.clone(routing_space=space))
   run.budget  # The routing head's cost depends on the number of routes: check it again.
   variables = rundir_lib.replace_routing_head(variables, run.model, shape, run.mesh,
-                                              run.config.seed)
+                                              run.spec.seed)
   return lambda: (variables, source)
 
 
@@ -517,4 +461,4 @@ def _log_eval(run: Run, logger: ProgressLogger, step: int, variables, routes):
   logger.write(step, accuracies)
 
 
-STAGES = {'supernet': supernet_stage, 'recalibrate': recalibrate_stage, 'gate': gate_stage}
+STAGE_FUNCTIONS = {'supernet': supernet_stage, 'recalibrate': recalibrate_stage, 'gate': gate_stage}

@@ -172,12 +172,12 @@ def training_views(batch, mvco: bool) -> list[jax.Array]:
   return [batch['image'], batch['image_view1']]
 
 
-def gate_train_step(model, tx, recipe: GateRecipe, budget: float, state: GateState, route_costs,
-                    batch, key):
+def gate_train_step(model, tx, recipe: GateRecipe, target_cost: float, state: GateState,
+                    route_costs, batch, key):
   """One SGS step: targets from the smallest route, Gumbel straight-through routing, the EMA
-  of the variables updated; with a budget (cost per image in its unit, else 0; `route_costs`
-  (R,) in that unit, MAdds without a budget) the cost term is the dual variable times the
-  excess cost, and the dual variable takes its ascent step."""
+  of the variables updated; with a budget (`target_cost`, the cost per image in its unit,
+  else 0; `route_costs` (R,) in that unit, MAdds without a budget) the cost term is the dual
+  variable times the excess cost, and the dual variable takes its ascent step."""
   images, labels = batch['image'], batch['label']
   space = model.routes.routing_space
   def correct(route):
@@ -196,8 +196,8 @@ def gate_train_step(model, tx, recipe: GateRecipe, budget: float, state: GateSta
     gate_ce = losses.gate_cross_entropy(gate_input, targets, recipe.double_softmax,
                                         recipe.label_smoothing)
     ce = losses.cross_entropy(logits, labels, recipe.label_smoothing)
-    if budget:
-      cost = {'budget_loss': state.dual * budget_lib.excess(mean_cost, budget, route_costs)}
+    if target_cost:
+      cost = {'budget_loss': state.dual * budget_lib.excess(mean_cost, target_cost, route_costs)}
     else:
       cost = {'madds_penalty': losses.madds_penalty(
           mean_cost, recipe.madds_weight, recipe.madds_scale, recipe.madds_target or None)}
@@ -215,8 +215,9 @@ def gate_train_step(model, tx, recipe: GateRecipe, budget: float, state: GateSta
   ema = optim.ema_update(state.ema, {'params': params, 'batch_stats': state.batch_stats},
                          recipe.ema_decay)
   dual = state.dual
-  if budget:
-    dual = dual + recipe.dual_lr * budget_lib.excess(metrics['argmax_cost'], budget, route_costs)
+  if target_cost:
+    dual = dual + recipe.dual_lr * budget_lib.excess(metrics['argmax_cost'], target_cost,
+                                                     route_costs)
     metrics['dual'] = dual
   return (state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                         dual=dual), {'loss': loss, **metrics})

@@ -1,4 +1,5 @@
 """Assertions every gated model's tests share, and the tiny training config."""
+import gzip
 import importlib.util
 import pathlib
 
@@ -7,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from dsnet_jax.data import fashion_mnist
 
 ROOT = pathlib.Path(__file__).parents[1]
 # XLA flags of the suite and the subprocesses it starts (conftest.py adds them to XLA_FLAGS).
@@ -128,3 +131,26 @@ def tiny_config(**overrides):
       target = target[p]
     target[leaf] = value
   return config
+
+
+# Fashion-MNIST IDX files made up for tests.
+
+def idx_bytes(array, shape=None, dtype_code=0x08):
+  """An IDX file: `array`'s bytes under a header declaring `shape` (default: the array's)."""
+  shape = np.shape(array) if shape is None else shape
+  header = bytes([0, 0, dtype_code, len(shape)]) + b''.join(d.to_bytes(4, 'big') for d in shape)
+  return header + np.asarray(array, np.uint8).tobytes()
+
+
+def fake_split(n=5):
+  rng = np.random.default_rng(n)
+  return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
+
+
+def write_split(directory, images, labels, split='train', compress=gzip.compress):
+  """Writes a split's IDX files (each given as bytes or as an array) under Debian's names."""
+  paths = fashion_mnist.idx_files(str(directory), split)
+  for path, content in zip(paths, (images, labels)):
+    with open(path, 'wb') as f:
+      f.write(compress(content if isinstance(content, bytes) else idx_bytes(content)))
+  return paths

@@ -1,65 +1,9 @@
 """DS-ResNet-50: a dynamic bottleneck ResNet-50 supernet with the DS-MBNet mechanics [ours].
 
-Reference section 6 names DS-ResNet, but no public code builds it: every choice below is this
-project's, documented here and configurable through the module's fields.
-
-Backbone (torchvision ResNet-50 v1.5): stem 7x7/2 conv 64 (pad 3) -> BN -> ReLU -> 3x3/2 max
-pool (pad 1, as PyTorch pads); groups of bottlenecks [3, 4, 6, 3], each 1x1 -> 3x3 (carrying the
-group's stride) -> 1x1 with expansion 4, BN after every conv, ReLU after the add; global average
-pool; linear 2048 -> 1000 with bias. No dropout (ResNet-50 has none).
-
-Slicing:
-- A route gives the stem a width and every group an `(inner, out)` pair: conv1/conv2 of each
-  bottleneck output `inner` channels, conv3 and the shortcut output `out`. Widths are constant
-  within a group, so identity shortcuts always add equal widths.
-- The first block of every group has a 1x1 projection + BN shortcut (stride on the projection),
-  because its input and output widths change independently across routes. In ResNet-50 these
-  are exactly the blocks that have one, so 'largest' is a plain ResNet-50.
-- Every BN keeps running statistics for each width its layer runs at in the route table.
-- Each block's last BN starts with scale 0, so a fresh block is ReLU(shortcut).
-
-Gate: one double-headed gate at the *input* of the first block of `gate_group` (default 2, i.e.
-layer3). Its squeeze z = relu(W_red(GAP(x))) reads the block's input (the prefix output); the
-attention head rescales that input, which feeds both the residual branch and the projection
-shortcut; the routing head is a bias-free linear z -> R logits. We put it at the block input
-(not after conv2) so that the route fixes all of that block's convs and the prefix hands the
-suffix a single tensor. The reduced width is fixed at round(`se_ratio` * full input width)
-(128) and never sliced. The attention head costs C*H*W + 2*C*128 MAdds over a plain ResNet-50
-(0.53 M at 224 on 'largest', C = 512); `gate_attention=False` drops it (routing head only), and
-then 'largest' costs exactly a plain ResNet-50.
-
-Routes: numbered routes 0..n-1 run the stem and the groups before the gate at `prefix_ratio`
-(0.5) of full width, and the groups from the gate on at `route_ratios[i]` (default i/16 for
-i = 4..16, i.e. 0.25, 0.3125, ..., 1.0: 13 routes); channels are rounded to multiples of
-`channel_multiple` (8). 'largest' runs every layer at full width (the Stage I teacher). The
-routing space is the 4 slimmest routes. MAdds at 224 (reference convention; a max pool does no
-multiply-add and is free, and complexity.py ignores `reduce_window_max`):
-
-    route  stem  layer1     layer2     layer3      layer4      MAdds (M)  params (M)
-        0    32  (32,128)   (64,256)   (64,256)    (128,512)       638.6        2.37
-        1    32  (32,128)   (64,256)   (80,320)    (160,640)       717.9        3.28
-        2    32  (32,128)   (64,256)   (96,384)    (192,768)       813.3        4.34
-        3    32  (32,128)   (64,256)   (112,448)   (224,896)       924.9        5.58
-        4    32  (32,128)   (64,256)   (128,512)   (256,1024)     1052.6        6.98
-        5    32  (32,128)   (64,256)   (144,576)   (288,1152)     1196.5        8.55
-        6    32  (32,128)   (64,256)   (160,640)   (320,1280)     1356.6       10.29
-        7    32  (32,128)   (64,256)   (176,704)   (352,1408)     1532.8       12.19
-        8    32  (32,128)   (64,256)   (192,768)   (384,1536)     1725.1       14.26
-        9    32  (32,128)   (64,256)   (208,832)   (416,1664)     1933.6       16.50
-       10    32  (32,128)   (64,256)   (224,896)   (448,1792)     2158.3       18.91
-       11    32  (32,128)   (64,256)   (240,960)   (480,1920)     2399.1       21.48
-       12    32  (32,128)   (64,256)   (256,1024)  (512,2048)     2656.1       24.22
-  largest    64  (64,256)   (128,512)  (256,1024)  (512,2048)     4089.8       25.69
-
-Widths are (inner, out); MAdds and params include the gate's attention head but not its routing
-head (`complexity.route_complexity(..., with_gate=True)` adds it). A plain ResNet-50 is 4089.3 M
-MAdds and 25.557 M params ('largest' with `gate_attention=False`).
-
-    model = Model()
-    variables = model.init(key, images, route='largest')
-    logits = model.apply(variables, images, route=3)               # sliced, dense
-    logits, gate_logits = model.apply(variables, images, onehot,   # masked, per example
-                                      method=Model.masked)
+'largest' with `gate_attention=False` is torchvision's ResNet-50 (v1.5); routes slice every
+group's (inner, out) widths after the gate, which sits at the input of `gate_group`. Every
+choice (gate placement, route ratios, the route table with its MAdds) is documented in
+docs/design.md and configurable through the fields.
 """
 from __future__ import annotations
 

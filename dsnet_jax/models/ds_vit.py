@@ -1,40 +1,8 @@
-"""DS-ViT++: a dynamic ViT supernet (reference section 6). Every design choice here is [ours].
+"""DS-ViT++: a dynamic DeiT-style ViT supernet (reference section 6) [ours].
 
-The backbone is a DeiT-style ViT: patch embedding (stride-p conv) -> class token + learned
-position embedding -> pre-LN blocks (LN -> multi-head attention -> residual, LN -> GELU MLP ->
-residual) -> final LN on the class token -> linear head. Sizes come from a variant string
-("Ti/16", "S/16", "B/16"), decoded in `decode_variant` only; explicit fields override it.
-
-Sliced per block: the number of heads (whole heads, head_dim fixed), the MLP hidden width and
-the embedding width, with **dynamic idle slicing**: the residual stream stays full width; a
-block at width d reads x[..., :d] (LayerNorm over those d channels, scale/bias sliced) and adds
-its output to x[..., :d] only; channels d.. pass through unchanged.
-
-Blocks are split into groups (S/16: 4 groups of 3 blocks). A route's `widths` holds one
-(embed_width, num_heads, mlp_dim) tuple per group. Our choices:
-- Width levels: fractions 2/6, 3/6, 4/6, 5/6, 1 of the full (width, heads, MLP) sizes. For S/16
-  that is (128, 2, 512), (192, 3, 768), (256, 4, 1024), (320, 5, 1280), (384, 6, 1536).
-- Group 0 (before the gate) runs every numbered route at the lowest level. Routes 0, 1, ... walk
-  the later groups up one level at a time, deepest group first, keeping widths non-decreasing
-  with depth: (0,0,0), (0,0,1), (0,1,1), (1,1,1), (1,1,2), ..., (4,4,4): 13 routes for S/16.
-  'largest' runs every group, group 0 included, at full size; it is the only route with drop
-  path (rate 0.1, linear in depth as in DeiT) and dropout (0 by default) in training.
-- Routing space: routes 0, 3, 6, 9, the routes whose later groups share one level (0..3).
-- The gate (`TokenGate`) sits after group 0 and reads the class token at group 0's width: a
-  LayerNorm, then z = relu(W_red cls) with reduced width round(0.25 * width); the attention head
-  multiplies every token's channels (full width) by sigmoid(W_exp z); the routing head is a
-  bias-free linear z -> R logits.
-- The final LN and the head run at the widest embedding width of the route (max over its
-  groups), so the head sees every channel any block updated (past it, the class token holds only
-  its embedding, the same for every image); for the numbered routes that is the last group's.
-- Initialisation follows DeiT (truncated normal 0.02 for linears, position embedding and class
-  token; LayerNorm eps 1e-6); the gate's linears use the authors' SE init.
-
-    model = Model(variant='S/16')
-    variables = model.init(key, images, route='largest')
-    logits = model.apply(variables, images, route=3)               # sliced, dense
-    logits, gate_logits = model.apply(variables, images, onehot,   # masked, per example
-                                      method=Model.masked)
+Sizes from a variant string ("Ti/16", "S/16", "B/16", `decode_variant`); routes slice heads,
+MLP and embedding width per group of blocks, with idle slicing of the residual stream; a token
+gate after group 0. The choices are documented in docs/design.md.
 """
 from __future__ import annotations
 

@@ -4,19 +4,8 @@ A subclass defines `routes` (a RouteTable), `in_channels`, and three Flax method
 `prefix(images, train, route)` -> (hidden, routing logits) up to and including the gate,
 `suffix(hidden, route, train)` -> logits on dense slices, and `masked_suffix(hidden,
 route_weights)` -> logits with per-example widths by masks. Everything outside `models/` uses
-the typed entry points below (`apply_prefix`, `apply_suffix`, `apply_gated`, `routing_madds`)
-instead of `method=` strings: the inference engine runs the prefix once per batch and the
-suffix per route group; gate training and gated evaluation run `apply_gated`.
-
-Precision: a model's `dtype` field is its compute dtype (None: the images' dtype; configs name
-it, `config.model.dtype = 'bfloat16'`). It is the dtype of the convolutions, the transformer's
-matmuls and the activations between layers. Parameters are float32 whatever it is (each layer
-casts its slice at use), and so are gradients and optimizer state. Kept in float32 because a
-bfloat16 rounding (up to 2^-8 relative) would change a result that matters: BatchNorm and LayerNorm
-(statistics, running averages, the normalisation itself; the output is cast back), attention
-scores and softmax, the pooled vector and what reads it (SE, the gate's reduce/expand, the
-routing head: the routing logits that argmax, Gumbel noise and calibrated offsets act on), the
-classifier or head, hence the logits, and everything after them (losses, softmax of a teacher).
+the typed entry points below (`apply_prefix`, `apply_suffix`, `apply_gated`, `routing_madds`).
+A model's `dtype` is its compute dtype; what stays float32 is in docs/design.md.
 """
 from __future__ import annotations
 

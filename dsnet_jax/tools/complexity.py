@@ -6,7 +6,7 @@ import json
 
 from absl import app, flags
 
-from dsnet_jax.complexity import format_table, route_table
+from dsnet_jax.complexity import complexity_rows, format_table
 from dsnet_jax.models import available_models, get_model
 from dsnet_jax.tools import cli
 
@@ -20,7 +20,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   model = get_model(f.model)
-  rows = route_table(model, (f.image_size, f.image_size, f.in_channels))
+  rows = complexity_rows(model, (f.image_size, f.image_size, f.in_channels))
   print(json.dumps(rows, indent=1) if f.json else format_table(rows))
 
 

@@ -68,7 +68,8 @@ def main(argv):
       model, variables = restored.model, restored.variables
     else:
       config_lib.validate(f.config)
-      pipeline = eval_lib.eval_pipeline(f.config)
+      pipeline = eval_lib.eval_pipeline(config_lib.data_spec(f.config.data),
+                                        f.config.eval_batch_size)
       model = get_model(f.config.model_name, **f.config.model)
       variables = stand_in.random_variables(model, pipeline.image_shape)
     image_shape = pipeline.image_shape

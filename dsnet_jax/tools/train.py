@@ -11,7 +11,7 @@ if __name__ == '__main__':
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dsnet_jax import train_lib  # noqa: E402
+from dsnet_jax import config_lib, train_lib  # noqa: E402
 from dsnet_jax.tools import cli  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
@@ -30,7 +30,7 @@ flags.mark_flags_as_required(['config'])
 
 def main(argv):
   del argv
-  if not cli.start(flags.FLAGS, train_lib.resolve_config):
+  if not cli.start(flags.FLAGS, config_lib.resolve_config):
     return
   cli.start_distributed(flags.FLAGS)
   train_lib.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,

@@ -1,9 +1,5 @@
-"""Huge pages for XLA:CPU: when the entry points relaunch, with which environment, and that
-the relaunched process runs the same command (options and arguments) once more."""
-import os
-import subprocess
-import sys
-
+"""Huge pages for XLA:CPU: when the entry points relaunch, and with which environment (the
+relaunch itself, as a process: tests/integration/test_cli.py)."""
 import pytest
 
 from checks import ROOT
@@ -71,44 +67,3 @@ def test_thp_mode_reads_the_bracketed_mode(tmp_path, text, mode):
   path.write_text(text)
   assert huge_pages.thp_mode(str(path)) == mode
   assert huge_pages.thp_mode(str(tmp_path / 'missing')) is None
-
-
-# Run by the child: the host looks like glibc 2.36 with THP in 'madvise' mode on any machine
-# (an unknown tunable is ignored), so the exec path always runs.
-CHILD = '''
-import os, platform, sys
-from dsnet_jax import huge_pages
-huge_pages.thp_mode = lambda *_: 'madvise'
-platform.libc_ver = lambda *_, **__: ('glibc', '2.36')
-print('start', os.getpid(), flush=True)
-huge_pages.relaunch()
-print('argv', sys.argv[1:], 'optimize', sys.flags.optimize)
-print('tunables', os.environ.get('GLIBC_TUNABLES'))
-'''
-
-
-def _child(cmd, tunables=None, stdin=None):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ('GLIBC_TUNABLES', huge_pages.RELAUNCHED)}
-  if tunables is not None:
-    env['GLIBC_TUNABLES'] = tunables
-  done = subprocess.run(cmd, cwd=ROOT, env=env, input=stdin, capture_output=True, text=True,
-                        check=True)
-  return done.stdout.splitlines()
-
-
-@pytest.mark.parametrize('tunables, expected', [
-    (None, 'glibc.malloc.hugetlb=1'),
-    ('glibc.malloc.arena_max=4', 'glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1')])
-def test_relaunch_runs_the_same_command_again_with_the_tunable(tunables, expected):
-  lines = _child([sys.executable, '-O', '-c', CHILD, 'an-argument', '-x'], tunables)
-  starts = [line for line in lines if line.startswith('start')]
-  assert len(starts) == 2 and starts[0] == starts[1]  # The same process, started twice.
-  assert lines[2:] == ["argv ['an-argument', '-x'] optimize 1", f'tunables {expected}']
-
-
-def test_relaunch_leaves_a_set_tunable_and_a_script_from_stdin_alone():
-  lines = _child([sys.executable, '-c', CHILD], 'glibc.malloc.hugetlb=0')
-  assert len(lines) == 3 and lines[-1] == 'tunables glibc.malloc.hugetlb=0'
-  lines = _child([sys.executable, '-', 'an-argument'], stdin=CHILD)
-  assert len(lines) == 3 and lines[-1] == 'tunables None'

@@ -34,7 +34,7 @@ def hand_madds(widths, image, depths=(1, 2, 2, 6, 2), strides=(1, 2, 2, 2, 2), s
 
 def test_madds_table_matches_reference():
   model = ds_mbnet.Model()
-  rows = {r['route']: r for r in complexity.route_table(model, (224, 224, 3))}
+  rows = {r['route']: r for r in complexity.complexity_rows(model, (224, 224, 3))}
   got = [round(rows[str(i)]['madds'] / 1e6, 2) for i in range(14)]
   np.testing.assert_allclose(got, REFERENCE_MADDS_M, atol=0.0051)
   assert round(rows['largest']['madds'] / 1e6, 1) == 819.9

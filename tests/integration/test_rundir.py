@@ -2,7 +2,6 @@
 never-worse checkpoints, validation before any work. Each test is a fault once seen."""
 import importlib.util
 import json
-import pathlib
 import shutil
 
 import jax
@@ -10,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsnet_jax import checkpointing, errors, eval_lib, inference, optim, rundir, train_lib
-from checks import tiny_config
+from dsnet_jax import (budget, checkpointing, config_lib, errors, eval_lib, inference, optim,
+                       rundir, train_lib)
+from checks import ROOT, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -285,9 +285,9 @@ def test_a_routing_space_chosen_after_stage_one_trains_a_gate_to_its_budget(trai
   # The proposal is the helper's, from the routes printed (measured on held-out images).
   measured = out.split('[gate] routes on the held-out training images: ')[1].split('\n')[0]
   rows = [{'route': r.split()[0], 'accuracy': float(r.split()[1]),
-           'madds': float(r.split()[3]) * 1e6} for r in measured.split('  ')]
+           'cost': float(r.split()[3]) * 1e6} for r in measured.split('  ')]
   assert [r['route'] for r in rows] == ['0', '1', '2', '3']  # Every route sharing the prefix.
-  assert list(train_lib.budget_lib.propose_routing_space(rows, report['gated']['budget_madds'])
+  assert list(budget.propose_routing_space(rows, report['gated']['budget_madds'])
               ) == chosen
   assert list(report['gated']['route_histogram']) == chosen
   gate = restore(workdir / 'checkpoints' / 'gate', config)
@@ -301,11 +301,11 @@ def test_a_routing_space_chosen_after_stage_one_trains_a_gate_to_its_budget(trai
       np.testing.assert_array_equal(value, recalibrated['params/' + name])
   # The budget: in the meta, the report and eval.json; the offsets as calibrated.
   model = gate.model
-  budget = train_lib.budget_lib.budget_madds(config.gate, model, (16, 16, 1))
-  assert gate.meta['budget_madds'] == report['gated']['budget_madds'] == budget
+  budget_madds = budget.budget_madds(config.gate, model, (16, 16, 1))
+  assert gate.meta['budget_madds'] == report['gated']['budget_madds'] == budget_madds
   offsets = np.asarray(gate.meta['routing_offsets'], np.float32)
   np.testing.assert_array_equal(gate.variables['routing']['offsets'], offsets)
-  assert offsets[0] == 0 and f'budget {budget / 1e6:.3f} M MAdds, achieved' in out
+  assert offsets[0] == 0 and f'budget {budget_madds / 1e6:.3f} M MAdds, achieved' in out
   assert json.loads((workdir / 'eval.json').read_text())['gated'] == report['gated']
   # The offsets route eval.py and the routed engine: argmax(raw routing logits + offsets).
   images = np.random.default_rng(0).normal(size=(12, 16, 16, 1)).astype(np.float32)
@@ -337,7 +337,7 @@ def test_a_routing_space_chosen_after_stage_one_trains_a_gate_to_its_budget(trai
 
 def test_the_gate_budget_experiment_runs_on_a_tiny_supernet(trained, tmp_path):
   spec = importlib.util.spec_from_file_location(
-      'gate_budget', pathlib.Path(__file__).parents[1] / 'experiments' / 'gate_budget.py')
+      'gate_budget', ROOT / 'experiments' / 'gate_budget.py')
   experiment = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(experiment)
   config = one_device(**{'gate.calibration_examples': 24})
@@ -386,7 +386,8 @@ def test_eval_writes_beside_the_checkpoint_it_evaluated(trained, tmp_path):
   assert indices.shape == (sum(histogram.values()),) and indices.dtype == np.int32
   np.testing.assert_array_equal(np.bincount(indices, minlength=len(histogram)),
                                 list(histogram.values()))
-  pipeline = eval_lib.eval_pipeline(one_device())
+  config = one_device()
+  pipeline = eval_lib.eval_pipeline(config_lib.data_spec(config.data), config.eval_batch_size)
   images = np.concatenate([b['image'][b['mask'].astype(bool)] for b in pipeline.batches()])
   gate = restore(stage)
   _, routed = inference.RoutedPredictor(gate.model, gate.variables, (16, 16, 1)).predict(images)

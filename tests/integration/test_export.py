@@ -3,7 +3,6 @@ dsnet_jax; logits against the supernet's own."""
 import importlib.util
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -13,12 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from checks import tiny_config
+from checks import ROOT, tiny_config
 from dsnet_jax import bn_calibration, errors, export, stand_in
 from dsnet_jax.inference import RoutedPredictor
 from dsnet_jax.models import ds_mbnet, ds_resnet, ds_vit, get_model
 
-ROOT = pathlib.Path(__file__).parents[1]
 IMAGE = (16, 16, 1)
 HAS_ONNX = importlib.util.find_spec('jax2onnx') is not None and importlib.util.find_spec(
     'onnxruntime') is not None

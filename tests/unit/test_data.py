@@ -1,12 +1,8 @@
 """Data: Fashion-MNIST prepared without TensorFlow, preprocessing, deterministic sharded loaders."""
 import dataclasses
-import fcntl
 import gzip
 import hashlib
 import io
-import subprocess
-import sys
-import time
 
 from etils import epath
 import numpy as np
@@ -14,6 +10,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from checks import fake_split, idx_bytes, write_split
 from dsnet_jax.data import augment, fashion_mnist, imagenet, input_pipeline, preprocess
 from dsnet_jax.data.in_memory import ArraySource, load_numpy
 from dsnet_jax.data.loader import EvalLoader, HostShard, TrainLoader
@@ -124,28 +121,8 @@ def test_missing_fashion_mnist_says_how_to_install(tmp_path, monkeypatch):
 
 # --- Fashion-MNIST: IDX files checked before use --------------------------------------------
 
-def idx_bytes(array, shape=None, dtype_code=0x08):
-  """An IDX file: `array`'s bytes under a header declaring `shape` (default: the array's)."""
-  shape = np.shape(array) if shape is None else shape
-  header = bytes([0, 0, dtype_code, len(shape)]) + b''.join(d.to_bytes(4, 'big') for d in shape)
-  return header + np.asarray(array, np.uint8).tobytes()
-
-
-def fake_split(n=5):
-  rng = np.random.default_rng(n)
-  return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
-
 
 IMAGES = fake_split()[0]
-
-
-def write_split(directory, images, labels, split='train', compress=gzip.compress):
-  """Writes a split's IDX files (each given as bytes or as an array) under Debian's names."""
-  paths = fashion_mnist.idx_files(str(directory), split)
-  for path, content in zip(paths, (images, labels)):
-    with open(path, 'wb') as f:
-      f.write(compress(content if isinstance(content, bytes) else idx_bytes(content)))
-  return paths
 
 
 @pytest.mark.parametrize('compress', [gzip.compress, bytes], ids=['gzipped', 'plain'])
@@ -209,45 +186,6 @@ def test_bad_idx_files_fail_preparation_naming_the_file(tmp_path):
     fashion_mnist.data_sources(str(tmp_path / 'tfds'), str(debian_dir))
   builder = fashion_mnist.FashionMnistDebian(data_dir=str(tmp_path / 'tfds'))
   assert not builder.is_prepared()
-
-
-def test_concurrent_first_use_prepares_once_and_every_process_reads_it(tmp_path):
-  """Trainings started at once on a fresh machine: tfds's preparation is not safe for concurrent
-  writers (the second rename failed with FileExistsError); one prepares, the others say they
-  wait, then read its files."""
-  debian_dir, data_dir = tmp_path / 'debian', tmp_path / 'tfds'
-  debian_dir.mkdir()
-  data_dir.mkdir()
-  train_images, train_labels = fake_split(5)
-  write_split(debian_dir, train_images, train_labels, 'train')
-  write_split(debian_dir, *fake_split(3), 'test')
-  script = ('import sys; from dsnet_jax.data import fashion_mnist; '
-            's = fashion_mnist.data_sources(sys.argv[1], sys.argv[2]); '
-            "print('read', len(s['train']), len(s['test']), int(s['train'][4]['label']))")
-  logs = [tmp_path / f'process{i}.log' for i in range(3)]
-  with open(data_dir / 'fashion_mnist_debian.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # As a process preparing it would: all three must wait.
-    streams = [open(log, 'w') for log in logs]
-    processes = [subprocess.Popen([sys.executable, '-c', script, str(data_dir), str(debian_dir)],
-                                  stdout=stream, stderr=subprocess.STDOUT) for stream in streams]
-    try:
-      deadline = time.time() + 120
-      while not all('Waiting for another process to prepare' in log.read_text() for log in logs):
-        assert time.time() < deadline and all(p.poll() is None for p in processes), [
-            log.read_text()[-2000:] for log in logs]
-        time.sleep(0.2)
-      fcntl.flock(lock, fcntl.LOCK_UN)  # All three race for it now.
-      for p in processes:
-        p.wait(timeout=300)
-    finally:
-      for p, stream in zip(processes, streams):
-        p.kill()
-        stream.close()
-  outputs = [log.read_text() for log in logs]
-  assert [p.returncode for p in processes] == [0, 0, 0], [out[-2000:] for out in outputs]
-  assert sum('Downloading and preparing' in out for out in outputs) == 1, outputs
-  for out in outputs:
-    assert f'read 5 3 {train_labels[4]}' in out.splitlines(), out[-2000:]
 
 
 # --- Config errors ------------------------------------------------------------------------

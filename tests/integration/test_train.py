@@ -248,7 +248,7 @@ def test_several_processes_need_every_device_and_a_calibration_split_is_checked_
   config = tiny_config(**{'gate.budget': 0.4, 'gate.steps': 0, 'gate.epochs': 1.0,
                           'gate.calibration_examples': 5000})
   with pytest.raises(errors.ConfigError, match='calibration_examples=5000 leaves fewer'):
-    train_lib.resolve_config(config)
+    config_lib.resolve_config(config)
 
 
 def test_missing_data_directory_fails_at_once(tmp_path):
@@ -351,3 +351,20 @@ def test_bad_stage_one_variants_fail_before_training(tmp_path, key, value, messa
   config = tiny_config(**{key: value, 'supernet.inplace_bootstrapping': False})
   with pytest.raises(errors.ConfigError, match=message):
     train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'gate.budget': 0.2}, r'outside what the routing space \[.0., .1., .2.\] can spend'),
+    ({'gate.budget': 2.0}, 'at most 1'),
+    ({'gate.budget': 0.5, 'gate.madds_target': 1e5}, 'both set'),
+    ({'gate.budget': 0.5, 'gate.budget_unit': 'ms'}, "budget_unit='ms'"),
+    ({'gate.budget': 0.5, 'gate.calibration_examples': 60}, 'fewer than one batch'),
+    ({'gate.sgs_targets': 'largest'}, "sgs_targets='largest'"),
+    ({'gate.budget': 0.5, 'gate.dual_lr': float('inf')}, 'dual_lr finite'),
+    ({'gate.budget': 0.5, 'gate.dual_lr': float('nan')}, 'dual_lr finite'),
+    ({'model.routing_space': ('auto',)}, "routing_space='auto' needs gate.budget"),
+])
+def test_an_unusable_budget_fails_before_any_work(tmp_path, overrides, message):
+  with pytest.raises(errors.ConfigError, match=message):
+    train_lib.train_and_evaluate(tiny_config(**overrides), str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()

@@ -27,9 +27,8 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from checks import XLA_TEST_FLAGS
+from checks import ROOT, XLA_TEST_FLAGS
 
-ROOT = pathlib.Path(__file__).parents[1]
 STAGES = ('supernet', 'recalibrate', 'gate')
 SUPERNET_STEPS, RECALIBRATE_BATCHES, GATE_STEPS = 8, 2, 6
 FLAGS = (f'--config.supernet.steps={SUPERNET_STEPS}', f'--config.gate.steps={GATE_STEPS}',

@@ -1,14 +1,14 @@
 """The PyTorch baseline's layer lists (no torch needed) and its script (skipped without torch)."""
 import json
-import pathlib
 import sys
 
 import pytest
 
+from checks import ROOT
 from dsnet_jax import complexity
 from dsnet_jax.models import ds_mbnet
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / 'benchmarks'))
+sys.path.insert(0, str(ROOT / 'benchmarks'))
 import route_layers  # noqa: E402
 
 FMNIST = dict(  # configs/ds_mbnet_fmnist.py: one input channel, stride 1 groups, 10 classes.
