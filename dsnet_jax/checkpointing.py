@@ -17,6 +17,7 @@ from etils import epath
 
 from dsnet_jax.errors import (CheckpointMismatchError, CheckpointSaveError, NonFiniteStateError,
                               UnreadableCheckpointError)
+from dsnet_jax.progress import say
 
 PyTree = Any
 
@@ -96,7 +97,7 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def restore(self, target: PyTree, step: int | None = None, *, partial: bool = False,
-              fallback: bool = False, log=print) -> tuple[PyTree, dict[str, Any], int]:
+              fallback: bool = False, log=say) -> tuple[PyTree, dict[str, Any], int]:
     """Restores (state, meta, step) at `step` (default: latest) into `target`'s structure.
 
     Args:

@@ -20,7 +20,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from dsnet_jax import models
-from dsnet_jax.data.input_pipeline import DATASETS, DataSpec, check_available, num_examples
+from dsnet_jax.data.input_pipeline import DataSpec, check_available, check_name, num_examples
 from dsnet_jax.errors import ConfigError
 from dsnet_jax.optim import OptimizerSpec
 from dsnet_jax.routes import AUTO, RouteTable
@@ -446,9 +446,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if bad_stages or list(config.stages) != sorted(config.stages, key=STAGES.index):
     raise ConfigError(f'config key stages={tuple(config.stages)}: use {STAGES} or an ordered '
                       'subset of them')
-  if config.data.name not in DATASETS:
-    raise ConfigError(f'config key data.name={config.data.name!r}: unknown data set; use one of '
-                      f'{", ".join(DATASETS)}')
+  check_name(config.data.name)
   model_classes = config.model.get('num_classes')
   data_classes = config.data.get('num_classes')
   if model_classes and data_classes and model_classes != data_classes:

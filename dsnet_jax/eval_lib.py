@@ -17,6 +17,7 @@ from dsnet_jax import latency as latency_lib
 from dsnet_jax import rundir as rundir_lib
 from dsnet_jax import sharding
 from dsnet_jax.complexity import route_complexity
+from dsnet_jax.progress import say
 from dsnet_jax.data import input_pipeline
 
 
@@ -76,8 +77,8 @@ def route_results(model, variables, pipeline, mesh) -> list[dict[str, Any]]:
     rows.append({'route': route.name, 'accuracy': route_accuracy(model, variables, pipeline,
                                                                  route, mesh),
                  'madds': c.madds, 'params': c.params})
-    print(f'[eval] route {route.name} ({i + 1}/{len(model.routes)}): accuracy '
-          f'{rows[-1]["accuracy"]:.4f}', flush=True)
+    say(f'[eval] route {route.name} ({i + 1}/{len(model.routes)}): accuracy '
+        f'{rows[-1]["accuracy"]:.4f}')
   return rows
 
 
@@ -221,7 +222,7 @@ def evaluate_and_report(model, variables, pipeline, mesh, output_dir: str, gated
     result = compare_with_static(rows, result, budget_meta)
   if latency:
     add_latency(rows, result, latency)
-  print(format_report(rows, result, latency), flush=True)
+  say(format_report(rows, result, latency))
   report = {'routes': rows, 'gated': result}
   if jax.process_index() != 0:
     return report
@@ -270,10 +271,10 @@ def restore_workdir(config, workdir: str, checkpoint: str = '',
   mesh = sharding.make_mesh(config.num_devices or None)
   pipeline = eval_pipeline(config_lib.data_spec(config.data), config.eval_batch_size)
   restored = rundir_lib.load(workdir, checkpoint, config, allow_config_changes, mesh).restored
-  print(f'restored {restored.describe()}', flush=True)
+  say(f'restored {restored.describe()}')
   if not restored.complete:
-    print(f'warning: {restored.directory} is unfinished: using step {restored.step} of '
-          f'{restored.meta.get("total_steps")} as it is', flush=True)
+    say(f'warning: {restored.directory} is unfinished: using step {restored.step} of '
+        f'{restored.meta.get("total_steps")} as it is')
   return restored, pipeline, mesh
 
 
@@ -290,7 +291,7 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '',
   """
   restored, pipeline, mesh = restore_workdir(config, workdir, checkpoint, allow_config_changes)
   output_dir = output_dir or restored.directory
-  print(f'report -> {output_dir}', flush=True)
+  say(f'report -> {output_dir}')
   return evaluate_and_report(restored.model, restored.variables, pipeline, mesh, output_dir,
                              gated=restored.gated, budget_meta=calibrated_budget(restored.meta),
                              latency=workdir_latency(workdir, pipeline.image_shape,
@@ -305,10 +306,10 @@ def workdir_latency(workdir: str, image_shape, model) -> dict[str, Any] | None:
     table = latency_lib.load(os.fspath(epath.Path(workdir) / latency_lib.LATENCY_FILE),
                              latency_lib.model_name(model))
   except errors.LatencyTableError as e:
-    print(f'warning: {e}: ms/img not shown', flush=True)
+    say(f'warning: {e}: ms/img not shown')
     return None
   if table and tuple(table['image_shape']) != tuple(image_shape):
-    print(f'warning: {latency_lib.LATENCY_FILE} in {workdir} was measured for images '
-          f'{tuple(table["image_shape"])}, not {tuple(image_shape)}: not used', flush=True)
+    say(f'warning: {latency_lib.LATENCY_FILE} in {workdir} was measured for images '
+        f'{tuple(table["image_shape"])}, not {tuple(image_shape)}: not used')
     return None
   return table

@@ -46,6 +46,7 @@ import numpy as np
 from dsnet_jax.complexity import route_complexity
 from dsnet_jax.errors import ExportDependencyError, ExportError
 from dsnet_jax.layers.linear import depthwise_implementation
+from dsnet_jax.progress import say
 from dsnet_jax.specialize import StaticProgram, specialize
 
 MANIFEST = 'manifest.json'
@@ -101,7 +102,7 @@ def export_route(model, variables, route, out_dir: str, image_shape: Sequence[in
                                             ['logits'])}
     _write_manifest(staging, manifest)
   if verbose:
-    print(describe(manifest, out_dir))
+    say(describe(manifest, out_dir))
   return manifest
 
 
@@ -128,7 +129,7 @@ def export_routed(model, variables, out_dir: str, image_shape: Sequence[int], *,
     manifest['programs'] = programs
     _write_manifest(staging, manifest)
   if verbose:
-    print(describe(manifest, out_dir))
+    say(describe(manifest, out_dir))
   return manifest
 
 

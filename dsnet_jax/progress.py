@@ -1,5 +1,6 @@
-"""Progress lines on stdout; metrics appended to the workdir's metrics.jsonl and written as
-TensorBoard scalars (tensorboardX event files under <workdir>/tensorboard), by process 0 only."""
+"""What library code tells the user: lines on stdout (`say`), metrics appended to the
+workdir's metrics.jsonl and written as TensorBoard scalars (tensorboardX event files under
+<workdir>/tensorboard); process 0 only."""
 from __future__ import annotations
 
 import json
@@ -15,12 +16,19 @@ import numpy as np
 TENSORBOARD_DIR = 'tensorboard'
 
 
+def say(line: str) -> None:
+  """A line for the user on stdout, from process 0 only: the one way library code prints (the
+  command lines in dsnet_jax/tools print their own results)."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
 class ProgressLogger:
   """Logs `step, loss, images/s, ETA` for one stage; every record also goes to metrics.jsonl
   and to TensorBoard (tag '<stage>/<metric>').
 
   Images/s and the ETA count only steps after the first: `compiled(step)` marks where the
-  first step (which compiles) ended. Every process prints; only process 0 writes files.
+  first step (which compiles) ended. Only process 0 prints and writes files.
   """
 
   def __init__(self, path: str, stage: str, total_steps: int, batch_size: int):
@@ -56,8 +64,8 @@ class ProgressLogger:
       self._last_time, self._last_step = now, step
     else:
       speed = f'first step {self._first_step_seconds or 0:.1f}s (compiling)'
-    print(f'[{self.stage}] step {step}/{self.total_steps}  loss {loss:.4f}  {speed}  ' +
-          '  '.join(f'{k} {_fmt(v)}' for k, v in metrics.items() if k != 'loss'), flush=True)
+    say(f'[{self.stage}] step {step}/{self.total_steps}  loss {loss:.4f}  {speed}  ' +
+        '  '.join(f'{k} {_fmt(v)}' for k, v in metrics.items() if k != 'loss'))
     return self.write(step, metrics)
 
   def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:

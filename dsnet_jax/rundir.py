@@ -41,6 +41,7 @@ from dsnet_jax import checkpointing, config_lib, errors, paths, sharding
 from dsnet_jax.data import input_pipeline
 from dsnet_jax.models import get_model
 from dsnet_jax.models.gated import ROUTING_HEAD
+from dsnet_jax.progress import say
 from dsnet_jax.routes import RouteTable
 
 # Config keys that change neither the model nor the numbers a run computes.
@@ -102,7 +103,7 @@ def variables_key(meta: dict[str, Any]) -> str:
 
 def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence[int],
                       mesh=None, config=None, allow_changes: Iterable[str] = (),
-                      log=print) -> Restored:
+                      log=say) -> Restored:
   """The variables a checkpoint directory holds, read as its meta says.
 
   {'params', 'batch_stats'}, plus {'routing': {'offsets': (R,)}} when the meta holds a budget
@@ -179,7 +180,7 @@ class Loaded:
 
 
 def load(workdir: str | os.PathLike = '', checkpoint: str | os.PathLike = '', config=None,
-         allow_changes: Iterable[str] = (), mesh=None, log=print) -> Loaded:
+         allow_changes: Iterable[str] = (), mesh=None, log=say) -> Loaded:
   """The model, variables and route table of a training workdir's latest stage (or of the
   stage folder `checkpoint`), in one call: the one restore path of `dsnet_jax.load`, eval.py,
   export and the latency tool.

@@ -24,7 +24,7 @@ from dsnet_jax import rundir as rundir_lib
 from dsnet_jax import sharding
 from dsnet_jax.data import input_pipeline
 from dsnet_jax.models.gated import ROUTING_HEAD
-from dsnet_jax.progress import ProgressLogger
+from dsnet_jax.progress import ProgressLogger, say
 from dsnet_jax.train_steps import (GateState, SupernetFunctions, TrainState, Variables,
                                    gate_train_step)
 
@@ -214,7 +214,7 @@ def start_variables(run: Run) -> StageOutput:
   restored = rundir_lib.restore_variables(
       run.rundir.stage_dir(earlier.stage), run.model, run.train_data.image_shape, run.mesh,
       config=run.spec.config, allow_changes=run.allow_changes)
-  print(f'starting from {restored.describe()}', flush=True)
+  say(f'starting from {restored.describe()}')
   return restored.variables, {'stage': earlier.stage, 'step': restored.step}
 
 
@@ -224,7 +224,7 @@ def init_variables(run: Run) -> StageOutput:
     restored = rundir_lib.restore_variables(
         run.spec.init_checkpoint, run.model, run.train_data.image_shape, run.mesh,
         config=run.spec.config, allow_changes=run.allow_changes)
-    print(f'initialised from {restored.describe()}', flush=True)
+    say(f'initialised from {restored.describe()}')
     return restored.variables, {'init_checkpoint': run.spec.init_checkpoint,
                                 'step': restored.step}
   init = jax.jit(functools.partial(run.model.init_variables,
@@ -242,10 +242,10 @@ def _finished_output(run: Run, stage: str) -> StageOutput | None:
     return None
   restored = rundir_lib.restore_variables(
       run.rundir.stage_dir(stage), run.model, run.train_data.image_shape, run.mesh, run.spec.config,
-      run.allow_changes, log=lambda line: print(f'[{stage}] {line}', flush=True))
+      run.allow_changes, log=lambda line: say(f'[{stage}] {line}'))
   if restored.step < total:  # The finished step was unreadable: the stage resumes.
     return None
-  print(f'[{stage}] finished at step {restored.step}; skipping', flush=True)
+  say(f'[{stage}] finished at step {restored.step}; skipping')
   return restored.variables, {'stage': stage, 'step': restored.step}
 
 
@@ -263,11 +263,11 @@ def _stage_start(run: Run, stage: str, total: int, abstract_state, fresh_state: 
   with run.rundir.checkpointer(stage, keep=None) as ckpt:
     if ckpt.latest_step() is not None:
       state, meta, step = ckpt.restore(target, fallback=True,
-                                       log=lambda line: print(f'[{stage}] {line}', flush=True))
+                                       log=lambda line: say(f'[{stage}] {line}'))
       for bad in [s for s in ckpt.all_steps() if s > step]:
-        print(f'[{stage}] step {bad} set aside as {ckpt.set_aside(bad)}', flush=True)
-      print(f'[{stage}] ' + (f'finished at step {step}; skipping' if step >= total
-                             else f'resuming at step {step}'), flush=True)
+        say(f'[{stage}] step {bad} set aside as {ckpt.set_aside(bad)}')
+      say(f'[{stage}] ' + (f'finished at step {step}; skipping' if step >= total
+                           else f'resuming at step {step}'))
       return state, step, meta.get('source')
   variables, source = upstream()
   # One compiled program, not an eager op (and a compile) per leaf of the state.
@@ -359,8 +359,8 @@ def recalibrate_stage(run: Run, upstream: Callable[[], StageOutput]) -> StageOut
                                            list(run.table), n)
     with run.rundir.checkpointer('recalibrate', keep=None) as ckpt:
       ckpt.save(n, variables, run.meta('recalibrate', n, n, source))
-    print(f'[recalibrate] running statistics of {len(run.table)} routes recomputed from '
-          f'{n} batches', flush=True)
+    say(f'[recalibrate] running statistics of {len(run.table)} routes recomputed from '
+        f'{n} batches')
   return variables, {'stage': 'recalibrate', 'step': max(step, n)}
 
 
@@ -422,9 +422,9 @@ def _choose_routing_space(run: Run, upstream: Callable[[], StageOutput]
                                                run.mesh)}
           for r, cost in zip(run.table.routing_space, run.route_costs())]
   space = budget_lib.propose_routing_space(rows, run.budget.value)
-  print('[gate] routes on the held-out training images: ' + '  '.join(
+  say('[gate] routes on the held-out training images: ' + '  '.join(
       f'{r["route"]} {r["accuracy"]:.4f} @ {run.budget.format(r["cost"])}' for r in rows) +
-        f'\n[gate] routing space for the budget: {list(space)}', flush=True)
+      f'\n[gate] routing space for the budget: {list(space)}')
   run.use_model(run.model.clone(routing_space=space))
   run.budget  # The routing head's cost depends on the number of routes: check it again.
   variables = rundir_lib.replace_routing_head(variables, run.model, shape, run.mesh,
@@ -446,9 +446,9 @@ def calibrate_routing(run: Run, variables: Variables, logger: ProgressLogger, st
   budget = run.budget
   offsets = budget_lib.calibrate_offsets(logits, budget.route_costs, budget.value)
   before, after = (budget_lib.routed_cost(logits, budget.route_costs, o) for o in (None, offsets))
-  print(f'[gate] routing offsets {[round(float(o), 4) + 0.0 for o in offsets]} calibrated on '
-        f'{len(logits)} held-out training images: argmax cost {budget.format(before)} -> '
-        f'{budget.format(after)} (budget {budget.format(budget.value)})', flush=True)
+  say(f'[gate] routing offsets {[round(float(o), 4) + 0.0 for o in offsets]} calibrated on '
+      f'{len(logits)} held-out training images: argmax cost {budget.format(before)} -> '
+      f'{budget.format(after)} (budget {budget.format(budget.value)})')
   logger.write(step, {'calibration_cost_before': before, 'calibration_cost_after': after})
   return {**budget.meta(), 'routing_offsets': offsets.tolist()}
 
@@ -456,8 +456,8 @@ def calibrate_routing(run: Run, variables: Variables, logger: ProgressLogger, st
 def _log_eval(run: Run, logger: ProgressLogger, step: int, variables, routes):
   accuracies = {f'eval_accuracy_{r.name}': eval_lib.route_accuracy(
       run.model, variables, run.eval_data, r, run.mesh) for r in routes}
-  print(f'[{logger.stage}] eval at step {step}: ' +
-        '  '.join(f'{k} {v:.4f}' for k, v in accuracies.items()), flush=True)
+  say(f'[{logger.stage}] eval at step {step}: ' +
+      '  '.join(f'{k} {v:.4f}' for k, v in accuracies.items()))
   logger.write(step, accuracies)
 
 

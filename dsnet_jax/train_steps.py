@@ -164,12 +164,9 @@ class SupernetFunctions:
 
 
 def training_views(batch, mvco: bool) -> list[jax.Array]:
-  """The augmented views a step trains on: two for multi-view consistency, else one."""
-  if not mvco:
-    return [batch['image']]
-  if 'image_view1' not in batch:
-    raise ValueError('supernet.mvco needs two views per image: set config.data.views = 2')
-  return [batch['image'], batch['image_view1']]
+  """The augmented views a step trains on: two for multi-view consistency (the config makes
+  sure the batches hold them), else one."""
+  return [batch['image'], batch['image_view1']] if mvco else [batch['image']]
 
 
 def gate_train_step(model, tx, recipe: GateRecipe, target_cost: float, state: GateState,

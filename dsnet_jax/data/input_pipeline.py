@@ -82,9 +82,11 @@ class DataSpec:
   synthetic_num_examples: int = 1024  # Synthetic data only.
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+  """Raises ConfigError unless `name` is a data set this library reads."""
   if name not in DATASETS:
-    raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(DATASETS)}')
+    raise ConfigError(f'config key data.name={name!r}: unknown data set; valid: '
+                      f'{", ".join(DATASETS)}')
 
 
 def _check(spec: DataSpec, field: str, expected: int, name: str) -> None:
@@ -96,7 +98,7 @@ def _dataset(spec: DataSpec,
              split: str) -> tuple[Sequence[dict[str, Any]], Preprocess, int]:
   """The split's random-access source, its preprocessing and its number of classes."""
   name = spec.name
-  _check_name(name)
+  check_name(name)
   preprocess = preprocessing(spec)
   if name == 'fashion_mnist':
     _check(spec, 'num_classes', fashion_mnist.NUM_CLASSES, name)
@@ -121,7 +123,7 @@ def preprocessing(spec: DataSpec) -> Preprocess:
   """The preprocessing of the data set `spec` names: image size, channels,
   normalisation, augmentation."""
   name = spec.name
-  _check_name(name)
+  check_name(name)
   augment = spec.augment or 'none'
   extra = dict(randaugment=spec.randaugment or '', random_erasing=float(spec.random_erasing))
   if name == 'fashion_mnist':
@@ -147,7 +149,7 @@ def describe_preprocessing(preprocess: Preprocess) -> dict[str, Any]:
 def check_available(spec: DataSpec, split: str | None = None) -> None:
   """Raises at once, with what to do, if `spec` names data that cannot be read."""
   name = spec.name
-  _check_name(name)
+  check_name(name)
   _dataset(spec, split or EVAL_SPLITS[name])
 
 
