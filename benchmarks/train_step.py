@@ -217,7 +217,7 @@ def main(argv=None) -> dict[str, Any]:
   tx = train_lib.supernet_optimizer(run)
   fresh_state = jax.jit(functools.partial(train_steps.TrainState.create, tx=tx, with_ema=True),
                         out_shardings=sharding.replicated(mesh))
-  fns = train_steps.SupernetFunctions(run.model, tx, config_lib.supernet_recipe(config), mesh)
+  fns = train_steps.SupernetFunctions(run.model, tx, run.spec.supernet.recipe, mesh)
   timer = PartTimer(fns)
   batch = next(run.batches(0))
   batch_size = int(batch['image'].shape[0])

@@ -11,6 +11,7 @@ import pytest
 
 from dsnet_jax import (budget, checkpointing, config_lib, errors, eval_lib, inference, optim,
                        rundir, train_lib)
+from dsnet_jax.models import get_model
 from checks import ROOT, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def flat(tree):
 
 def restore(directory, config=None):
   config = config or one_device()
-  model = train_lib.get_model(config.model_name, **config.model)
+  model = get_model(config.model_name, **config.model)
   return rundir.restore_variables(directory, model, (16, 16, 1), config=config)
 
 

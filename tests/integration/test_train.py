@@ -13,6 +13,8 @@ import pytest
 from checks import tiny_config
 from dsnet_jax import (bn_calibration, config_lib, errors, eval_lib, losses, optim, rundir,
                        sharding, stand_in, train_lib, train_steps)
+from dsnet_jax import routes as routes_lib
+from dsnet_jax.models import get_model
 
 
 def leaves_equal(a, b):
@@ -129,9 +131,9 @@ def test_compiles_bounded_by_routes_not_combinations(tmp_path):
   state = sharding.replicate(train_steps.TrainState.create(variables, tx, with_ema=True), run.mesh)
   drawn = set()
   for step, batch in zip(range(6), run.batches(0)):
-    drawn.update(train_lib.routes_lib.sandwich_routes(run.table, 0, step, 2))
+    drawn.update(routes_lib.sandwich_routes(run.table, 0, step, 2))
     state, _ = fns.step(state, batch, run.table, 0, step, run.step_key(step, 0))
-  combinations = {tuple(train_lib.routes_lib.sandwich_routes(run.table, 0, s, 2))
+  combinations = {tuple(routes_lib.sandwich_routes(run.table, 0, s, 2))
                   for s in range(6)}
   assert len(combinations) > 1
   assert fns.route_grad._cache_size() == len(drawn) <= len(run.table)
@@ -264,7 +266,7 @@ def test_missing_data_directory_fails_at_once(tmp_path):
 def test_mvco_averages_the_teacher_over_two_views_and_trains_on_both():
   config = tiny_config(num_devices=1)
   config.supernet.mvco = True
-  run_model = train_lib.get_model(config.model_name, **config.model)
+  run_model = get_model(config.model_name, **config.model)
   key = jax.random.key(0)
   v1, v2 = jax.random.normal(key, (2, 4, 16, 16, 1))
   variables = run_model.init(key, v1, route='largest')
@@ -309,7 +311,7 @@ def test_without_bootstrapping_or_alone_a_route_learns_the_labels():
   """supernet.inplace_bootstrapping=False: a smaller route's loss and gradients are those of
   the smoothed labels as soft targets; supernet.train_route: a step trains that route alone."""
   config = tiny_config(num_devices=1, **{'supernet.inplace_bootstrapping': False})
-  model = train_lib.get_model(config.model_name, **config.model)
+  model = get_model(config.model_name, **config.model)
   key = jax.random.key(0)
   images = jax.random.normal(key, (4, 16, 16, 1))
   labels = jnp.array([0, 1, 2, 3])
