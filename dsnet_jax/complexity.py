@@ -48,21 +48,36 @@ def route_complexity(model, route, image_shape: tuple[int, ...], with_gate: bool
 @functools.lru_cache(maxsize=256)
 def _route_complexity(model, route, image_shape: tuple[int, ...], with_gate: bool
                       ) -> Complexity:
+  if with_gate:
+    def forward(variables, x):
+      hidden, routing_logits = model.apply_prefix(variables, x)
+      return model.apply_suffix(variables, hidden, route), routing_logits
+  else:
+    def forward(variables, x):
+      return model.apply(variables, x, route=route)
+  return _count(model, forward, image_shape)
+
+
+def prefix_complexity(model, image_shape: tuple[int, ...]) -> Complexity:
+  """MAdds per image and parameters read of the gated model's prefix: the layers before the
+  gate and the gate itself (`apply_prefix`). A route's cost with its gate is this plus its
+  suffix's."""
+  return _prefix_complexity(model, tuple(image_shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix_complexity(model, image_shape: tuple[int, ...]) -> Complexity:
+  return _count(model, model.apply_prefix, image_shape)
+
+
+def _count(model, forward: Callable, image_shape: tuple[int, ...]) -> Complexity:
+  """The count of `forward(variables, images)` for one image of `image_shape`."""
   images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   variables = model.abstract_variables(image_shape)
-
-  if with_gate:
-    def forward(params, rest, x):
-      hidden, routing_logits = model.apply_prefix({'params': params, **rest}, x)
-      return model.apply_suffix({'params': params, **rest}, hidden, route), routing_logits
-  else:
-    def forward(params, rest, x):
-      return model.apply({'params': params, **rest}, x, route=route)
-
   params = variables['params']
   rest = {k: v for k, v in variables.items() if k != 'params'}
   with depthwise_implementation('conv'):  # Count depthwise convs as convs, however they run.
-    closed = jax.make_jaxpr(forward)(params, rest, images)
+    closed = jax.make_jaxpr(lambda p, r, x: forward({'params': p, **r}, x))(params, rest, images)
   jaxpr = closed.jaxpr
   n_params = len(jax.tree.leaves(params))
   live = _live_eqns(jaxpr, set(jaxpr.outvars))

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsnet_jax import escalation as escalation_lib
 from dsnet_jax import routes as routes_lib
 from dsnet_jax import timing
 from dsnet_jax.errors import NotGatedError
@@ -138,6 +139,9 @@ class RoutedPredictor:
       'prefix', 'suffix/<route>', 'route/<route>' (as `chunk_costs` holds after
       `warmup(measure=True)`, or as a latency table keeps them). Batches are cut into chunks
       by `plan_chunks` on these costs; programs not measured yet cost `linear_costs`.
+    escalation: route by escalation (`dsnet_jax.escalation`) instead of the gate's argmax:
+      every image runs the prefix and the chain's first suffix, the less confident ones the
+      next suffix on the same prefix output, and so on (one host sync per level).
     dtype: the images' dtype in the compiled programs (other inputs are cast to it on the
       way in). float32 suits a bfloat16 model too: its stem casts to bfloat16 on the device,
       where casting NumPy images on the host would cost more than the transfer it saves.
@@ -148,9 +152,18 @@ class RoutedPredictor:
   def __init__(self, model, variables, image_shape: Sequence[int], *,
                ladder: Sequence[int] | None = None, max_batch: int = 256,
                chunk_costs: Mapping[str, Mapping[int, float]] | None = None,
-               dtype: Any = jnp.float32):
+               dtype: Any = jnp.float32, escalation: escalation_lib.Escalation | None = None):
     self.model = model
     self.table = check_gated(model)
+    self.escalation = escalation
+    self.chain = ()
+    if escalation is not None:
+      names = [r.name for r in self.table.routing_space]
+      outside = [r for r in escalation.chain if r not in names]
+      if outside:
+        raise NotGatedError(f'escalation chain {list(escalation.chain)}: routes {outside} are not '
+                            f'in the routing space {names} (they must share its prefix)')
+      self.chain = tuple(self.table[r] for r in escalation.chain)
     self.variables = variables
     self.image_shape = tuple(image_shape)
     self.ladder = tuple(sorted(set(ladder))) if ladder else powers_of_two(max_batch)
@@ -214,6 +227,8 @@ class RoutedPredictor:
       for route in self.routing_space:
         self._suffix(route, size)
         calls[(f'suffix/{route.name}', size)] = functools.partial(self._run_suffix, route, size)
+      for route in self.chain:
+        self._suffix(route, size, with_confidence=True)
       for route in routes:
         self._route(route, size)
         calls[(f'route/{route.name}', size)] = functools.partial(self._run_route, route, size)
@@ -257,7 +272,10 @@ class RoutedPredictor:
       stop = min(start + self.max_batch, n)
       forced = None if routing_indices is None else routing_indices[start:stop]
       part = images if (start, stop) == (0, n) else images[start:stop]
-      part_logits, part_routes = self._predict_pass(part, forced)
+      if self.escalation is not None and forced is None:
+        part_logits, part_routes = self._escalate_pass(part)
+      else:
+        part_logits, part_routes = self._predict_pass(part, forced)
       logits.append(part_logits)
       chosen.append(part_routes)
     if len(logits) == 1:
@@ -309,6 +327,40 @@ class RoutedPredictor:
 
   def _predict_pass(self, images, forced):
     n = images.shape[0]
+    gate_choices, plan = self._run_prefixes(images)
+    # The one device->host transfer per pass: the gate's decisions.
+    chosen = np.concatenate([c[:valid] for c, (_, valid) in
+                             zip(jax.device_get(gate_choices), plan)]).astype(np.int32)
+    if forced is not None:
+      chosen = forced
+    for r, route in enumerate(self.routing_space):
+      self._run_suffixes(route, np.flatnonzero(chosen == r).astype(np.int32))
+    return self._copy_out(n)(self._out), chosen
+
+  def _escalate_pass(self, images):
+    """Escalation: the prefix for all, then each level's suffix on the rows still undecided
+    (one transfer of their confidences per level but the last)."""
+    n = images.shape[0]
+    self._run_prefixes(images)
+    rows = np.arange(n, dtype=np.int32)
+    stopped = np.full(n, len(self.chain) - 1, np.int32)
+    for level, route in enumerate(self.chain):
+      confidences = self._run_suffixes(route, rows, with_confidence=True)
+      if level == len(self.chain) - 1:
+        break
+      stays = np.concatenate(jax.device_get(confidences)) >= self.escalation.thresholds[level]
+      stopped[rows[stays]] = level
+      rows = rows[~stays]
+      if not len(rows):
+        break
+    space = [r.name for r in self.routing_space]
+    indices = np.array([space.index(r.name) for r in self.chain], np.int32)[stopped]
+    return self._copy_out(n)(self._out), indices
+
+  def _run_prefixes(self, images):
+    """The prefix over the batch in planned chunks, filling the hidden buffer; the gate's
+    argmax of each chunk (on the device) and the plan."""
+    n = images.shape[0]
     self._ensure_buffers()
     plan = self.plan('prefix', n)
     gate_choices, offset = [], 0
@@ -318,23 +370,27 @@ class RoutedPredictor:
           self.variables, _padded(chunk, size), self._hidden_buffer, np.int32(offset))
       gate_choices.append(choice)
       offset += valid
-    # The one device->host transfer per pass: the gate's decisions.
-    chosen = np.concatenate([c[:valid] for c, (_, valid) in
-                             zip(jax.device_get(gate_choices), plan)]).astype(np.int32)
-    if forced is not None:
-      chosen = forced
-    for r, route in enumerate(self.routing_space):
-      members = np.flatnonzero(chosen == r).astype(np.int32)
-      start = 0
-      for size, valid in self.plan(f'suffix/{route.name}', len(members)):
-        rows = members[start:start + valid]
-        pad = size - valid
-        src = np.concatenate([rows, np.full(pad, rows[-1], np.int32)])
-        # Padding rows scatter out of bounds (dropped); distinct, so indices stay unique.
-        dst = np.concatenate([rows, self.max_batch + np.arange(pad, dtype=np.int32)])
-        self._out = self._suffix(route, size)(self.variables, self._hidden_buffer, src, self._out, dst)
-        start += valid
-    return self._copy_out(n)(self._out), chosen
+    return gate_choices, plan
+
+  def _run_suffixes(self, route, members: np.ndarray, with_confidence: bool = False):
+    """`route`'s suffix on the hidden buffer's rows `members`, written to those rows of the
+    out buffer in planned chunks; with_confidence: each chunk's confidences (device arrays,
+    padding cut off) in the order of `members`."""
+    start, confidences = 0, []
+    for size, valid in self.plan(f'suffix/{route.name}', len(members)):
+      rows = members[start:start + valid]
+      pad = size - valid
+      src = np.concatenate([rows, np.full(pad, rows[-1], np.int32)])
+      # Padding rows scatter out of bounds (dropped); distinct, so indices stay unique.
+      dst = np.concatenate([rows, self.max_batch + np.arange(pad, dtype=np.int32)])
+      program = self._suffix(route, size, with_confidence)
+      if with_confidence:
+        self._out, confidence = program(self.variables, self._hidden_buffer, src, self._out, dst)
+        confidences.append(confidence[:valid])
+      else:
+        self._out = program(self.variables, self._hidden_buffer, src, self._out, dst)
+      start += valid
+    return confidences
 
   def plan(self, program: str, n: int) -> list[tuple[int, int]]:
     """plan_chunks on the program's measured costs (prefix plans end within the buffer)."""
@@ -404,18 +460,21 @@ class RoutedPredictor:
     return self._compile(('prefix', None, size), prefix, self.variables, self._images_spec(size),
                          self._buffer_spec(), jax.ShapeDtypeStruct((), jnp.int32), donate=(2,))
 
-  def _suffix(self, route: routes_lib.Route, size: int):
+  def _suffix(self, route: routes_lib.Route, size: int, with_confidence: bool = False):
     model = self.model
+    kind = self.escalation.confidence if with_confidence else None
 
     def suffix(variables, buffer, src, out, dst):
       hidden = jax.tree.map(lambda b: jnp.take(b, src, axis=0, mode='clip'), buffer)
       logits = model.apply_suffix(variables, hidden, route)
-      return out.at[dst].set(logits.astype(out.dtype), mode='drop', indices_are_sorted=True,
-                             unique_indices=True)
+      out = out.at[dst].set(logits.astype(out.dtype), mode='drop', indices_are_sorted=True,
+                            unique_indices=True)
+      return (out, escalation_lib.confidence(logits, kind)) if kind else out
 
     index = jax.ShapeDtypeStruct((size,), jnp.int32)
-    return self._compile(('suffix', route.name, size), suffix, self.variables, self._buffer_spec(),
-                         index, self._out_spec(), index, donate=(3,))
+    key = ('escalate' if kind else 'suffix', route.name, size)
+    return self._compile(key, suffix, self.variables, self._buffer_spec(), index,
+                         self._out_spec(), index, donate=(3,))
 
   def _copy_out(self, n: int):
     return self._compile(('copy_out', None, n), lambda out: out[:n], self._out_spec())
@@ -431,16 +490,39 @@ class RoutedPredictor:
 
   def _single(self):
     model, space = self.model, self.routing_space
+    escalate = self._escalate_one if self.escalation is not None else None
 
     def single(variables, image, force):
       hidden, routing_logits = model.apply_prefix(variables, image)
+      branches = [functools.partial(_suffix_branch, model, route) for route in space]
+      if escalate is not None:
+        logits, choice = jax.lax.cond(
+            force >= 0, lambda: (jax.lax.switch(jnp.maximum(force, 0), branches, variables,
+                                                hidden), force),
+            lambda: escalate(variables, hidden))
+        return logits[0], choice
       choice = jnp.argmax(routing_logits[0]).astype(jnp.int32)
       choice = jnp.where(force >= 0, force, choice)
-      branches = [functools.partial(_suffix_branch, model, route) for route in space]
       return jax.lax.switch(choice, branches, variables, hidden)[0], choice
 
     return self._compile(('single', None, 1), single, self.variables, self._images_spec(1),
                          jax.ShapeDtypeStruct((), jnp.int32))
+
+  def _escalate_one(self, variables, hidden):
+    """One image's escalation on the device: (logits (1, classes), routing index)."""
+    space = [r.name for r in self.routing_space]
+    thresholds, kind = self.escalation.thresholds, self.escalation.confidence
+
+    def from_level(level):
+      route = self.chain[level]
+      logits = self.model.apply_suffix(variables, hidden, route)
+      index = jnp.int32(space.index(route.name))
+      if level == len(self.chain) - 1:
+        return logits, index
+      stays = escalation_lib.confidence(logits, kind)[0] >= thresholds[level]
+      return jax.lax.cond(stays, lambda: (logits, index), lambda: from_level(level + 1))
+
+    return from_level(0)
 
   def _check_images(self, images):
     check_images(images, self.image_shape[-1], type(self).__name__)

@@ -133,6 +133,14 @@ def tiny_config(**overrides):
   return config
 
 
+def assert_close(actual, expected):
+  """Within 1e-5 of the logits' scale: the routed and the reference programs differ in batch
+  size and fusion, so float32 rounding differs."""
+  expected = np.asarray(expected)
+  scale = max(1.0, float(np.abs(expected).max()))
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
 # Fashion-MNIST IDX files made up for tests.
 
 def idx_bytes(array, shape=None, dtype_code=0x08):

@@ -14,14 +14,6 @@ IMAGE = (32, 32, 3)
 LADDER = (1, 4)
 
 
-def assert_close(actual, expected):
-  """Within 1e-5 of the logits' scale: the routed and the reference programs differ in batch
-  size and fusion, so float32 rounding differs."""
-  expected = np.asarray(expected)
-  scale = max(1.0, float(np.abs(expected).max()))
-  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale)
-
-
 def images(n, seed=0):
   return np.random.default_rng(seed).normal(size=(n, *IMAGE)).astype(np.float32)
 
@@ -108,7 +100,7 @@ def test_routed_equals_each_example_alone(setup):
   assert len(set(routes.tolist())) > 1  # The gate mixes routes on these inputs.
   for i, r in enumerate(routes):
     expected = alone(variables, x[i:i + 1], route=model.routes.routing_space[r])
-    assert_close(logits[i], expected[0])
+    checks.assert_close(logits[i], expected[0])
   assert np.asarray(logits).std(0).mean() > 0.1  # Outputs depend on the input.
 
 
@@ -119,13 +111,13 @@ def test_forced_route_mix_keeps_input_order(setup):
   logits, routes = predictor.predict(x, routing_indices=forced)
   np.testing.assert_array_equal(routes, forced)
   for i, r in enumerate(forced):
-    assert_close(logits[i], alone(variables, x[i:i + 1], route=int(r))[0])
+    checks.assert_close(logits[i], alone(variables, x[i:i + 1], route=int(r))[0])
   perm = np.random.default_rng(0).permutation(7)
   permuted, _ = predictor.predict(x[perm], routing_indices=forced[perm])
-  assert_close(permuted, np.asarray(logits)[perm])
+  checks.assert_close(permuted, np.asarray(logits)[perm])
   # JAX inputs take the same path.
   on_device, _ = predictor.predict(jnp.asarray(x), routing_indices=forced)
-  assert_close(on_device, logits)
+  checks.assert_close(on_device, logits)
 
 
 def test_a_bfloat16_model_routes_like_its_masked_path():
@@ -195,7 +187,7 @@ def test_warmup_times_each_program_and_plans_follow_the_costs(setup):
   assert measuring.plan('suffix/0', 6) == [(1, 1)] * 6
   x = images(6)
   np.testing.assert_array_equal(measuring.predict(x)[1], predictor.predict(x)[1])
-  assert_close(measuring.predict(x)[0], predictor.predict(x)[0])
+  checks.assert_close(measuring.predict(x)[0], predictor.predict(x)[0])
 
 
 def test_predict_one_and_predict_route(setup):
@@ -205,12 +197,12 @@ def test_predict_one_and_predict_route(setup):
   for i in range(3):
     one, route = predictor.predict_one(x[i])
     assert int(route) == routes[i]
-    assert_close(one, logits[i])
+    checks.assert_close(one, logits[i])
     forced, route = predictor.predict_one(x[i], routing_index=2)
     assert int(route) == 2
-    assert_close(forced, alone(variables, x[i:i + 1], route=2)[0])
+    checks.assert_close(forced, alone(variables, x[i:i + 1], route=2)[0])
   for route in ('largest', 2):
-    assert_close(predictor.predict_route(x, route), alone(variables, x, route=route))
+    checks.assert_close(predictor.predict_route(x, route), alone(variables, x, route=route))
 
 
 def test_clear_errors(setup):

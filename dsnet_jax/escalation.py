@@ -1,0 +1,203 @@
+"""Escalation routing [ours]: a router that needs no Stage II.
+
+Every image runs the shared prefix once and the first route of a `chain` (cheapest first, all
+in the routing space); an image whose confidence in its own prediction (max softmax, or the
+margin between its two most probable classes) is under that level's threshold runs the next
+route's suffix on the same prefix output, and so on to the last route. Its logits are those of
+the last route it ran, and it costs the prefix plus every suffix it ran (`level_costs`).
+Thresholds are calibrated on held-out images to a budget (`calibrate`); with more than two
+levels, the thresholds that give the best held-out accuracy at the budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsnet_jax.complexity import prefix_complexity, route_complexity
+from dsnet_jax.errors import BudgetError, ConfigError
+
+CONFIDENCES = ('max_softmax', 'margin')
+# A threshold above any confidence (both kinds lie in [0, 1]): every image escalates.
+ALWAYS = 2.0
+ESCALATION_FILE = 'escalation.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class Escalation:
+  """A calibrated escalation router: route names `chain` (cheapest first), one threshold per
+  level but the last (level k escalates an image whose confidence is below `thresholds[k]`),
+  and the `confidence` kind. `budget` and `budget_unit` record what it was calibrated for."""
+  chain: tuple[str, ...]
+  thresholds: tuple[float, ...]
+  confidence: str = 'max_softmax'
+  budget: float = 0.0
+  budget_unit: str = 'madds'
+
+  def __post_init__(self):
+    if len(self.chain) < 2 or len(set(self.chain)) != len(self.chain):
+      raise ConfigError(f'an escalation chain needs two or more distinct routes, got '
+                        f'{list(self.chain)}')
+    if len(self.thresholds) != len(self.chain) - 1:
+      raise ConfigError(f'{len(self.chain)} routes need {len(self.chain) - 1} thresholds, got '
+                        f'{list(self.thresholds)}')
+    if not all(np.isfinite(t) for t in self.thresholds):
+      raise ConfigError(f'escalation thresholds must be finite, got {list(self.thresholds)}')
+    check_confidence(self.confidence)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1)
+
+  @classmethod
+  def from_json(cls, text: str) -> Escalation:
+    data = json.loads(text)
+    return cls(chain=tuple(str(r) for r in data['chain']),
+               thresholds=tuple(float(t) for t in data['thresholds']),
+               confidence=data['confidence'], budget=float(data.get('budget', 0.0)),
+               budget_unit=data.get('budget_unit', 'madds'))
+
+
+def check_confidence(kind: str) -> None:
+  if kind not in CONFIDENCES:
+    raise ConfigError(f'confidence {kind!r}: use one of {", ".join(CONFIDENCES)}')
+
+
+def confidence(logits, kind: str = 'max_softmax') -> jax.Array:
+  """(n,) confidence of each row of logits (n, classes): its largest softmax probability, or
+  the difference of its two largest ('margin'). Float32 whatever the logits' dtype."""
+  probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+  if kind == 'max_softmax':
+    return probs.max(-1)
+  if kind == 'margin':
+    top2 = jax.lax.top_k(probs, 2)[0]
+    return top2[..., 0] - top2[..., 1]
+  raise ConfigError(f'confidence {kind!r}: use one of {", ".join(CONFIDENCES)}')
+
+
+def stop_levels(confidences: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+  """(n,) int: the level at which each image stops, given its confidence at every level
+  (n, L): the first level k < L - 1 whose confidence is at least thresholds[k], else L - 1."""
+  confidences = np.asarray(confidences)
+  last = confidences.shape[1] - 1
+  stays = confidences[:, :last] >= np.asarray(thresholds, confidences.dtype)
+  return np.where(stays.any(1), stays.argmax(1), last)
+
+
+def level_costs(model, chain: Sequence[str], image_shape: Sequence[int]) -> np.ndarray:
+  """(L,) MAdds per image of an image that stops at each level: the prefix (with the gate) and
+  the suffixes of chain[0..k] (float64). A route's cost with its gate is the prefix's plus its
+  suffix's, so each further level adds its route's cost less the prefix's."""
+  image_shape = tuple(image_shape)
+  full = np.array([route_complexity(model, r, image_shape, with_gate=True).madds for r in chain],
+                  np.float64)
+  prefix = float(prefix_complexity(model, image_shape).madds)
+  return full[0] + np.concatenate([[0.0], np.cumsum(full[1:] - prefix)])
+
+
+def simulate(correct: np.ndarray, confidences: np.ndarray, thresholds: Sequence[float],
+             costs: np.ndarray) -> tuple[float, float]:
+  """(accuracy, mean cost) of escalation with `thresholds` on images whose correctness and
+  confidence at every level are (n, L) arrays; `costs` (L,) as `level_costs`."""
+  levels = stop_levels(confidences, thresholds)
+  rows = np.arange(len(levels))
+  return float(np.asarray(correct)[rows, levels].mean()), float(np.asarray(costs)[levels].mean())
+
+
+def calibrate(confidences: np.ndarray, costs: np.ndarray, budget: float,
+              correct: np.ndarray | None = None, grid: int = 51) -> tuple[float, ...]:
+  """Thresholds after which escalation costs `budget` per image on average on these images.
+
+  Args:
+    confidences: (n, L) each image's confidence at every level (held-out images).
+    costs: (L,) as `level_costs`, increasing.
+    budget: the mean cost per image to spend, between costs[0] and costs[-1].
+    correct: (n, L) whether each level's route is right; needed for L > 2, where the budget
+      can be split between the levels in many ways: the most accurate split is taken (level
+      0's escalation share on a grid of `grid` values, recursively).
+    grid: see `correct`.
+  Returns:
+    L - 1 thresholds. The least confident images escalate, as many as the budget pays for:
+    the cost lands on the budget to within one image's escalation, never above it.
+  Raises:
+    BudgetError: the budget is outside [costs[0], costs[-1]].
+  """
+  confidences = np.asarray(confidences, np.float64)
+  costs = np.asarray(costs, np.float64)
+  if confidences.ndim != 2 or confidences.shape[1] != len(costs) or not len(confidences):
+    raise ValueError(f'confidences {confidences.shape} do not match {len(costs)} levels')
+  if not costs[0] <= budget <= costs[-1]:
+    raise BudgetError(f'budget {budget:.6g} is outside what escalation can spend: '
+                      f'{costs[0]:.6g} (every image stops at the first route) to '
+                      f'{costs[-1]:.6g} (every image runs every route)')
+  if len(costs) > 2 and correct is None:
+    raise ValueError("calibrating more than two levels needs each level's correctness")
+  if correct is None:
+    correct = np.zeros(confidences.shape, bool)
+  return _best(confidences, np.asarray(correct, bool), costs, budget, grid)[1]
+
+
+def _best(confidences, correct, costs, budget, grid):
+  """(accuracy, thresholds) of the most accurate escalation within `budget` per image."""
+  if len(costs) == 2:
+    share = min(max((budget - costs[0]) / (costs[1] - costs[0]), 0.0), 1.0)
+    thresholds = (_threshold(confidences[:, 0], share),)
+    return simulate(correct, confidences, thresholds, costs)[0], thresholds
+  n, best = len(confidences), None
+  for share in np.linspace(0.0, 1.0, grid):
+    first = _threshold(confidences[:, 0], share)
+    escalated = confidences[:, 0] < first
+    if not escalated.any():
+      rest = (ALWAYS,) * (len(costs) - 2)
+    else:
+      # What the escalated images may spend each, the first route's cost included.
+      each = costs[0] + (budget - costs[0]) * n / escalated.sum()
+      if each < costs[1]:
+        continue
+      rest = _best(confidences[escalated][:, 1:], correct[escalated][:, 1:], costs[1:],
+                   min(each, costs[-1]), grid)[1]
+    thresholds = (first, *rest)
+    accuracy, cost = simulate(correct, confidences, thresholds, costs)
+    if cost <= budget * (1 + 1e-12) and (best is None or accuracy > best[0]):
+      best = (accuracy, thresholds)
+  return best
+
+
+def _threshold(confidences: np.ndarray, share: float) -> float:
+  """A threshold below which at most `share` of `confidences` lie (the least confident ones):
+  the k-th smallest confidence for k = floor(share * n), ALWAYS when that is all of them."""
+  n = len(confidences)
+  k = int(np.floor(share * n + 1e-9))
+  return ALWAYS if k >= n else float(np.sort(confidences)[k])
+
+
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
+  """Area under the ROC curve of `scores` ranking the `positives` (bool) above the rest: the
+  chance that a random positive scores higher than a random negative (ties count half)."""
+  scores = np.asarray(scores, np.float64)
+  positives = np.asarray(positives, bool)
+  n_pos, n_neg = positives.sum(), (~positives).sum()
+  if not n_pos or not n_neg:
+    return float('nan')
+  order = np.argsort(scores, kind='mergesort')
+  ranks = np.empty(len(scores), np.float64)
+  sorted_scores = scores[order]
+  # Average ranks over ties (1-based).
+  _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+  average = first + (counts + 1) / 2.0
+  ranks[order] = np.repeat(average, counts)
+  return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def load(directory: str) -> Escalation | None:
+  """The escalation saved beside a checkpoint (`<stage folder>/escalation.json`), if any."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  path = epath.Path(directory) / ESCALATION_FILE
+  return Escalation.from_json(path.read_text()) if path.exists() else None
+
+
+def as_meta(escalation: Escalation, **extra: Any) -> dict[str, Any]:
+  return {**json.loads(escalation.to_json()), **extra}
