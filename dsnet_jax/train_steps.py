@@ -164,9 +164,14 @@ class SupernetFunctions:
 
 
 def training_views(batch, mvco: bool) -> list[jax.Array]:
-  """The augmented views a step trains on: two for multi-view consistency (the config makes
-  sure the batches hold them), else one."""
-  return [batch['image'], batch['image_view1']] if mvco else [batch['image']]
+  """The augmented views a step trains on: two for multi-view consistency, else one (a batch
+  without its second view is refused here for callers outside train_lib; a config is refused
+  before any work by config_lib.validate)."""
+  if not mvco:
+    return [batch['image']]
+  if 'image_view1' not in batch:
+    raise ValueError('supernet.mvco needs two views per image: set config.data.views = 2')
+  return [batch['image'], batch['image_view1']]
 
 
 def gate_train_step(model, tx, recipe: GateRecipe, target_cost: float, state: GateState,
