@@ -122,10 +122,10 @@ def models(args):
   """(name, model, image shape, variables, images) of each model to export."""
   if args.workdir:
     config = config_lib.load_config_file(args.config)
-    restored, pipeline, _ = eval_lib.restore_workdir(config, args.workdir)
+    loaded, pipeline, _ = eval_lib.restore_workdir(config, args.workdir)
     images = latency.evaluation_images(pipeline, args.images)
-    yield (config.model_name, restored.model, images.shape[1:],
-           jax.device_get(restored.variables), images)
+    yield (config.model_name, loaded.model, images.shape[1:],
+           jax.device_get(loaded.variables), images)
     return
   if args.config:
     config = config_lib.load_config_file(args.config)

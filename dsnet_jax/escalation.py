@@ -49,8 +49,9 @@ class Escalation:
       raise ConfigError(f'escalation thresholds must be finite, got {list(self.thresholds)}')
     check_confidence(self.confidence)
 
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=1)
+  def to_json(self, **extra: Any) -> str:
+    """JSON of the rule, with `extra` (e.g. the checkpoint step it was calibrated for)."""
+    return json.dumps({**dataclasses.asdict(self), **extra}, indent=1)
 
   @classmethod
   def from_json(cls, text: str) -> Escalation:
@@ -192,12 +193,3 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
   return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def load(directory: str) -> Escalation | None:
-  """The escalation saved beside a checkpoint (`<stage folder>/escalation.json`), if any."""
-  from etils import epath  # pylint: disable=import-outside-toplevel
-  path = epath.Path(directory) / ESCALATION_FILE
-  return Escalation.from_json(path.read_text()) if path.exists() else None
-
-
-def as_meta(escalation: Escalation, **extra: Any) -> dict[str, Any]:
-  return {**json.loads(escalation.to_json()), **extra}

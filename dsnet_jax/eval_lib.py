@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsnet_jax import errors
-from dsnet_jax import config_lib
+from dsnet_jax import config_lib, errors, routers, sharding
+from dsnet_jax import escalation as escalation_lib
 from dsnet_jax import latency as latency_lib
 from dsnet_jax import rundir as rundir_lib
-from dsnet_jax import sharding
 from dsnet_jax.complexity import route_complexity
-from dsnet_jax.progress import say
 from dsnet_jax.data import input_pipeline
+from dsnet_jax.progress import say
 
 
 ROUTES_FILE = 'routes.npy'  # Each evaluation example's routing index (gated models).
@@ -82,40 +81,14 @@ def route_results(model, variables, pipeline, mesh) -> list[dict[str, Any]]:
   return rows
 
 
-def static_accuracy_at(rows, madds: float) -> float:
-  """Accuracy of the static routes' curve at `madds` per image: linear between the two routes
-  around it (the accuracy of routing a random share of images to each, at that average cost),
-  the nearest end's outside the curve.
-
-  Args:
-    rows: route_results rows ('accuracy', 'madds').
-    madds: average MAdds per image.
-  """
-  points = sorted((r['madds'], r['accuracy']) for r in rows)
-  return float(np.interp(madds, [m for m, _ in points], [a for _, a in points]))
-
-
-def best_static_mix_at(rows, madds: float) -> float:
-  """The best accuracy any random mix of two static routes reaches at `madds` per image on
-  average: the upper concave envelope of the static routes (>= `static_accuracy_at`; the
-  nearest end's outside them)."""
-  points = sorted((r['madds'], r['accuracy']) for r in rows)
-  if madds <= points[0][0] or madds >= points[-1][0]:
-    return static_accuracy_at(rows, madds)
-  return max(a0 + (madds - m0) / (m1 - m0) * (a1 - a0)
-             for m0, a0 in points for m1, a1 in points if m0 <= madds < m1)
-
-
 def compare_with_static(rows, gated: dict[str, Any], budget_meta: dict[str, float] | None = None
                         ) -> dict[str, Any]:
   """`gated` plus 'static_accuracy' (the static curve at the gated model's cost), 'gain' (the
   gated accuracy minus it), 'best_static_mix' and 'gain_over_mix' (the same against the
   best random mix of two static routes) and the budget ({'budget_madds' or 'budget_ms': value}
   as the gate checkpoint's meta holds it)."""
-  static = static_accuracy_at(rows, gated['madds'])
-  mix = best_static_mix_at(rows, gated['madds'])
-  return {**gated, 'static_accuracy': static, 'gain': gated['accuracy'] - static,
-          'best_static_mix': mix, 'gain_over_mix': gated['accuracy'] - mix, **(budget_meta or {})}
+  return {**gated, **routers.against_static(rows, gated['accuracy'], gated['madds']),
+          **(budget_meta or {})}
 
 
 def calibrated_budget(meta: dict[str, Any]) -> dict[str, float]:
@@ -176,7 +149,7 @@ def format_report(rows, gated, latency: dict[str, Any] | None = None) -> str:
   return '\n'.join(lines)
 
 
-def plot(rows, gated, path: str, title: str = ''):
+def plot(rows, gated, path: str, title: str = '', routing: dict[str, Any] | None = None):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -194,6 +167,15 @@ def plot(rows, gated, path: str, title: str = ''):
             label='static curve at the gated cost')
     if gated.get('budget_madds'):
       ax.axvline(gated['budget_madds'] / 1e6, color='gray', ls=':', label='budget')
+  if routing:
+    curve = routing['escalation_curve']
+    ax.plot([p['madds'] / 1e6 for p in curve['points']],
+            [100 * p['accuracy'] for p in curve['points']], '-', alpha=0.6,
+            label=f'escalation {" -> ".join(curve["chain"])} (fitted here)')
+    if 'escalation' in routing:
+      e = routing['escalation']
+      ax.plot(e['madds'] / 1e6, 100 * e['accuracy'], 'P', markersize=11,
+              label=f'escalation ({100 * e["gain"]:+.2f} % vs static)')
   ax.set_xlabel('MAdds (M)')
   ax.set_ylabel('accuracy (%)')
   if title:
@@ -208,12 +190,14 @@ def plot(rows, gated, path: str, title: str = ''):
 
 def evaluate_and_report(model, variables, pipeline, mesh, output_dir: str, gated: bool = True,
                         budget_meta: dict[str, float] | None = None,
-                        latency: dict[str, Any] | None = None, title: str = '') -> dict[str, Any]:
-  """Prints the route table (and the gated result against the static routes' curve and the
-  budget, MAdds per image, when set; ms/image from a latency table when given), writes
-  eval.json, eval.png (titled `title`) and, for a gated model, routes.npy (each evaluation
-  example's routing index, in the split's order) into `output_dir` (local or gs://; process
-  0 writes)."""
+                        latency: dict[str, Any] | None = None, title: str = '',
+                        escalation: escalation_lib.Escalation | None = None) -> dict[str, Any]:
+  """Prints the route table, the gated result (when `gated`) and the escalation router's
+  (when given) against the static routes' curve and their budgets, what escalation offers as
+  a curve over budgets and as an oracle, and how well each signal ranks the cheapest route's
+  errors (ms/image from a latency table when given); writes eval.json, eval.png (titled
+  `title`) and, for a gated model, routes.npy (each evaluation example's routing index, in
+  the split's order) into `output_dir` (local or gs://; process 0 writes)."""
   rows = route_results(model, variables, pipeline, mesh)
   result, routing_indices = None, None
   if gated:
@@ -222,8 +206,9 @@ def evaluate_and_report(model, variables, pipeline, mesh, output_dir: str, gated
     result = compare_with_static(rows, result, budget_meta)
   if latency:
     add_latency(rows, result, latency)
-  say(format_report(rows, result, latency))
-  report = {'routes': rows, 'gated': result}
+  routing = router_results(model, variables, pipeline, mesh, rows, gated, escalation)
+  say(format_report(rows, result, latency) + '\n' + format_routers(routing))
+  report = {'routes': rows, 'gated': result, 'routers': routing}
   if jax.process_index() != 0:
     return report
   output_dir = epath.Path(output_dir)
@@ -232,8 +217,50 @@ def evaluate_and_report(model, variables, pipeline, mesh, output_dir: str, gated
   if routing_indices is not None:
     with (output_dir / ROUTES_FILE).open('wb') as f:
       np.save(f, routing_indices)
-  plot(rows, result, os.fspath(output_dir / 'eval.png'), title)
+  plot(rows, result, os.fspath(output_dir / 'eval.png'), title, routing)
   return report
+
+
+def router_results(model, variables, pipeline, mesh, rows, gated: bool,
+                   escalation: escalation_lib.Escalation | None) -> dict[str, Any]:
+  """Escalation (at its thresholds when given; as a curve over budgets and as an oracle,
+  from the cheapest routing-space route to the widest, or along its chain) and the AUROC of
+  'the cheapest route is wrong' for the cheapest route's confidences and the gate's logits."""
+  signals = routers.route_signals(model, variables, pipeline, mesh)
+  space = [r.name for r in model.routes.routing_space]
+  chain = escalation.chain if escalation else (space[0], space[-1])
+  kind = escalation.confidence if escalation else 'max_softmax'
+  ends = escalation_lib.level_costs(model, (chain[0], chain[-1]), pipeline.image_shape)
+  out = {'auroc_cheapest_wrong': routers.error_auroc(signals, gated),
+         'oracle': {'chain': [chain[0], chain[-1]], **routers.oracle(signals, space, chain, ends)},
+         'escalation_curve': {'chain': [chain[0], chain[-1]], 'confidence': kind,
+                              'points': routers.escalation_curve(signals, space, chain, kind,
+                                                                 ends)}}
+  if escalation:
+    costs = escalation_lib.level_costs(model, escalation.chain, pipeline.image_shape)
+    out['escalation'] = routers.escalation_result(signals, space, escalation, costs, rows)
+  return out
+
+
+def format_routers(routing: dict[str, Any]) -> str:
+  lines = []
+  if 'escalation' in routing:
+    e = routing['escalation']
+    lines.append(f'escalation {" -> ".join(e["chain"])} ({e["confidence"]} under '
+                 f'{", ".join(f"{t:.4g}" for t in e["thresholds"])}): accuracy '
+                 f'{e["accuracy"]:.4f} at {e["madds"] / 1e6:.3f} M MAdds, stops {e["stops"]}; '
+                 f'- static: {100 * e["gain"]:+.2f} %, - best mix: {100 * e["gain_over_mix"]:+.2f} %'
+                 + (f'; budget {e["budget_madds"] / 1e6:.3f} M ('
+                    f'{100 * (e["madds"] / e["budget_madds"] - 1):+.2f} %)'
+                    if e.get('budget_madds') else ''))
+  o, curve = routing['oracle'], routing['escalation_curve']
+  lines.append(f'oracle escalation {" -> ".join(o["chain"])} (exactly the images the first '
+               f'gets wrong and the last right): {o["accuracy"]:.4f} at {o["madds"] / 1e6:.3f} M')
+  lines.append(f'escalation {" -> ".join(curve["chain"])} on these images: ' + '  '.join(
+      f'{p["accuracy"]:.4f}@{p["madds"] / 1e6:.3g}M' for p in curve['points'][::5]))
+  lines.append("AUROC of 'the cheapest route is wrong': " + ', '.join(
+      f'{name} {value:.3f}' for name, value in routing['auroc_cheapest_wrong'].items()))
+  return '\n'.join(lines)
 
 
 def report_title(model, config, restored) -> str:
@@ -255,7 +282,7 @@ def restore_workdir(config, workdir: str, checkpoint: str = '',
   What the checkpoint holds (EMA or raw weights, gated or not, finished or not) is read from
   its meta, never from folder names. Nothing is created.
   Returns:
-    (rundir.Restored, the evaluation pipeline, the mesh).
+    (rundir.Loaded, the evaluation pipeline, the mesh).
   Raises:
     FileNotFoundError: no such workdir or checkpoint.
     errors.ConfigMismatchError: `config` differs from the checkpoint's in what defines the
@@ -270,12 +297,13 @@ def restore_workdir(config, workdir: str, checkpoint: str = '',
   input_pipeline.check_available(config_lib.data_spec(config.data))
   mesh = sharding.make_mesh(config.num_devices or None)
   pipeline = eval_pipeline(config_lib.data_spec(config.data), config.eval_batch_size)
-  restored = rundir_lib.load(workdir, checkpoint, config, allow_config_changes, mesh).restored
+  loaded = rundir_lib.load(workdir, checkpoint, config, allow_config_changes, mesh)
+  restored = loaded.restored
   say(f'restored {restored.describe()}')
   if not restored.complete:
     say(f'warning: {restored.directory} is unfinished: using step {restored.step} of '
         f'{restored.meta.get("total_steps")} as it is')
-  return restored, pipeline, mesh
+  return loaded, pipeline, mesh
 
 
 def evaluate_workdir(config, workdir: str, checkpoint: str = '',
@@ -289,14 +317,66 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '',
   in the workdir, the report gives ms/image beside MAdds.
   Raises: as `restore_workdir`; nothing is created before the restore succeeds.
   """
-  restored, pipeline, mesh = restore_workdir(config, workdir, checkpoint, allow_config_changes)
+  loaded, pipeline, mesh = restore_workdir(config, workdir, checkpoint, allow_config_changes)
+  restored = loaded.restored
   output_dir = output_dir or restored.directory
   say(f'report -> {output_dir}')
-  return evaluate_and_report(restored.model, restored.variables, pipeline, mesh, output_dir,
+  return evaluate_and_report(loaded.model, loaded.variables, pipeline, mesh, output_dir,
                              gated=restored.gated, budget_meta=calibrated_budget(restored.meta),
                              latency=workdir_latency(workdir, pipeline.image_shape,
-                                                     restored.model),
-                             title=report_title(restored.model, config, restored))
+                                                     loaded.model),
+                             title=report_title(loaded.model, config, restored),
+                             escalation=loaded.escalation)
+
+
+def calibrate_escalation(loaded: rundir_lib.Loaded, chain: Sequence[str], budget: float,
+                         budget_unit: str = 'largest', confidence: str = 'max_softmax',
+                         calibration_examples: int = 5000, mesh=None
+                         ) -> tuple[escalation_lib.Escalation, dict[str, Any]]:
+  """An escalation router for a restored checkpoint (any supernet: a gate is not needed),
+  with thresholds calibrated to `budget` on the last `calibration_examples` images of the
+  training split (evaluation preprocessing), and what it achieved there.
+
+  Args:
+    loaded: `rundir.load`'s result.
+    chain: route names from the routing space, cheapest first.
+    budget: a fraction of 'largest''s MAdds (`budget_unit='largest'`) or MAdds per image.
+  Raises:
+    errors.ConfigError: a route outside the routing space, an unknown unit or confidence;
+    errors.BudgetError: a budget the chain cannot spend; both before any image is read.
+  """
+  model, image_shape = loaded.model, loaded.image_shape
+  space = [r.name for r in model.routes.routing_space]
+  chain = tuple(model.routes[r].name for r in chain)
+  outside = [r for r in chain if r not in space]
+  if outside:
+    raise errors.ConfigError(f'escalation chain {list(chain)}: routes {outside} are not in the '
+                             f'routing space {space} (a chain shares the gate\'s prefix)')
+  escalation_lib.check_confidence(confidence)
+  if budget_unit not in ('largest', 'madds'):
+    raise errors.ConfigError(f"budget unit {budget_unit!r}: use 'largest' or 'madds'")
+  costs = escalation_lib.level_costs(model, chain, image_shape)
+  largest = route_complexity(model, model.routes.largest, image_shape).madds
+  madds = budget * largest if budget_unit == 'largest' else budget
+  if not costs[0] <= madds <= costs[-1]:
+    raise errors.BudgetError(
+        f'budget {budget:g} ({budget_unit}) is {madds / 1e6:.4g} M MAdds per image; escalation '
+        f'{" -> ".join(chain)} spends {costs[0] / 1e6:.4g}-{costs[-1] / 1e6:.4g} M (every image '
+        'at the first route to every image through every route): choose a budget in that '
+        'range or another chain')
+  data = config_lib.data_spec(loaded.config.data)
+  pipeline = input_pipeline.make(data, 'train', batch_size=loaded.config.eval_batch_size,
+                                 train=False, examples=(-calibration_examples, None))
+  mesh = mesh or sharding.make_mesh(1)
+  signals = routers.route_signals(model, jax.device_put(loaded.variables), pipeline, mesh)
+  columns = [space.index(r) for r in chain]
+  correct, confidences = signals['correct'][:, columns], signals[confidence][:, columns]
+  thresholds = escalation_lib.calibrate(confidences, costs, madds, correct)
+  rule = escalation_lib.Escalation(chain, thresholds, confidence, float(madds), 'madds')
+  accuracy, cost = escalation_lib.simulate(correct, confidences, thresholds, costs)
+  return rule, {'calibration': {'split': 'train', 'examples': [-calibration_examples, None],
+                                'images': int(len(correct)), 'accuracy': accuracy,
+                                'madds': cost}}
 
 
 def workdir_latency(workdir: str, image_shape, model) -> dict[str, Any] | None:

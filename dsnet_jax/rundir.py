@@ -3,6 +3,8 @@
     workdir/
       checkpoints/<stage>/<step>/   orbax steps of one training stage (supernet, recalibrate,
                                     gate); `<step>.unreadable` folders were set aside
+      checkpoints/<stage>/escalation.json   an escalation router calibrated for one of its
+                                    steps (dsnet_jax.escalation; tools/escalate writes it)
       metrics.jsonl                  progress and evaluation records of every stage
       eval.json, eval.png            the last evaluation
       .lock                          held by the one training process (its PID inside)
@@ -38,6 +40,7 @@ import numpy as np
 
 from dsnet_jax import budget as budget_lib
 from dsnet_jax import checkpointing, config_lib, errors, paths, sharding
+from dsnet_jax import escalation as escalation_lib
 from dsnet_jax.data import input_pipeline
 from dsnet_jax.models import get_model
 from dsnet_jax.models.gated import ROUTING_HEAD
@@ -172,6 +175,8 @@ class Loaded:
   config: Any  # ml_collections.ConfigDict
   image_shape: tuple[int, int, int]
   restored: Restored
+  # The escalation router calibrated for this checkpoint (tools/escalate), if any.
+  escalation: escalation_lib.Escalation | None = None
 
   @property
   def routes(self):
@@ -198,7 +203,35 @@ def load(workdir: str | os.PathLike = '', checkpoint: str | os.PathLike = '', co
   model = get_model(config.model_name, **config.model)
   image_shape = input_pipeline.preprocessing(config_lib.data_spec(config.data)).image_shape
   restored = restore_variables(directory, model, image_shape, mesh, config, allow_changes, log)
-  return Loaded(restored.model, restored.variables, config, image_shape, restored)
+  return Loaded(restored.model, restored.variables, config, image_shape, restored,
+                read_escalation(directory, restored.step, log))
+
+
+def save_escalation(directory: str, rule: escalation_lib.Escalation, step: int,
+                    **extra: Any) -> str:
+  """Writes the escalation router calibrated for step `step` of the stage folder `directory`
+  (`<directory>/escalation.json`, replaced atomically; process 0 writes). Returns its path."""
+  path = epath.Path(directory) / escalation_lib.ESCALATION_FILE
+  if jax.process_index() == 0:
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(rule.to_json(step=step, **extra))
+    tmp.replace(path)
+  return os.fspath(path)
+
+
+def read_escalation(directory: str, step: int, log=say) -> escalation_lib.Escalation | None:
+  """The escalation router saved in the stage folder `directory`, if it was calibrated for
+  `step` (one calibrated for another step is not used: a line through `log` says so)."""
+  path = epath.Path(directory) / escalation_lib.ESCALATION_FILE
+  if not path.exists():
+    return None
+  text = path.read_text()
+  saved = json.loads(text).get('step')
+  if saved != step:
+    log(f'{path} was calibrated for step {saved}, not {step}: not used (calibrate again with '
+        'python -m dsnet_jax.tools.escalate)')
+    return None
+  return escalation_lib.Escalation.from_json(text)
 
 
 def saved_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -14,7 +14,7 @@ FLOORS = {
     'layers': 1, 'models': 1, 'losses': 1, 'complexity': 1, 'specialize': 1,
     'bn_calibration': 1,
     'data': 2, 'optim': 2, 'budget': 2, 'checkpointing': 2, 'inference': 2, 'latency': 2,
-    'export': 2, 'convert': 2, 'train_steps': 2,
+    'export': 2, 'convert': 2, 'train_steps': 2, 'escalation': 2, 'routers': 2,
     'config_lib': 3,
     'rundir': 4,
     'train_lib': 5, 'eval_lib': 5,

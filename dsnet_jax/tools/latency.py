@@ -64,8 +64,8 @@ def main(argv):
                          f'{", ".join(available_models())}')
   if f.config:
     if f.workdir:
-      restored, pipeline, _ = eval_lib.restore_workdir(f.config, f.workdir)
-      model, variables = restored.model, restored.variables
+      loaded, pipeline, _ = eval_lib.restore_workdir(f.config, f.workdir)
+      model, variables = loaded.model, loaded.variables
     else:
       config_lib.validate(f.config)
       pipeline = eval_lib.eval_pipeline(config_lib.data_spec(f.config.data),

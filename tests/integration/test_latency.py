@@ -18,13 +18,13 @@ def measured(trained, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('latency') / 'run'
   shutil.copytree(trained.workdir, workdir)
   config = tiny_config(num_devices=1)
-  restored, pipeline, _ = eval_lib.restore_workdir(config, str(workdir))
+  loaded, pipeline, _ = eval_lib.restore_workdir(config, str(workdir))
   images = latency.evaluation_images(pipeline, 4)
-  predictor = inference.RoutedPredictor(restored.model, restored.variables,
+  predictor = inference.RoutedPredictor(loaded.model, loaded.variables,
                                         pipeline.image_shape, max_batch=4)
   table = latency.measure(predictor, images, routes=[0, 1, 2, 'largest'], batch_sizes=(1, 4),
                           singles=2, rounds=2)
-  return workdir, config, restored.model, predictor, images, table
+  return workdir, config, loaded.model, predictor, images, table
 
 
 def test_the_table_times_each_route_and_the_gates_own_mix(measured):

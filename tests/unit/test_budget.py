@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsnet_jax import budget, config_lib, errors, eval_lib, optim, train_steps
+from dsnet_jax import budget, config_lib, errors, optim, train_steps
 from dsnet_jax.complexity import route_complexity
 from dsnet_jax.models import get_model
 from checks import tiny_config
@@ -55,26 +55,6 @@ def test_budget_in_madds_from_a_fraction_of_the_largest_route():
   assert budget.budget_madds(config.gate, model, IMAGE_SHAPE) == 60000.0
   config.gate.budget = 0.0
   assert budget.budget_madds(config.gate, model, IMAGE_SHAPE) == 0.0
-
-
-def test_static_accuracy_is_interpolated_between_the_neighbouring_routes():
-  rows = [{'route': 'largest', 'madds': 4e6, 'accuracy': 0.95},
-          {'route': '0', 'madds': 1e6, 'accuracy': 0.80},
-          {'route': '1', 'madds': 2e6, 'accuracy': 0.90}]
-  assert eval_lib.static_accuracy_at(rows, 1.5e6) == pytest.approx(0.85)
-  assert eval_lib.static_accuracy_at(rows, 3.5e6) == pytest.approx(0.9375)
-  assert eval_lib.static_accuracy_at(rows, 0.5e6) == pytest.approx(0.80)
-  result = eval_lib.compare_with_static(rows, {'accuracy': 0.88, 'madds': 1.5e6},
-                                       {'budget_madds': 1.6e6})
-  assert result['gain'] == pytest.approx(0.03) and result['budget_madds'] == 1.6e6
-  # At 1.5 M the neighbours 0 and 1 are the best mix; a route 2 below the chord from 1 to
-  # 'largest' lowers the interpolation at 2.5 M but not the best mix (1 with 'largest').
-  assert eval_lib.best_static_mix_at(rows, 1.5e6) == pytest.approx(0.85)
-  dip = rows + [{'route': '2', 'madds': 3e6, 'accuracy': 0.85}]  # Below the chord 1-largest.
-  assert eval_lib.static_accuracy_at(dip, 2.5e6) == pytest.approx(0.875)
-  assert eval_lib.best_static_mix_at(dip, 2.5e6) == pytest.approx(0.90 + 0.5 / 2 * 0.05)
-  assert result['best_static_mix'] == pytest.approx(0.85)
-  assert result['gain_over_mix'] == pytest.approx(0.03)
 
 
 def gate_steps(budget_fraction, steps):

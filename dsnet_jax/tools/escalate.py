@@ -1,0 +1,70 @@
+"""Calibrates an escalation router for a trained checkpoint (no gate needed) and evaluates it.
+
+    python -m dsnet_jax.tools.escalate --workdir=workdir/ds_mbnet_fmnist --chain=0,6 --budget=0.4
+
+Every image runs the prefix and the chain's first route; the least confident go on to the
+next route, as many as the budget pays for on held-out training images (the last
+--calibration_examples of the training split). Writes `escalation.json` beside the checkpoint
+(eval.py, `dsnet_jax.load` and `RoutedPredictor` read it), then reports on the evaluation split
+with the budget's error there.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from dsnet_jax import escalation, eval_lib, rundir
+from dsnet_jax.tools import cli
+
+config_flags.DEFINE_config_file('config', None, 'The config the checkpoint was trained with '
+                                '(default: the one saved with it).')
+flags.DEFINE_string('workdir', '', 'Training workdir: its latest stage is calibrated.')
+flags.DEFINE_string('checkpoint', '', 'A stage checkpoint folder instead of --workdir.')
+flags.DEFINE_list('chain', None, 'Routes of the routing space, cheapest first, e.g. 0,6.')
+flags.DEFINE_float('budget', None, 'Average cost per image to spend.')
+flags.DEFINE_enum('budget_unit', 'largest', ['largest', 'madds'],
+                  "--budget as a fraction of 'largest''s MAdds, or in MAdds per image.")
+flags.DEFINE_enum('confidence', 'max_softmax', list(escalation.CONFIDENCES),
+                  'Confidence of a prediction: its largest softmax probability, or the '
+                  'margin between its two largest.')
+flags.DEFINE_integer('calibration_examples', 5000, 'Held-out images: the last ones of the '
+                     'training split.')
+flags.DEFINE_string('output_dir', '', 'Where the evaluation report goes (default: the '
+                    'checkpoint\'s folder).')
+flags.mark_flags_as_required(['chain', 'budget'])
+# A test split whose cost misses the budget by more than this says so.
+TOLERANCE = 0.05
+
+
+def main(argv):
+  del argv
+  cli.quiet_library_logs()
+  f = flags.FLAGS
+  if bool(f.workdir) == bool(f.checkpoint):
+    raise app.UsageError('pass exactly one of --workdir and --checkpoint')
+  if f.calibration_examples < 1:
+    raise app.UsageError('--calibration_examples must be positive')
+  config = f.config
+  if config is None:
+    config = rundir.saved_config(f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir())
+  loaded, pipeline, mesh = eval_lib.restore_workdir(config, f.workdir, f.checkpoint)
+  rule, found = eval_lib.calibrate_escalation(
+      loaded, f.chain, f.budget, f.budget_unit, f.confidence, f.calibration_examples, mesh)
+  held = found['calibration']
+  path = rundir.save_escalation(loaded.restored.directory, rule, loaded.restored.step, **found)
+  print(f'escalation {" -> ".join(rule.chain)}: thresholds {list(rule.thresholds)} '
+        f'({rule.confidence}); on {held["images"]} held-out training images '
+        f'{held["accuracy"]:.4f} at {held["madds"] / 1e6:.4g} M MAdds (budget '
+        f'{rule.budget / 1e6:.4g} M) -> {path}')
+  report = eval_lib.evaluate_and_report(
+      loaded.model, loaded.variables, pipeline, mesh,
+      f.output_dir or loaded.restored.directory, gated=loaded.restored.gated,
+      budget_meta=eval_lib.calibrated_budget(loaded.restored.meta),
+      title=eval_lib.report_title(loaded.model, config, loaded.restored), escalation=rule)
+  tested = report['routers']['escalation']['madds']
+  if abs(tested / rule.budget - 1) > TOLERANCE:
+    print(f'warning: on the evaluation split escalation spends {tested / 1e6:.4g} M MAdds per '
+          f'image, {100 * (tested / rule.budget - 1):+.1f} % from the budget: the network is '
+          'more confident on images it trained on. Calibrate on images Stage I never saw.')
+
+
+if __name__ == '__main__':
+  app.run(cli.main_errors(main))

@@ -1,0 +1,75 @@
+"""Escalation on a trained checkpoint without its gate: the command line calibrates it to a
+budget on held-out training images, saves it beside the checkpoint, and eval.py,
+`dsnet_jax.load` and `RoutedPredictor` use it; a budget it cannot spend is refused first."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+import checks
+from checks import ROOT
+from dsnet_jax import escalation, eval_lib, inference, rundir
+from dsnet_jax.data import input_pipeline
+
+
+def escalate(*args):
+  return subprocess.run([sys.executable, '-m', 'dsnet_jax.tools.escalate', *args], cwd=ROOT,
+                        capture_output=True, text=True)
+
+
+def test_a_supernet_without_a_gate_gets_a_calibrated_escalation(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained.workdir, workdir)
+  recalibrated = workdir / 'checkpoints' / 'recalibrate'  # Stage I and BN: no gate trained.
+  done = escalate(f'--checkpoint={recalibrated}', '--chain=0,2', '--budget=65000',
+                  '--budget_unit=madds', '--calibration_examples=32')
+  assert done.returncode == 0, done.stderr[-3000:]
+  saved = json.loads((recalibrated / escalation.ESCALATION_FILE).read_text())
+  assert saved['chain'] == ['0', '2'] and saved['budget'] == 65000
+  # On the 32 held-out images it was fitted on: within one image's escalation of the budget.
+  step = (77148 - 57916) / 32
+  assert 65000 - step <= saved['calibration']['madds'] <= 65000
+  report = json.loads((recalibrated / 'eval.json').read_text())
+  result = report['routers']['escalation']
+  assert result['thresholds'] == saved['thresholds'] and report['gated'] is None
+  assert set(report['routers']['auroc_cheapest_wrong']) == {'max_softmax', 'margin'}
+  assert 'escalation 0 -> 2 (max_softmax under' in done.stdout
+
+  loaded = rundir.load(checkpoint=recalibrated)
+  assert loaded.escalation == escalation.Escalation.from_json(json.dumps(saved))
+  pipeline = eval_lib.eval_pipeline(input_pipeline.DataSpec(
+      name='synthetic', image_size=16, channels=1, num_classes=4, synthetic_num_examples=64),
+      16)
+  images = np.concatenate([b['image'][b['mask'].astype(bool)] for b in pipeline.batches()])
+  predictor = inference.RoutedPredictor(loaded.model, loaded.variables, loaded.image_shape,
+                                        max_batch=16, escalation=loaded.escalation)
+  logits, indices = predictor.predict(images)
+  space = [r.name for r in loaded.routes.routing_space]
+  for image, row, index in zip(images, np.asarray(logits), indices):
+    route = space[index]
+    checks.assert_close(row, loaded.model.apply(loaded.variables, image[None], route=route)[0])
+  stops = {r: int((np.asarray(space)[indices] == r).sum()) for r in ('0', '2')}
+  assert stops == result['stops']  # The predictor routes as the report counted.
+
+  # Evaluated again through eval.py, the saved escalation is reported.
+  again = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}',
+                          f'--checkpoint={recalibrated}', f'--output_dir={tmp_path / "again"}'],
+                         cwd=ROOT, capture_output=True, text=True)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((tmp_path / 'again' / 'eval.json').read_text())['routers'][
+      'escalation'] == result
+
+
+def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained.workdir, workdir)
+  done = escalate(f'--workdir={workdir}', '--chain=0,2', '--budget=0.01')
+  assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith('error: ')
+  assert 'escalation 0 -> 2 spends' in done.stderr
+  assert not list(workdir.glob('**/' + escalation.ESCALATION_FILE))
+  done = escalate(f'--workdir={workdir}', '--chain=0,3', '--budget=0.5')
+  assert done.returncode == 1 and "routes ['3'] are not in the routing space" in done.stderr
+  done = escalate(f'--workdir={workdir}', '--chain=0,7', '--budget=0.5')
+  assert done.returncode == 1 and "unknown route '7'; valid routes: 0, 1, 2, 3" in done.stderr
