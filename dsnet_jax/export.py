@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsnet_jax import escalation as escalation_lib
 from dsnet_jax.complexity import route_complexity
 from dsnet_jax.errors import ExportDependencyError, ExportError
 from dsnet_jax.layers.linear import depthwise_implementation
@@ -109,13 +110,23 @@ def export_route(model, variables, route, out_dir: str, image_shape: Sequence[in
 def export_routed(model, variables, out_dir: str, image_shape: Sequence[int], *,
                   formats: Sequence[str] = ('jax',), platforms: Sequence[str] = ('cpu', 'cuda'),
                   batch_size: int | None = None, preprocessing: Mapping[str, Any] | None = None,
-                  overwrite: bool = False, verbose: bool = True) -> dict:
+                  overwrite: bool = False, verbose: bool = True,
+                  escalation: escalation_lib.Escalation | None = None) -> dict:
   """Writes the routed model as a bundle (prefix + one suffix per routing index, see the
   module doc); returns the manifest. `batch_size` fixes the prefix's batch only: a suffix
-  runs on the images routed to it, any number. Raises as `export_route`."""
+  runs on the images routed to it, any number. With `escalation`, the manifest's
+  'escalation' ({'chain': routing indices, 'thresholds', 'confidence', 'level_madds'}) says
+  how to route instead of the prefix's routing index. Raises as `export_route`."""
   request = Request.check(formats, platforms, batch_size, preprocessing, out_dir, overwrite)
   space = model.routes.routing_space
   manifest = _manifest('routed', model, variables, image_shape, request, space)
+  if escalation is not None:
+    names = [r.name for r in space]
+    manifest['escalation'] = {
+        'chain': [names.index(r) for r in escalation.chain],
+        'thresholds': list(escalation.thresholds), 'confidence': escalation.confidence,
+        'level_madds': escalation_lib.level_costs(model, escalation.chain,
+                                                  image_shape).tolist()}
   with _staged(out_dir) as staging:
     prefix = prefix_program(model, variables, image_shape, batch_size)
     programs = {'prefix': _write(prefix, staging, 'prefix', request, ['images'],

@@ -18,6 +18,10 @@ flags.DEFINE_string('workdir', '', 'Training workdir: exports its latest stage c
 flags.DEFINE_string('checkpoint', '', 'A stage checkpoint directory instead of --workdir.')
 flags.DEFINE_string('route', None, "One route to export: 0, 1, ..., 'largest'.")
 flags.DEFINE_bool('routed', False, 'Export the routed model: prefix + one suffix per route.')
+flags.DEFINE_enum('router', 'auto', ['auto', 'gate', 'escalation'], 'With --routed, how the '
+                  'bundle routes: the trained gate, or the escalation calibrated for the '
+                  'checkpoint (python -m dsnet_jax.tools.escalate); auto: escalation when one is '
+                  'saved, else the gate.')
 flags.DEFINE_list('format', ['jax'], 'jax (jax.export, the default), onnx (needs .[export]), '
                   'or both: jax,onnx.')
 flags.DEFINE_string('out', None, 'Output directory (must not exist or be empty).')
@@ -50,11 +54,17 @@ def main(argv):
   restored = loaded.restored
   print(f'restored {restored.describe()}')
   if f.routed:
-    if not restored.gated:
+    escalation = loaded.escalation if f.router in ('auto', 'escalation') else None
+    if f.router == 'escalation' and escalation is None:
+      raise ExportError(f'{restored.directory} has no escalation calibrated for step '
+                        f'{restored.step}: python -m dsnet_jax.tools.escalate first')
+    if escalation is None and not restored.gated:
       raise ExportError(f'{restored.directory} holds no trained gate (stage '
                         f'{restored.meta.get("stage", "?")}): a routed bundle would route by '
-                        'a random one. Export a gate-stage checkpoint, or one route with --route')
-    export.export_routed(loaded.model, loaded.variables, f.out, image_shape, **kwargs)
+                        'a random one. Export a gate-stage checkpoint, calibrate an escalation '
+                        '(python -m dsnet_jax.tools.escalate), or export one route with --route')
+    export.export_routed(loaded.model, loaded.variables, f.out, image_shape,
+                         escalation=escalation, **kwargs)
   else:
     export.export_route(loaded.model, loaded.variables, f.route, f.out, image_shape, **kwargs)
 

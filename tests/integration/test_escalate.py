@@ -61,6 +61,19 @@ def test_a_supernet_without_a_gate_gets_a_calibrated_escalation(trained, tmp_pat
   assert json.loads((tmp_path / 'again' / 'eval.json').read_text())['routers'][
       'escalation'] == result
 
+  # The routed bundle of this gate-less checkpoint routes by its escalation (not by a gate).
+  export = [sys.executable, '-m', 'dsnet_jax.tools.export', f'--config={ROOT}/configs/tiny.py',
+            f'--checkpoint={recalibrated}', '--routed', '--platforms=cpu']
+  done = subprocess.run([*export, f'--out={tmp_path / "bundle"}'], cwd=ROOT,
+                        capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  manifest = json.loads((tmp_path / 'bundle' / 'manifest.json').read_text())
+  assert manifest['escalation']['chain'] == [0, 2]
+  assert manifest['escalation']['thresholds'] == saved['thresholds']
+  refused = subprocess.run([*export, '--router=gate', f'--out={tmp_path / "gate"}'], cwd=ROOT,
+                           capture_output=True, text=True)
+  assert refused.returncode == 1 and 'holds no trained gate' in refused.stderr
+
 
 def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tmp_path):
   workdir = tmp_path / 'run'

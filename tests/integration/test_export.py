@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from checks import ROOT, tiny_config
-from dsnet_jax import bn_calibration, errors, export, stand_in
+from dsnet_jax import bn_calibration, errors, escalation, export, stand_in
 from dsnet_jax.inference import RoutedPredictor
 from dsnet_jax.models import ds_mbnet, ds_resnet, ds_vit, get_model
 
@@ -155,6 +155,16 @@ def test_readme_router_runs_the_bundle_without_dsnet_jax(tmp_path):
   export.export_route(model, variables, 'largest', str(tmp_path / 'largest'), IMAGE,
                       formats=FORMATS, platforms=('cpu',), verbose=False)
   logits, index = RoutedPredictor(model, variables, IMAGE).predict(x)
+  # An escalation bundle: thresholds at the median confidence, so both levels decide images.
+  space = [r.name for r in model.routes.routing_space]
+  chain = (space[0], space[-1])
+  first = escalation.confidence(model.apply(variables, x, route=chain[0]))
+  rule = escalation.Escalation(chain, (float(np.median(first)),))
+  export.export_routed(model, variables, str(tmp_path / 'escalated'), IMAGE, formats=FORMATS,
+                       platforms=('cpu',), verbose=False, escalation=rule)
+  escalated, escalated_index = RoutedPredictor(model, variables, IMAGE,
+                                               escalation=rule).predict(x)
+  assert sorted(set(escalated_index.tolist())) == [0, len(space) - 1]
   np.save(tmp_path / 'images.npy', x)
   script = tmp_path / 'deploy.py'
   script.write_text(
@@ -166,6 +176,8 @@ def test_readme_router_runs_the_bundle_without_dsnet_jax(tmp_path):
       'for f in formats:\n'
       '  results[f"logits_{f}"], results[f"index_{f}"] = predict("routed", images, loaders[f])\n'
       '  results[f"largest_{f}"] = np.asarray(loaders[f]("largest", "route")(images))\n'
+      '  results[f"escalated_{f}"], results[f"escalated_index_{f}"] = predict(\n'
+      '      "escalated", images, loaders[f])\n'
       'np.savez("results.npz", **results)\n')
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, check=True)
@@ -178,6 +190,8 @@ def test_readme_router_runs_the_bundle_without_dsnet_jax(tmp_path):
     np.testing.assert_array_equal(results[f'index_{f}'], index)
     assert np.abs(results[f'logits_{f}'] - np.asarray(logits)).max() <= MAX_ERROR, f
     assert np.abs(results[f'largest_{f}'] - largest).max() <= MAX_ERROR, f
+    np.testing.assert_array_equal(results[f'escalated_index_{f}'], escalated_index)
+    assert np.abs(results[f'escalated_{f}'] - np.asarray(escalated)).max() <= MAX_ERROR, f
 
 
 def test_bfloat16_route_exports_in_bfloat16(tmp_path):
