@@ -175,6 +175,22 @@ def _threshold(confidences: np.ndarray, share: float) -> float:
   return ALWAYS if k >= n else float(np.sort(confidences)[k])
 
 
+def at_share(model, variables, images, chain: Sequence[str], share: float) -> Escalation:
+  """A rule under which each level escalates `share` of the images it sees (thresholds at
+  that quantile of their confidences): a stand-in for speed measurements, not calibrated to
+  any budget."""
+  chain = tuple(model.routes[r].name for r in chain)
+  thresholds, rows = [], np.arange(len(images))
+  for route in chain[:-1]:
+    confidences = np.asarray(confidence(model.apply(variables, images[rows], route=route)))
+    thresholds.append(_threshold(confidences, share))
+    rows = rows[confidences < thresholds[-1]]
+    if not len(rows):
+      thresholds += [ALWAYS] * (len(chain) - 1 - len(thresholds))
+      break
+  return Escalation(chain, tuple(thresholds))
+
+
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
   """Area under the ROC curve of `scores` ranking the `positives` (bool) above the rest: the
   chance that a random positive scores higher than a random negative (ties count half)."""

@@ -233,7 +233,9 @@ class RoutedPredictor:
         self._route(route, size)
         calls[(f'route/{route.name}', size)] = functools.partial(self._run_route, route, size)
     if batch_one:
-      self._single()
+      self._single(False)
+      if self.escalation is not None:
+        self._single(True)
     calls = {key: call for key, call in calls.items()
              if key[1] not in self.chunk_costs.get(key[0], {})}
     if measure and calls:
@@ -244,8 +246,8 @@ class RoutedPredictor:
       self._timing_inputs.clear()  # Up to a ladder of image batches: not kept on the device.
     return self
 
-  def predict(self, images, routing_indices: Sequence[int] | np.ndarray | None = None
-              ) -> tuple[jax.Array, np.ndarray]:
+  def predict(self, images, routing_indices: Sequence[int] | np.ndarray | None = None,
+              escalate: bool | None = None) -> tuple[jax.Array, np.ndarray]:
     """Routed logits in input order, and each example's routing index (its route is
     `routing_space[index]`).
 
@@ -254,6 +256,8 @@ class RoutedPredictor:
       routing_indices: optional forced routing indices (n,), e.g. to benchmark a given route
         mix. The gate still runs and its argmax still comes to the host, so the routing cost
         is paid as in normal use; only the decision is replaced.
+      escalate: route by the escalation (True) or the gate's argmax (False); default: the
+        escalation when the predictor has one.
     Returns:
       (logits (n, num_classes) on device, routing indices (n,) int32 on the host).
     Raises:
@@ -272,7 +276,7 @@ class RoutedPredictor:
       stop = min(start + self.max_batch, n)
       forced = None if routing_indices is None else routing_indices[start:stop]
       part = images if (start, stop) == (0, n) else images[start:stop]
-      if self.escalation is not None and forced is None:
+      if (self.escalation is not None if escalate is None else escalate) and forced is None:
         part_logits, part_routes = self._escalate_pass(part)
       else:
         part_logits, part_routes = self._predict_pass(part, forced)
@@ -298,7 +302,7 @@ class RoutedPredictor:
         offset += valid
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs)
 
-  def predict_one(self, image, routing_index: int | None = None
+  def predict_one(self, image, routing_index: int | None = None, escalate: bool | None = None
                   ) -> tuple[jax.Array, jax.Array]:
     """Batch-1 routed inference in one program (no padding, no host sync).
 
@@ -306,6 +310,7 @@ class RoutedPredictor:
     Args:
       image: (H, W, C) or (1, H, W, C), floating point.
       routing_index: optional forced routing index, as in `predict`.
+      escalate: as in `predict`.
     Returns:
       (logits (num_classes,), routing index as a device scalar).
     Raises:
@@ -321,7 +326,8 @@ class RoutedPredictor:
       raise ValueError(f'forced routing index {routing_index} is not in '
                        f'[0, {len(self.routing_space)})')
     force = np.int32(-1 if routing_index is None else routing_index)
-    return self._single()(self.variables, image, force)
+    escalate = self.escalation is not None if escalate is None else escalate
+    return self._single(escalate)(self.variables, image, force)
 
   # --- one pass of at most max_batch examples ----------------------------------------------
 
@@ -488,9 +494,9 @@ class RoutedPredictor:
     return self._compile(('route', route.name, size), static, self.variables,
                          self._images_spec(size))
 
-  def _single(self):
+  def _single(self, escalate: bool):
     model, space = self.model, self.routing_space
-    escalate = self._escalate_one if self.escalation is not None else None
+    escalate = self._escalate_one if escalate else None
 
     def single(variables, image, force):
       hidden, routing_logits = model.apply_prefix(variables, image)
@@ -505,7 +511,8 @@ class RoutedPredictor:
       choice = jnp.where(force >= 0, force, choice)
       return jax.lax.switch(choice, branches, variables, hidden)[0], choice
 
-    return self._compile(('single', None, 1), single, self.variables, self._images_spec(1),
+    return self._compile(('single', 'escalate' if escalate else None, 1), single,
+                         self.variables, self._images_spec(1),
                          jax.ShapeDtypeStruct((), jnp.int32))
 
   def _escalate_one(self, variables, hidden):

@@ -14,7 +14,8 @@ MAdds are a proxy; a latency table says what a route costs here. For every route
 - at each throughput batch: one call of that many images, cut into chunks by
   `RoutedPredictor`'s measured plan (the way this library runs a batch).
 The routed model runs on evaluation images (random ones with `--model`) with the routes the
-gate chooses on them; the mix is recorded. The table also keeps each compiled program's time
+gate chooses on them; the mix is recorded. With an escalation router (calibrated for the
+workdir's checkpoint), it is timed too ('escalated': its MAdds and where images stop). The table also keeps each compiled program's time
 per call at each ladder size (`chunk_costs`), from which `RoutedPredictor(chunk_costs=...)`
 plans without measuring again. eval.py prints ms/image next to MAdds when the evaluated
 workdir has a `latency.json`.
@@ -33,11 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsnet_jax import complexity, inference, timing
+from dsnet_jax import escalation as escalation_lib
 from dsnet_jax.errors import LatencyTableError
 from dsnet_jax.models import get_model
 
 LATENCY_FILE = 'latency.json'
 ROUTED = 'routed'
+ESCALATED = 'escalated'
 
 
 def device_description() -> dict[str, Any]:
@@ -83,7 +86,7 @@ def measure(predictor: inference.RoutedPredictor, images, *,
                      f'images, got batch sizes {batch_sizes} and {images.shape[0]} images')
   predictor.warmup(routes=routes)
   if routing_indices is None:
-    chosen = predictor.predict(images)[1]
+    chosen = predictor.predict(images, escalate=False)[1]
   else:
     chosen = np.asarray(routing_indices, np.int32)
     predictor.predict(images[:1], routing_indices=chosen[:1])  # Checks the values.
@@ -110,9 +113,13 @@ def measure(predictor: inference.RoutedPredictor, images, *,
   forced = routing_indices is not None
   for size in batch_sizes:
     calls[ROUTED, size] = (
-        singles_call(lambda x, r: predictor.predict_one(x, r if forced else None)[0])
+        singles_call(lambda x, r: predictor.predict_one(x, r if forced else None, False)[0])
         if size == 1 else
-        batch_call(lambda x, r: predictor.predict(x, r if forced else None)[0], size))
+        batch_call(lambda x, r: predictor.predict(x, r if forced else None, False)[0], size))
+    if predictor.escalation is not None:
+      calls[ESCALATED, size] = (
+          singles_call(lambda x, _: predictor.predict_one(x)[0]) if size == 1 else
+          batch_call(lambda x, _: predictor.predict(x)[0], size))
   seconds = timing.time_calls(calls, rounds)
 
   def times(name):
@@ -137,9 +144,23 @@ def measure(predictor: inference.RoutedPredictor, images, *,
                           'ms_per_image': times(r.name)} for r in routes},
       ROUTED: {'madds': float(np.dot(mix, gated_madds)), 'ms_per_image': times(ROUTED),
                'mix': {r.name: float(f) for r, f in zip(space, mix)}, 'forced': forced},
+      **({ESCALATED: escalated(predictor, images[:max(batch_sizes[-1], singles)],
+                               times(ESCALATED))} if predictor.escalation is not None else {}),
       'chunk_costs': {name: {str(s): t for s, t in sorted(costs.items())}
                       for name, costs in predictor.chunk_costs.items()},
   }
+
+
+def escalated(predictor: inference.RoutedPredictor, images, ms_per_image) -> dict[str, Any]:
+  """The escalation router's row: its MAdds per image on `images` (prefix and every suffix
+  each image ran), where its images stopped, its times."""
+  rule = predictor.escalation
+  space = [r.name for r in predictor.routing_space]
+  stops = np.asarray([rule.chain.index(space[i]) for i in predictor.predict(images)[1]])
+  costs = escalation_lib.level_costs(predictor.model, rule.chain, predictor.image_shape)
+  return {'madds': float(costs[stops].mean()), 'ms_per_image': ms_per_image,
+          'chain': list(rule.chain), 'thresholds': list(rule.thresholds),
+          'stops': {r: float((stops == k).mean()) for k, r in enumerate(rule.chain)}}
 
 
 def chunk_costs(latency: dict[str, Any]) -> dict[str, dict[int, float]]:
@@ -160,6 +181,8 @@ def format_table(latency: dict[str, Any]) -> str:
            '|---|---|' + '---|' * len(sizes)]
   rows = dict(latency['routes'])
   rows[ROUTED] = latency[ROUTED]
+  if ESCALATED in latency:
+    rows[ESCALATED] = latency[ESCALATED]
   for name, row in rows.items():
     ms = row['ms_per_image']
     lines.append(f'| {name} | {row["madds"] / 1e6:.2f} | ' + ' | '.join(
@@ -168,6 +191,10 @@ def format_table(latency: dict[str, Any]) -> str:
   mix = ', '.join(f'{name}: {f:.0%}' for name, f in routed['mix'].items())
   lines.append(f'routed mix ({"forced" if routed["forced"] else "the gate on these images"}): '
                f'{mix}')
+  if ESCALATED in latency:
+    stops = ', '.join(f'{name}: {f:.0%}' for name, f in latency[ESCALATED]['stops'].items())
+    lines.append(f'escalated {" -> ".join(latency[ESCALATED]["chain"])}, where images stop: '
+                 f'{stops}')
   return '\n'.join(lines)
 
 

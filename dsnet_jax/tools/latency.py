@@ -15,7 +15,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from dsnet_jax import config_lib, eval_lib, inference, latency, stand_in
+from dsnet_jax import (bn_calibration, config_lib, escalation, eval_lib, inference, latency,
+                       stand_in)
 from dsnet_jax.models import available_models, get_model
 from dsnet_jax.tools import cli
 
@@ -34,6 +35,12 @@ flags.DEFINE_list('batch_sizes', [], 'Batch sizes to time (default: 1 and --batc
 flags.DEFINE_list('routes', [], 'Routes to time (default: every route of the table).')
 flags.DEFINE_integer('rounds', 5, 'Timed rounds (median and p90).')
 flags.DEFINE_integer('singles', 8, 'Images per batch-1 round.')
+flags.DEFINE_list('escalation_chain', [], 'Also time escalation along these routes, each level '
+                  'escalating --escalation_share of the images it sees (thresholds at that '
+                  'quantile of their confidences here). A workdir\'s calibrated escalation is '
+                  'timed without it.')
+flags.DEFINE_float('escalation_share', 0.5, 'With --escalation_chain: the share each level '
+                   'escalates.')
 flags.DEFINE_string('output', '', 'Where to write the table (default: '
                     '<workdir>/latency.json; with --model: printed only).')
 
@@ -62,10 +69,11 @@ def main(argv):
   if f.model and f.model not in available_models():
     raise app.UsageError(f'unknown model {f.model!r}; available: '
                          f'{", ".join(available_models())}')
+  rule = None
   if f.config:
     if f.workdir:
       loaded, pipeline, _ = eval_lib.restore_workdir(f.config, f.workdir)
-      model, variables = loaded.model, loaded.variables
+      model, variables, rule = loaded.model, loaded.variables, loaded.escalation
     else:
       config_lib.validate(f.config)
       pipeline = eval_lib.eval_pipeline(config_lib.data_spec(f.config.data),
@@ -80,8 +88,15 @@ def main(argv):
     image_shape = (f.image_size, f.image_size, 3)
     variables = stand_in.random_variables(model, image_shape)
     images = np.random.default_rng(0).normal(size=(count, *image_shape)).astype(np.float32)
-  predictor = inference.RoutedPredictor(model, jax.device_put(variables), image_shape,
-                                        max_batch=sizes[-1])
+  variables = jax.device_put(variables)
+  if f.escalation_chain:
+    if not f.workdir:  # Random weights: statistics of real activations, so that confidences
+      # (and the gate's choices) depend on the image.
+      variables = bn_calibration.calibrate_to_batch(model, variables, images[:8],
+                                                    [*f.escalation_chain, *f.routes])
+    rule = escalation.at_share(model, variables, images, f.escalation_chain, f.escalation_share)
+  predictor = inference.RoutedPredictor(model, variables, image_shape, max_batch=sizes[-1],
+                                        escalation=rule)
   table = latency.measure(predictor, images, routes=f.routes or None, batch_sizes=sizes,
                           singles=f.singles, rounds=f.rounds)
   print(latency.format_table(table))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from checks import ROOT, tiny_config
-from dsnet_jax import complexity, errors, eval_lib, inference, latency
+from dsnet_jax import complexity, errors, escalation, eval_lib, inference, latency
 
 
 @pytest.fixture(scope='module')
@@ -53,6 +53,27 @@ def test_the_table_times_each_route_and_the_gates_own_mix(measured):
                                    chunk_costs=costs).chunk_costs == costs
   text = latency.format_table(table)
   assert '| largest |' in text and 'ms/img @4' in text
+
+
+def test_escalation_is_timed_beside_the_gate(measured):
+  _, _, model, predictor, images, _ = measured
+  rule = escalation.Escalation(('0', '2'), (float(np.median(np.asarray(escalation.confidence(
+      model.apply(predictor.variables, images, route='0'))))),))
+  escalating = inference.RoutedPredictor(model, predictor.variables, (16, 16, 1), max_batch=4,
+                                         escalation=rule)
+  table = latency.measure(escalating, images, routes=[0, 2], batch_sizes=(1, 4), singles=2,
+                          rounds=1)
+  row = table[latency.ESCALATED]
+  assert set(row['ms_per_image']) == {'1', '4'} and row['chain'] == ['0', '2']
+  # Half the images stop at route 0, half pay for route 2's suffix too.
+  assert row['stops'] == {'0': 0.5, '2': 0.5}
+  costs = escalation.level_costs(model, ('0', '2'), (16, 16, 1))
+  assert row['madds'] == pytest.approx(costs.mean())
+  # The gate's row is the gate's, not the escalation's.
+  _, chosen = escalating.predict(images, escalate=False)
+  assert table['routed']['mix'] == pytest.approx(
+      {r.name: float(np.mean(chosen == i)) for i, r in enumerate(model.routes.routing_space)})
+  assert '| escalated |' in latency.format_table(table)
 
 
 def test_eval_prints_ms_per_image_beside_madds(measured, capsys):
