@@ -51,19 +51,16 @@ def make_budget(gate_config, model, image_shape: Sequence[int], workdir: str = '
     return Budget(budget_madds(gate_config, model, image_shape), 'madds',
                   model.routing_madds(tuple(image_shape)).astype(np.float64))
   path = os.fspath(epath.Path(workdir) / latency_lib.LATENCY_FILE)
-  try:
-    table = latency_lib.load(path, latency_lib.model_name(model))
-  except LatencyTableError as e:
-    raise BudgetError(f"gate.budget_unit='ms': {e}") from None
-  names = [r.name for r in model.routes.routing_space]
   measure = (f'python -m dsnet_jax.tools.latency --config=<this config> --output={path} (random '
              'weights of this model on this device)')
+  try:
+    table = latency_lib.load(path, model, image_shape)
+  except LatencyTableError as e:
+    raise BudgetError(f"gate.budget_unit='ms': {e}; measure again: {measure}") from None
+  names = [r.name for r in model.routes.routing_space]
   if table is None:
     raise BudgetError(f"gate.budget_unit='ms' needs a latency table at {path}; measure it "
                       f'first: {measure}')
-  if tuple(table['image_shape']) != tuple(image_shape):
-    raise BudgetError(f'{path} was measured for images {tuple(table["image_shape"])}, not '
-                      f'{tuple(image_shape)}; measure again: {measure}')
   batch = str(table['batch_sizes'][-1])
   missing = [n for n in names if n not in table['routes']]
   if missing:

@@ -443,9 +443,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except (KeyError, ValueError, IndexError, TypeError) as e:
     raise ConfigError(f'config section model: {e}') from None
   bad_stages = [s for s in config.stages if s not in STAGES]
-  if bad_stages or list(config.stages) != sorted(config.stages, key=STAGES.index):
+  if (bad_stages or not config.stages or len(set(config.stages)) != len(config.stages)
+      or list(config.stages) != sorted(config.stages, key=STAGES.index)):
     raise ConfigError(f'config key stages={tuple(config.stages)}: use {STAGES} or an ordered '
-                      'subset of them')
+                      'subset of them, each stage once')
   check_name(config.data.name)
   model_classes = config.model.get('num_classes')
   data_classes = config.data.get('num_classes')

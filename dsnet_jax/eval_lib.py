@@ -383,13 +383,8 @@ def workdir_latency(workdir: str, image_shape, model) -> dict[str, Any] | None:
   """The workdir's latency table, if there is a valid one for this model and these images
   (else a warning says why none is used)."""
   try:
-    table = latency_lib.load(os.fspath(epath.Path(workdir) / latency_lib.LATENCY_FILE),
-                             latency_lib.model_name(model))
+    return latency_lib.load(os.fspath(epath.Path(workdir) / latency_lib.LATENCY_FILE), model,
+                            image_shape)
   except errors.LatencyTableError as e:
     say(f'warning: {e}: ms/img not shown')
     return None
-  if table and tuple(table['image_shape']) != tuple(image_shape):
-    say(f'warning: {latency_lib.LATENCY_FILE} in {workdir} was measured for images '
-        f'{tuple(table["image_shape"])}, not {tuple(image_shape)}: not used')
-    return None
-  return table

@@ -96,6 +96,7 @@ def export_route(model, variables, route, out_dir: str, image_shape: Sequence[in
   """
   route = model.routes[route]
   request = Request.check(formats, platforms, batch_size, preprocessing, out_dir, overwrite)
+  _check_onnx_dtype(model, request)
   manifest = _manifest('route', model, variables, image_shape, request, [route])
   with _staged(out_dir) as staging:
     program = route_program(model, variables, route, image_shape, batch_size)
@@ -118,6 +119,7 @@ def export_routed(model, variables, out_dir: str, image_shape: Sequence[int], *,
   'escalation' ({'chain': routing indices, 'thresholds', 'confidence', 'level_madds'}) says
   how to route instead of the prefix's routing index. Raises as `export_route`."""
   request = Request.check(formats, platforms, batch_size, preprocessing, out_dir, overwrite)
+  _check_onnx_dtype(model, request)
   space = model.routes.routing_space
   manifest = _manifest('routed', model, variables, image_shape, request, space)
   if escalation is not None:
@@ -160,6 +162,16 @@ def describe(manifest: dict, out_dir: str) -> str:
                  + (f' ({route["madds_with_gate"] / 1e6:.4g} with the gate)' if routed else ''))
   lines.append(f'  the supernet: {manifest["supernet_params"]:,} parameters')
   return '\n'.join(lines)
+
+
+def _check_onnx_dtype(model, request: Request) -> None:
+  """ONNX of a bfloat16 model would fail onnx.checker and onnxruntime (bfloat16 Einsum)."""
+  dtype = jnp.dtype(getattr(model, 'dtype', None) or jnp.float32)
+  if 'onnx' in request.formats and dtype != jnp.float32:
+    raise ExportError(f'ONNX export of a model that computes in {dtype.name}: onnxruntime does '
+                      'not run its ops (Einsum) in that dtype. Export --format=jax, or export '
+                      'the same checkpoint with --config.model.dtype=float32 (its variables are '
+                      'float32 either way)')
 
 
 def check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:

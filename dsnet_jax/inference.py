@@ -266,11 +266,15 @@ class RoutedPredictor:
     images = self._check_images(images)
     n = images.shape[0]
     if routing_indices is not None:
-      routing_indices = np.asarray(routing_indices, np.int32).reshape(-1)
-      if (routing_indices.shape != (n,) or routing_indices.min() < 0
+      given = np.asarray(routing_indices)
+      integral = given.dtype.kind in 'iu' or (
+          given.dtype.kind in 'fb' and np.all(np.asarray(given, np.float64) % 1 == 0)
+          and given.dtype.kind != 'b')
+      routing_indices = given.astype(np.int32).reshape(-1) if integral else None
+      if (routing_indices is None or given.shape != (n,) or routing_indices.min() < 0
           or routing_indices.max() >= len(self.routing_space)):
-        raise ValueError(f'forced routing indices need {n} values in '
-                         f'[0, {len(self.routing_space)}), got {routing_indices}')
+        raise ValueError(f'forced routing indices need {n} integers in '
+                         f'[0, {len(self.routing_space)}), got {given.tolist()}')
     logits, chosen = [], []
     for start in range(0, n, self.max_batch):
       stop = min(start + self.max_batch, n)
@@ -532,6 +536,8 @@ class RoutedPredictor:
     return from_level(0)
 
   def _check_images(self, images):
+    if not hasattr(images, 'shape'):  # A list of images, or of rows: one array.
+      images = np.asarray(images)
     check_images(images, self.image_shape[-1], type(self).__name__)
     if np.shape(images)[1:] != self.image_shape:
       raise ValueError(f'images must be (n, {", ".join(map(str, self.image_shape))}) (NHWC), got '

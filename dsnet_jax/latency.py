@@ -209,12 +209,15 @@ def model_name(model) -> str:
   return type(model).__module__.rsplit('.', 1)[-1]
 
 
-def load(path: str, model: str = '') -> dict[str, Any] | None:
+def load(path: str, model=None, image_shape: Sequence[int] | None = None
+         ) -> dict[str, Any] | None:
   """The table at `path`, checked, or None when there is none.
 
   Raises:
     LatencyTableError: not valid JSON, a missing or malformed key, non-finite or non-positive
-      times, or a table measured for another model than `model` (when given).
+      times; or, given the `model` (and `image_shape`) it is to be used for, a table measured
+      for another model family, for other images, or for another network: a timed route that
+      is not one of the model's, or whose MAdds differ from the model's route's.
   """
   if not epath.Path(path).exists():
     return None
@@ -233,11 +236,32 @@ def load(path: str, model: str = '') -> dict[str, Any] | None:
         problems.append(f'route {name}: ms per image {times} not all positive and finite')
   except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
     raise LatencyTableError(f'{path} is not a latency table: {type(e).__name__}: {e}') from None
-  if model and table.get('model', model) != model:
-    problems.append(f'measured for model {table["model"]!r}, not {model!r}')
+  if model is not None:
+    problems += _foreign(table, model, image_shape)
   if problems:
     raise LatencyTableError(f'{path} cannot be used: {"; ".join(problems)}')
   return table
+
+
+def _foreign(table: dict[str, Any], model, image_shape) -> list[str]:
+  """How a table's recorded model, images and route costs differ from `model`'s."""
+  name = model_name(model)
+  if table.get('model', name) != name:
+    return [f'measured for model {table["model"]!r}, not {name!r}']
+  if image_shape is None:
+    return []
+  if tuple(table['image_shape']) != tuple(image_shape):
+    return [f'measured for images {tuple(table["image_shape"])}, not {tuple(image_shape)}']
+  problems = []
+  for route, row in table['routes'].items():
+    if route not in model.routes.names:
+      problems.append(f'route {route} is not a route of this model')
+      continue
+    madds = complexity.route_complexity(model, route, tuple(image_shape)).madds
+    if row['madds'] != madds:
+      problems.append(f'route {route} was {row["madds"]:.0f} MAdds there, this model\'s is '
+                      f'{madds}: measured for another network')
+  return problems
 
 
 def model_for(name: str, image_size: int, **kwargs):

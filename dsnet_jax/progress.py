@@ -79,11 +79,13 @@ class ProgressLogger:
   def _write_tensorboard(self, step: int, metrics: dict[str, Any]):
     if self._tensorboard is None:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      # A resumed stage: TensorBoard drops what an earlier run logged from `purge_step` on,
-      # as metrics.jsonl is truncated there.
+      # What a resumed (or restarted) stage logs again replaces what an earlier run logged
+      # after its start step, as metrics.jsonl is truncated there: TensorBoard drops events
+      # from `purge_step` on. The file name's suffix keeps two writers started in the same
+      # second (tensorboardX names files by the second) from overwriting each other's file.
       self._tensorboard = SummaryWriter(
           os.fspath(epath.Path(self.path).parent / TENSORBOARD_DIR / self.stage),
-          purge_step=self._start_step or None)
+          purge_step=self._start_step + 1, filename_suffix=f'.{time.time_ns()}')
       weakref.finalize(self, self._tensorboard.close)
     for name, value in _scalars(metrics):
       self._tensorboard.add_scalar(f'{self.stage}/{name}', value, step)

@@ -163,6 +163,15 @@ def check_resumable(run: Run) -> None:
   before it will have (else it is stale: e.g. the supernet was extended after the gate ran).
   """
   previous = _earlier_stage(run)
+  first = run.spec.stages[0]
+  if (first != 'supernet' and previous is None and not run.spec.init_checkpoint
+      and not run.rundir.status(first).exists):
+    before = config_lib.STAGES[:config_lib.STAGES.index(first)]
+    raise errors.ConfigError(
+        f'config key stages={run.spec.stages} starts at {first}, but {run.rundir.workdir} has '
+        f'no finished {" or ".join(before)} stage and config.init_checkpoint is not set: '
+        f'{first} would start from a randomly initialised supernet. Run the earlier stages '
+        'first, or name the checkpoint to start from in init_checkpoint.')
   for stage in run.spec.stages:
     status = run.rundir.status(stage)
     if status.exists and 'config' in status.meta:

@@ -216,3 +216,14 @@ def test_relaunch_leaves_a_set_tunable_and_a_script_from_stdin_alone():
   assert len(lines) == 3 and lines[-1] == 'tunables glibc.malloc.hugetlb=0'
   lines = _child([sys.executable, '-', 'an-argument'], stdin=CHILD)
   assert len(lines) == 3 and lines[-1] == 'tunables None'
+
+
+def test_eval_refuses_an_output_dir_that_is_a_file_before_any_work(tmp_path):
+  target = tmp_path / 'report'
+  target.write_text('not a directory')
+  start = time.perf_counter()
+  done = subprocess.run([sys.executable, 'eval.py', f'--workdir={tmp_path / "none"}',
+                         f'--output_dir={target}'], cwd=ROOT, capture_output=True, text=True)
+  assert done.returncode == 1
+  assert done.stderr.strip() == f'error: --output_dir={target} is a file: name a directory'
+  assert time.perf_counter() - start < 30 and target.read_text() == 'not a directory'

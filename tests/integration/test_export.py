@@ -178,6 +178,15 @@ def test_readme_router_runs_the_bundle_without_dsnet_jax(tmp_path):
       '  results[f"largest_{f}"] = np.asarray(loaders[f]("largest", "route")(images))\n'
       '  results[f"escalated_{f}"], results[f"escalated_index_{f}"] = predict(\n'
       '      "escalated", images, loaders[f])\n'
+      'import shutil\n'  # A manifest that lost a route: refused, not zeros for its images.
+      'shutil.copytree("routed", "damaged")\n'
+      'manifest = json.load(open("damaged/manifest.json"))\n'
+      'manifest["routes"].pop()\n'
+      'json.dump(manifest, open("damaged/manifest.json", "w"))\n'
+      'try:\n'
+      '  predict("damaged", images)\n'
+      'except ValueError as e:\n'
+      '  results["damaged"] = np.array(str(e))\n'
       'np.savez("results.npz", **results)\n')
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, check=True)
@@ -192,6 +201,7 @@ def test_readme_router_runs_the_bundle_without_dsnet_jax(tmp_path):
     assert np.abs(results[f'largest_{f}'] - largest).max() <= MAX_ERROR, f
     np.testing.assert_array_equal(results[f'escalated_index_{f}'], escalated_index)
     assert np.abs(results[f'escalated_{f}'] - np.asarray(escalated)).max() <= MAX_ERROR, f
+  assert 'routes and suffix programs differ in number' in str(results['damaged'])
 
 
 def test_bfloat16_route_exports_in_bfloat16(tmp_path):
@@ -214,6 +224,12 @@ def test_bfloat16_route_exports_in_bfloat16(tmp_path):
         f'{np.abs(logits - want).max() / scale:.2e}, |bfloat16 supernet - float32 route| = '
         f'{np.abs(bfloat16 - want).max() / scale:.2e}')
   np.testing.assert_allclose(logits, want, rtol=0, atol=2.0 ** -4 * scale)
+  # ONNX of it is refused before anything is written (onnx.checker rejected its bfloat16
+  # Einsum, onnxruntime would not load it).
+  with pytest.raises(errors.ExportError, match='ONNX export of a model that computes in bfloat16'):
+    export.export_routed(model, variables, str(tmp_path / 'onnx'), IMAGE, formats=('onnx',),
+                         platforms=('cpu',), verbose=False)
+  assert not (tmp_path / 'onnx').exists()
 
 
 def test_bad_requests_fail_before_writing(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 
 from checks import ROOT, tiny_config
 from dsnet_jax import complexity, errors, escalation, eval_lib, inference, latency
+from dsnet_jax.models import get_model
 
 
 @pytest.fixture(scope='module')
@@ -96,7 +97,7 @@ def test_eval_prints_ms_per_image_beside_madds(measured, capsys):
   other = dict(table, image_shape=[32, 32, 1])
   latency.save(other, str(workdir / latency.LATENCY_FILE))
   report = eval_lib.evaluate_workdir(config, str(workdir))
-  assert 'was measured for images (32, 32, 1)' in capsys.readouterr().out
+  assert 'measured for images (32, 32, 1), not (16, 16, 1)' in capsys.readouterr().out
   assert all('ms_per_image' not in row for row in report['routes'])
 
 
@@ -145,9 +146,11 @@ def test_a_gate_budget_in_milliseconds_on_this_device(trained, tmp_path, capsys)
     train_lib.train_and_evaluate(config, str(workdir))
   assert not (workdir / 'checkpoints' / 'gate').exists()
   ms = {'0': 1.0, '1': 2.0, '2': 4.0, '3': 6.0, 'largest': 9.0}
+  model = get_model(config.model_name, **config.model)
   table = {'image_shape': [16, 16, 1], 'batch_sizes': [1, 4], 'date': 'today',
            'device': latency.device_description(),
-           'routes': {n: {'madds': 1.0, 'ms_per_image': {'1': {'median': 2 * t, 'p90': 2 * t},
+           'routes': {n: {'madds': complexity.route_complexity(model, n, (16, 16, 1)).madds,
+                          'ms_per_image': {'1': {'median': 2 * t, 'p90': 2 * t},
                                                          '4': {'median': t, 'p90': t}}}
                       for n, t in ms.items()},
            'routed': {'madds': 1.0, 'ms_per_image': {b: {'median': 1.0, 'p90': 1.0}
@@ -174,6 +177,11 @@ def test_a_gate_budget_in_milliseconds_on_this_device(trained, tmp_path, capsys)
     (lambda t: {k: v for k, v in t.items() if k != 'routed'}, 'routed missing'),
     (lambda t: dict(t, model='ds_resnet'), "measured for model 'ds_resnet', not 'ds_mbnet'"),
     (lambda t: dict(t, batch_sizes=[4, 1]), 'batch_sizes [4, 1] not increasing'),
+    # Another DS-MBNet (other widths), same image size and route names: its MAdds give it away.
+    (lambda t: dict(t, routes={**t['routes'], '1': dict(t['routes']['1'], madds=123456)}),
+     "route 1 was 123456 MAdds there, this model's is"),
+    (lambda t: dict(t, routes={**t['routes'], '9': t['routes']['1']}),
+     'route 9 is not a route of this model'),
     (lambda t: dict(t, routes={'0': {'madds': 1, 'ms_per_image': {
         '1': {'median': float('nan')}, '4': {'median': 1.0}}}}),
      'route 0: ms per image [nan, 1.0] not all positive and finite'),
@@ -185,7 +193,7 @@ def test_a_damaged_or_foreign_table_is_refused_naming_the_problem(measured, tmp_
   damaged = damage(json.loads(json.dumps(table)))
   path.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
   with pytest.raises(errors.LatencyTableError, match=re.escape(message)):
-    latency.load(str(path), 'ds_mbnet')
+    latency.load(str(path), model, (16, 16, 1))
   assert eval_lib.workdir_latency(str(tmp_path), (16, 16, 1), model) is None
   assert message in capsys.readouterr().out  # eval.py warns and shows no ms.
   with pytest.raises(ValueError, match='positive, finite seconds'):

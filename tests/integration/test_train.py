@@ -224,6 +224,10 @@ def test_a_bfloat16_step_keeps_float32_state_and_a_finite_loss(tmp_path):
     ('supernet.lr', 0.1, "unknown config key 'supernet.lr'"),
     ('batch_size', 'big', "'batch_size'"),  # ConfigDict's own type check names it.
     ('stages', ('gate', 'supernet'), 'stages='),
+    ('stages', ('supernet', 'supernet'), 'each stage once'),  # Stage I twice: refused.
+    ('stages', (), 'stages='),
+    ('stages', ('gate',), 'starts at gate, but .* has no finished supernet or recalibrate stage'),
+    ('stages', ('recalibrate', 'gate'), 'would start from a randomly initialised supernet'),
     ('gate.steps', 0, r'gate.steps=0 and gate.epochs=0.0: set one > 0'),
     ('supernet.epochs', -1.0, 'supernet.epochs must be finite and >= 0, got -1.0'),
     ('model.widths', (1, 2), 'unknown config key model.widths'),

@@ -209,8 +209,17 @@ def test_clear_errors(setup):
   model, variables, predictor, _ = setup
   with pytest.raises(UnknownRouteError, match=r'unknown route 14; valid routes: 0, .*, largest'):
     predictor.predict_route(images(1), 14)
-  with pytest.raises(ValueError, match=r'forced routing indices need 2 values in \[0, 4\)'):
+  with pytest.raises(ValueError, match=r'forced routing indices need 2 integers in \[0, 4\)'):
     predictor.predict(images(2), routing_indices=[0, 4])
+  # A fractional index is refused, not truncated (1.7 used to route as 1).
+  with pytest.raises(ValueError, match=r'need 4 integers in \[0, 4\), got \[0.0, 1.7, 2.0, 0.0\]'):
+    predictor.predict(images(4), routing_indices=[0, 1.7, 2, 0])
+  with pytest.raises(ValueError, match='need 2 integers'):
+    predictor.predict(images(2), routing_indices=[True, False])
+  # Whole floats are indices; a Python list of images is an array of them.
+  x = images(2)
+  forced, _ = predictor.predict(list(x), routing_indices=np.array([1.0, 0.0]))
+  np.testing.assert_array_equal(forced, predictor.predict(x, routing_indices=[1, 0])[0])
   with pytest.raises(ValueError, match=r'images must be \(n, 32, 32, 3\)'):
     predictor.predict(np.zeros((2, 16, 16, 3), np.float32))
   with pytest.raises(errors.NotGatedError, match='Dense is not a gated model.*routing space'):

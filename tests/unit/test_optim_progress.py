@@ -70,3 +70,28 @@ def test_progress_appends_jsonl_and_stops_on_nan(tmp_path, capsys):
   assert record == {'stage': 'supernet', 'step': 5, 'loss': 1.5, 'route_histogram': [1.0, 3.0]}
   with pytest.raises(FloatingPointError, match='loss is nan at step 6'):
     logger.log(6, {'loss': jnp.float32(np.nan)})
+
+
+def test_tensorboard_replaces_what_a_resumed_or_restarted_stage_logs_again(tmp_path):
+  """TensorBoard's own reader sees what metrics.jsonl holds: a stage resumed at step 2 keeps
+  steps 1-2 and replaces 3-4; a stage restarted from step 0 replaces everything."""
+  from tensorboard.backend.event_processing import event_accumulator
+
+  def log(start, steps, offset):
+    logger = ProgressLogger(str(tmp_path / 'metrics.jsonl'), 'supernet', 4, 8)
+    logger.start(start)
+    for step in steps:
+      logger.write(step, {'loss': offset + step})
+    logger._tensorboard.close()  # pylint: disable=protected-access
+
+  def scalars():
+    reader = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard' / 'supernet'))
+    reader.Reload()
+    return [(e.step, e.value) for e in reader.Scalars('supernet/loss')]
+
+  log(0, [1, 2, 3, 4], 0)
+  assert scalars() == [(1, 1), (2, 2), (3, 3), (4, 4)]
+  log(2, [3, 4], 100)  # Resumed from its step-2 checkpoint.
+  assert scalars() == [(1, 1), (2, 2), (3, 103), (4, 104)]
+  log(0, [1, 2], 200)  # Restarted (its checkpoints moved aside).
+  assert scalars() == [(1, 201), (2, 202)]
