@@ -22,6 +22,7 @@ from ml_collections.config_dict import placeholder
 from dsnet_jax import models
 from dsnet_jax.data.input_pipeline import DataSpec, check_available, check_name, num_examples
 from dsnet_jax.errors import ConfigError
+from dsnet_jax.escalation import CONFIDENCES
 from dsnet_jax.optim import OptimizerSpec
 from dsnet_jax.routes import AUTO, RouteTable
 from dsnet_jax.train_steps import GateRecipe, SupernetRecipe
@@ -246,6 +247,13 @@ def defaults() -> ml_collections.ConfigDict:
       optimizer=_optimizer(lr=0.08, weight_decay=0.01,
                            param_groups=(('.*routing_head.*', 1.0), ('.*', None)))))
 
+  # [ours] An escalation router calibrated after the last stage (dsnet_jax.escalation): the
+  # `chain` of routing-space routes (cheapest first; () = none), to spend `budget` (a fraction
+  # of 'largest''s MAdds, or MAdds with budget_unit='madds') on average, with thresholds on
+  # `confidence` fitted on the last `calibration_examples` training images.
+  c.escalation = ml_collections.ConfigDict(dict(
+      chain=(), budget=0.0, budget_unit='largest', confidence='max_softmax',
+      calibration_examples=5000))
   c.log_every_steps = 50
   c.eval_every_steps = 0  # 0: evaluate at the end of each stage only.
   c.eval_every_epochs = 0.0  # > 0: sets eval_every_steps (in supernet epochs).
@@ -494,10 +502,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.gate.sgs_targets not in SGS_TARGETS:
     raise ConfigError(f'config key gate.sgs_targets={config.gate.sgs_targets!r}: use one of '
                       f'{", ".join(SGS_TARGETS)}')
+  _validate_escalation(config.escalation)
   for stage in ('supernet', 'gate'):
     if not 0 <= config[stage].ema_decay < 1:
       raise ConfigError(f'config key {stage}.ema_decay must be in [0, 1), got '
                         f'{config[stage].ema_decay}')
+
+
+def _validate_escalation(section: ml_collections.ConfigDict) -> None:
+  if not section.chain:
+    return
+  if len(section.chain) < 2 or len(set(map(str, section.chain))) != len(section.chain):
+    raise ConfigError(f'config key escalation.chain={tuple(section.chain)}: two or more '
+                      'distinct routes of the routing space, cheapest first')
+  if not 0 < section.budget < float('inf') or section.budget_unit not in ('largest', 'madds'):
+    raise ConfigError(f'config keys escalation.budget={section.budget} and '
+                      f"escalation.budget_unit={section.budget_unit!r}: a budget > 0 as a "
+                      "fraction of 'largest''s MAdds ('largest') or in MAdds ('madds')")
+  if section.confidence not in CONFIDENCES:
+    raise ConfigError(f'config key escalation.confidence={section.confidence!r}: use one of '
+                      f'{", ".join(CONFIDENCES)}')
+  if section.calibration_examples < 1:
+    raise ConfigError('config key escalation.calibration_examples must be >= 1, got '
+                      f'{section.calibration_examples}')
 
 
 def _validate_budget(gate: ml_collections.ConfigDict) -> None:
@@ -605,6 +632,16 @@ class GateSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class EscalationSpec:
+  """The escalation router to calibrate after the last stage (config.escalation)."""
+  chain: tuple[str, ...]
+  budget: float
+  budget_unit: str
+  confidence: str
+  calibration_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
   """Everything a run needs, resolved once from a config (`resolve`): durations in steps,
   learning rates scaled, each stage's data fixed, the model built. `config_json` is the
@@ -626,6 +663,7 @@ class RunSpec:
   eval_every_steps: int
   checkpoint_every_steps: int
   keep_checkpoints: int
+  escalation: EscalationSpec | None = None
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -683,7 +721,11 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
       eval_data=data_spec(config.data), log_every_steps=config.log_every_steps,
       eval_every_steps=config.eval_every_steps,
       checkpoint_every_steps=config.checkpoint_every_steps,
-      keep_checkpoints=config.keep_checkpoints)
+      keep_checkpoints=config.keep_checkpoints,
+      escalation=EscalationSpec(
+          tuple(str(r) for r in config.escalation.chain), float(config.escalation.budget),
+          config.escalation.budget_unit, config.escalation.confidence,
+          config.escalation.calibration_examples) if config.escalation.chain else None)
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

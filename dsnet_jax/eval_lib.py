@@ -329,23 +329,16 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '',
                              escalation=loaded.escalation)
 
 
-def calibrate_escalation(loaded: rundir_lib.Loaded, chain: Sequence[str], budget: float,
-                         budget_unit: str = 'largest', confidence: str = 'max_softmax',
-                         calibration_examples: int = 5000, mesh=None
-                         ) -> tuple[escalation_lib.Escalation, dict[str, Any]]:
-  """An escalation router for a restored checkpoint (any supernet: a gate is not needed),
-  with thresholds calibrated to `budget` on the last `calibration_examples` images of the
-  training split (evaluation preprocessing), and what it achieved there.
+def escalation_budget(model, image_shape, chain: Sequence[str], budget: float,
+                      budget_unit: str = 'largest', confidence: str = 'max_softmax'
+                      ) -> tuple[tuple[str, ...], np.ndarray, float]:
+  """(chain as route names, MAdds per image of each level, the budget in MAdds) of an
+  escalation for `model`, checked before any image is read.
 
-  Args:
-    loaded: `rundir.load`'s result.
-    chain: route names from the routing space, cheapest first.
-    budget: a fraction of 'largest''s MAdds (`budget_unit='largest'`) or MAdds per image.
   Raises:
     errors.ConfigError: a route outside the routing space, an unknown unit or confidence;
-    errors.BudgetError: a budget the chain cannot spend; both before any image is read.
+    errors.BudgetError: a budget the chain cannot spend.
   """
-  model, image_shape = loaded.model, loaded.image_shape
   space = [r.name for r in model.routes.routing_space]
   chain = tuple(model.routes[r].name for r in chain)
   outside = [r for r in chain if r not in space]
@@ -356,7 +349,7 @@ def calibrate_escalation(loaded: rundir_lib.Loaded, chain: Sequence[str], budget
   if budget_unit not in ('largest', 'madds'):
     raise errors.ConfigError(f"budget unit {budget_unit!r}: use 'largest' or 'madds'")
   costs = escalation_lib.level_costs(model, chain, image_shape)
-  largest = route_complexity(model, model.routes.largest, image_shape).madds
+  largest = route_complexity(model, model.routes.largest, tuple(image_shape)).madds
   madds = budget * largest if budget_unit == 'largest' else budget
   if not costs[0] <= madds <= costs[-1]:
     raise errors.BudgetError(
@@ -364,16 +357,33 @@ def calibrate_escalation(loaded: rundir_lib.Loaded, chain: Sequence[str], budget
         f'{" -> ".join(chain)} spends {costs[0] / 1e6:.4g}-{costs[-1] / 1e6:.4g} M (every image '
         'at the first route to every image through every route): choose a budget in that '
         'range or another chain')
-  data = config_lib.data_spec(loaded.config.data)
-  pipeline = input_pipeline.make(data, 'train', batch_size=loaded.config.eval_batch_size,
-                                 train=False, examples=(-calibration_examples, None))
-  mesh = mesh or sharding.make_mesh(1)
-  signals = routers.route_signals(model, jax.device_put(loaded.variables), pipeline, mesh)
+  return chain, costs, float(madds)
+
+
+def calibrate_escalation(model, variables, data: input_pipeline.DataSpec, batch_size: int,
+                         chain: Sequence[str], budget: float, budget_unit: str = 'largest',
+                         confidence: str = 'max_softmax', calibration_examples: int = 5000,
+                         mesh=None) -> tuple[escalation_lib.Escalation, dict[str, Any]]:
+  """An escalation router for a trained supernet (a gate is not needed), with thresholds
+  calibrated to `budget` on the last `calibration_examples` images of the training split of
+  `data` (evaluation preprocessing), and what it achieved there.
+
+  Raises: as `escalation_budget`, before any image is read.
+  """
+  chain, costs, madds = escalation_budget(model, input_pipeline.preprocessing(data).image_shape,
+                                          chain, budget, budget_unit, confidence)
+  pipeline = input_pipeline.make(data, 'train', batch_size=batch_size, train=False,
+                                 examples=(-calibration_examples, None))
+  signals = routers.route_signals(model, variables, pipeline, mesh or sharding.make_mesh(1))
+  space = [r.name for r in model.routes.routing_space]
   columns = [space.index(r) for r in chain]
   correct, confidences = signals['correct'][:, columns], signals[confidence][:, columns]
   thresholds = escalation_lib.calibrate(confidences, costs, madds, correct)
-  rule = escalation_lib.Escalation(chain, thresholds, confidence, float(madds), 'madds')
+  rule = escalation_lib.Escalation(chain, thresholds, confidence, madds, 'madds')
   accuracy, cost = escalation_lib.simulate(correct, confidences, thresholds, costs)
+  say(f'escalation {" -> ".join(chain)}: thresholds {list(thresholds)} ({confidence}); on '
+      f'{len(correct)} held-out training images {accuracy:.4f} at {cost / 1e6:.4g} M MAdds '
+      f'(budget {madds / 1e6:.4g} M)')
   return rule, {'calibration': {'split': 'train', 'examples': [-calibration_examples, None],
                                 'images': int(len(correct)), 'accuracy': accuracy,
                                 'madds': cost}}

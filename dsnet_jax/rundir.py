@@ -51,7 +51,7 @@ from dsnet_jax.routes import RouteTable
 RUN_NEUTRAL_KEYS = ('stages', 'num_devices', 'eval_batch_size', 'log_every_steps',
                     'eval_every_steps', 'eval_every_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
                     'data.data_dir', 'data.debian_dir', 'data.in_memory', 'data.num_workers',
-                    'data.num_threads', 'data.prefetch')
+                    'data.num_threads', 'data.prefetch', 'escalation.')
 # What may differ between an ungated checkpoint and the model it restores into (the routing
 # head is then re-initialised).
 ROUTING_SPACE_KEYS = ('model.routing_space',)

@@ -121,6 +121,10 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
             config_lib.with_derived_keys(allow_config_changes),
             stage_data, calibration_data)
   run.budget = budget  # Checked above, before any work.
+  if spec.escalation and not spec.model.routes.auto:  # 'auto': checked once it is chosen.
+    e = spec.escalation
+    eval_lib.escalation_budget(spec.model, train_data.image_shape, e.chain, e.budget,
+                               e.budget_unit, e.confidence)
   return run
 
 
@@ -145,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for stage in spec.stages:
       output = functools.partial(STAGE_FUNCTIONS[stage], run, output)
     variables, _ = output()
+    rule = calibrate_escalation(run, variables) if spec.escalation else None
     gated = 'gate' in spec.stages
     # The budget the gate's offsets were calibrated for, as eval.py reads it.
     calibrated = eval_lib.calibrated_budget(run.rundir.status('gate').meta) if gated else None
@@ -152,7 +157,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         run.model, variables, run.eval_data, run.mesh, run.rundir.workdir, gated=gated,
         budget_meta=calibrated, latency=eval_lib.workdir_latency(run.rundir.workdir,
                                                         run.eval_data.image_shape, run.model),
-        title=f'{type(run.model).__name__} on {spec.eval_data.name}, after {spec.stages[-1]}')
+        title=f'{type(run.model).__name__} on {spec.eval_data.name}, after {spec.stages[-1]}',
+        escalation=rule)
+
+
+def calibrate_escalation(run: Run, variables: Variables):
+  """config.escalation's router for the last stage's variables, calibrated on held-out
+  training images and saved beside that stage's checkpoint."""
+  e, stage = run.spec.escalation, run.spec.stages[-1]
+  rule, found = eval_lib.calibrate_escalation(
+      run.model, variables, run.spec.eval_data, run.spec.eval_batch_size, e.chain, e.budget,
+      e.budget_unit, e.confidence, e.calibration_examples, run.mesh)
+  rundir_lib.save_escalation(run.rundir.stage_dir(stage), rule, run.rundir.status(stage).step,
+                             **found)
+  return rule
 
 
 def check_resumable(run: Run) -> None:

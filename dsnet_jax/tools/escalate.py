@@ -11,7 +11,7 @@ with the budget's error there.
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsnet_jax import escalation, eval_lib, rundir
+from dsnet_jax import config_lib, escalation, eval_lib, rundir
 from dsnet_jax.tools import cli
 
 config_flags.DEFINE_config_file('config', None, 'The config the checkpoint was trained with '
@@ -47,13 +47,11 @@ def main(argv):
     config = rundir.saved_config(f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir())
   loaded, pipeline, mesh = eval_lib.restore_workdir(config, f.workdir, f.checkpoint)
   rule, found = eval_lib.calibrate_escalation(
-      loaded, f.chain, f.budget, f.budget_unit, f.confidence, f.calibration_examples, mesh)
-  held = found['calibration']
+      loaded.model, loaded.variables, config_lib.data_spec(config.data),
+      config.eval_batch_size, f.chain, f.budget, f.budget_unit, f.confidence,
+      f.calibration_examples, mesh)
   path = rundir.save_escalation(loaded.restored.directory, rule, loaded.restored.step, **found)
-  print(f'escalation {" -> ".join(rule.chain)}: thresholds {list(rule.thresholds)} '
-        f'({rule.confidence}); on {held["images"]} held-out training images '
-        f'{held["accuracy"]:.4f} at {held["madds"] / 1e6:.4g} M MAdds (budget '
-        f'{rule.budget / 1e6:.4g} M) -> {path}')
+  print(f'escalation saved -> {path}')
   report = eval_lib.evaluate_and_report(
       loaded.model, loaded.variables, pipeline, mesh,
       f.output_dir or loaded.restored.directory, gated=loaded.restored.gated,

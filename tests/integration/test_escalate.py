@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import checks
 from checks import ROOT
-from dsnet_jax import escalation, eval_lib, inference, rundir
+from dsnet_jax import errors, escalation, eval_lib, inference, rundir
 from dsnet_jax.data import input_pipeline
 
 
@@ -86,3 +87,21 @@ def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tm
   assert done.returncode == 1 and "routes ['3'] are not in the routing space" in done.stderr
   done = escalate(f'--workdir={workdir}', '--chain=0,7', '--budget=0.5')
   assert done.returncode == 1 and "unknown route '7'; valid routes: 0, 1, 2, 3" in done.stderr
+
+
+def test_training_calibrates_the_configured_escalation_after_its_last_stage(tmp_path):
+  from dsnet_jax import train_lib
+  config = checks.tiny_config(num_devices=1, stages=('supernet', 'recalibrate'), **{
+      'escalation.chain': ('0', '2'), 'escalation.budget': 65000.0,
+      'escalation.budget_unit': 'madds', 'escalation.calibration_examples': 32})
+  report = train_lib.train_and_evaluate(config, str(tmp_path))
+  saved = json.loads((tmp_path / 'checkpoints' / 'recalibrate' /
+                      escalation.ESCALATION_FILE).read_text())
+  assert saved['step'] == 2 and saved['chain'] == ['0', '2'] and report['gated'] is None
+  assert report['routers']['escalation']['thresholds'] == saved['thresholds']
+  assert rundir.load(str(tmp_path)).escalation.thresholds == tuple(saved['thresholds'])
+  # A budget the chain cannot spend is refused before any training.
+  with pytest.raises(errors.BudgetError, match='escalation 0 -> 2 spends'):
+    train_lib.train_and_evaluate(checks.tiny_config(num_devices=1, **{
+        'escalation.chain': ('0', '2'), 'escalation.budget': 0.01}), str(tmp_path / 'other'))
+  assert not (tmp_path / 'other' / 'checkpoints').exists()

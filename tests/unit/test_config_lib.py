@@ -131,3 +131,21 @@ def test_a_saved_config_without_newer_model_and_data_keys_compares_equal():
   assert rundir.config_differences(json.dumps(saved), config) == []
   config.model.se_ratio = 0.5
   assert rundir.config_differences(json.dumps(saved), config) == ['model.se_ratio: 0.25 -> 0.5']
+
+
+@pytest.mark.parametrize('section, message', [
+    ({'chain': ('0',), 'budget': 0.4}, 'escalation.chain=.*two or more distinct routes'),
+    ({'chain': ('0', '0'), 'budget': 0.4}, 'two or more distinct routes'),
+    ({'chain': ('0', '6'), 'budget': 0.0}, 'escalation.budget=0.0 .*a budget > 0'),
+    ({'chain': ('0', '6'), 'budget': 0.4, 'budget_unit': 'ms'}, "budget_unit='ms'"),
+    ({'chain': ('0', '6'), 'budget': 0.4, 'confidence': 'entropy'}, "confidence='entropy'"),
+    ({'chain': ('0', '6'), 'budget': 0.4, 'calibration_examples': 0}, 'must be >= 1'),
+])
+def test_an_escalation_section_that_cannot_work_is_refused(section, message):
+  config = load(ROOT / 'configs/ds_mbnet_fmnist.py')
+  config.unlock()
+  config.escalation.update(section)
+  with pytest.raises(errors.ConfigError, match=message):
+    config_lib.validate(config)
+  assert config_lib.resolve(load(ROOT / 'configs/ds_mbnet_fmnist.py')).escalation == (
+      config_lib.EscalationSpec(('0', '6'), 0.4, 'largest', 'max_softmax', 5000))
