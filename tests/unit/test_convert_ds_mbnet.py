@@ -23,14 +23,6 @@ GROUP_DEPTHS = (1, 2, 2, 6, 2)  # Blocks in each of blocks.0..4.
 GROUP_STRIDES = (1, 2, 2, 2, 2)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
-
-
 def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
   """Random values for every key of KEYS_FILE."""
   rng = np.random.default_rng(seed)

@@ -45,15 +45,6 @@ def randomize_bn(variables, seed=1):
           'batch_stats': randomize(variables['batch_stats'], lambda path: True)}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_cpu_compiles():
-  """Unoptimised XLA compiles: several times faster on CPU, and these nets are tiny."""
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
-
-
 @pytest.fixture(scope='module')
 def model_and_variables(fast_cpu_compiles):
   """(model, fresh variables, variables with random BN, jitted forward with a static route)."""
