@@ -46,7 +46,7 @@ def randomize_bn(variables, seed=1):
 
 
 @pytest.fixture(scope='module')
-def model_and_variables(fast_cpu_compiles):
+def model_and_variables():
   """(model, fresh variables, variables with random BN, jitted forward with a static route)."""
   model = tiny_model()
   fresh = jax.jit(lambda k: model.init(k, jnp.zeros((1, *IMAGE)), route='largest'))(
