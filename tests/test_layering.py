@@ -86,7 +86,7 @@ def violations(root: pathlib.Path, package: str = PACKAGE) -> list[str]:
     if floor(name, package) < FLOORS['tools'] and is_command_line(source):
       problems.append(f'{path.relative_to(root)}: a command line (main / app.run) outside '
                       f'{package}/tools/')
-  problems += [f'import cycle: {" -> ".join(cycle)}' for cycle in cycles(graph)]
+  problems += [f'import cycle among {", ".join(component)}' for component in cycles(graph)]
   return problems
 
 
@@ -102,7 +102,8 @@ def is_command_line(source: str) -> bool:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-  """One cycle through each strongly connected component of more than one module."""
+  """The modules of each strongly connected component of more than one module (each imports
+  the others, directly or not), sorted."""
   index, low, stack, on_stack, components = {}, {}, [], set(), []
 
   def visit(node):
@@ -128,7 +129,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
   for node in sorted(graph):
     if node not in index:
       visit(node)
-  return [[*component, component[0]] for component in components]
+  return components
 
 
 def test_the_package_is_layered():
@@ -160,6 +161,6 @@ def test_an_upward_import_a_cycle_and_a_misplaced_main_are_found(tmp_path):
       'dsnet_jax/models/__init__.py:1: dsnet_jax.models imports ml_collections below the '
       'config layer',
       'dsnet_jax/latency.py: a command line (main / app.run) outside dsnet_jax/tools/',
-      'import cycle: dsnet_jax.errors -> dsnet_jax.rundir -> dsnet_jax.errors',
-      'import cycle: dsnet_jax.models.a -> dsnet_jax.models.b -> dsnet_jax.models.a',
+      'import cycle among dsnet_jax.errors, dsnet_jax.rundir',
+      'import cycle among dsnet_jax.models.a, dsnet_jax.models.b',
   ])
