@@ -15,6 +15,11 @@ class BudgetError(ConfigError):
   """A budget the routing space cannot meet."""
 
 
+class DataError(UserError, ValueError):
+  """Data files that are not the data set they should be (damaged, or another copy than the
+  one prepared), or a data directory that cannot be written."""
+
+
 class ConfigMismatchError(UserError, ValueError):
   """The current config differs from the one a checkpoint was written with."""
 

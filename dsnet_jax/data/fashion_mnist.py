@@ -8,7 +8,9 @@ record i of a split is image i of its IDX file.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
+import json
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -20,8 +22,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dsnet_jax import paths
+from dsnet_jax.errors import DataError
 
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
+# Beside the prepared data: the IDX files it was prepared from (their directory and digests).
+SOURCE_FILE = 'debian_source.json'
 # Split name -> IDX file prefix.
 _PREFIXES = {'train': 'train', 'test': 't10k'}
 NUM_CLASSES = 10
@@ -46,7 +51,7 @@ def read_idx(path: str, item_shape: tuple[int, ...]) -> np.ndarray:
   """Reads an IDX file of unsigned bytes, gzipped or not, as an array of shape (n, *item_shape).
 
   Raises:
-    ValueError naming `path`: corrupt gzip data; not an IDX file of unsigned bytes; a shape other
+    DataError naming `path`: corrupt gzip data; not an IDX file of unsigned bytes; a shape other
       than (n, *item_shape); fewer or more bytes of data than the header declares.
   """
   with open(path, 'rb') as f:
@@ -55,22 +60,22 @@ def read_idx(path: str, item_shape: tuple[int, ...]) -> np.ndarray:
     try:
       data = gzip.decompress(data)
     except (EOFError, OSError, zlib.error) as e:
-      raise ValueError(f'{path}: corrupt gzip data ({e})') from e
+      raise DataError(f'{path}: corrupt gzip data ({e})') from e
   if len(data) < 4 or data[:2] != b'\0\0':
-    raise ValueError(f'{path}: not an IDX file (starts with {data[:4]!r}, not 0, 0, dtype, ndim)')
+    raise DataError(f'{path}: not an IDX file (starts with {data[:4]!r}, not 0, 0, dtype, ndim)')
   if data[2] != 0x08:
-    raise ValueError(f'{path}: IDX dtype code {data[2]:#04x}, expected 0x08 (unsigned byte)')
+    raise DataError(f'{path}: IDX dtype code {data[2]:#04x}, expected 0x08 (unsigned byte)')
   ndim, header = data[3], 4 + 4 * data[3]
   if len(data) < header:
-    raise ValueError(f'{path}: truncated header: {ndim} dimensions need {header} bytes, the file '
+    raise DataError(f'{path}: truncated header: {ndim} dimensions need {header} bytes, the file '
                      f'has {len(data)}')
   shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
   if ndim != 1 + len(item_shape) or shape[1:] != item_shape:
     expected = str(('n', *item_shape)).replace("'", '')  # e.g. (n, 28, 28)
-    raise ValueError(f'{path}: shape {shape}, expected {expected}')
+    raise DataError(f'{path}: shape {shape}, expected {expected}')
   needed, found = math.prod(shape), len(data) - header
   if found != needed:
-    raise ValueError(f'{path}: {"truncated" if found < needed else "oversized"}: shape {shape} '
+    raise DataError(f'{path}: {"truncated" if found < needed else "oversized"}: shape {shape} '
                      f'needs {needed} bytes of data after the header, found {found}')
   return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
@@ -79,16 +84,16 @@ def read_split(debian_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """A split straight from the IDX files: images (N, 28, 28, 1) uint8, labels (N,) uint8.
 
   Raises:
-    ValueError naming the file(s): see `read_idx`; image and label counts differ; a label is not
+    DataError naming the file(s): see `read_idx`; image and label counts differ; a label is not
       in 0..NUM_CLASSES - 1.
   """
   images_path, labels_path = idx_files(debian_dir, split)
   images, labels = read_idx(images_path, IMAGE_SHAPE[:2]), read_idx(labels_path, ())
   if len(images) != len(labels):
-    raise ValueError(f'{images_path} holds {len(images)} images but {labels_path} holds '
+    raise DataError(f'{images_path} holds {len(images)} images but {labels_path} holds '
                      f'{len(labels)} labels')
   if (bad := np.flatnonzero(labels >= NUM_CLASSES)).size:
-    raise ValueError(f'{labels_path}: {bad.size} labels outside 0..{NUM_CLASSES - 1}, the first '
+    raise DataError(f'{labels_path}: {bad.size} labels outside 0..{NUM_CLASSES - 1}, the first '
                      f'{labels[bad[0]]} at index {bad[0]}')
   return images[..., None], labels
 
@@ -197,5 +202,39 @@ def data_sources(data_dir: str | None = None,
   if not make().is_prepared() and not has_idx_files(debian_dir):
     return _tfds_fashion_mnist(data_dir, debian_dir)
   manual = tfds.download.DownloadConfig(manual_dir=debian_dir)
-  return _prepared_once(make, lambda b: b.download_and_prepare(download_config=manual)
-                        ).as_data_source()
+
+  def prepare(builder):
+    for split in _PREFIXES:  # Damaged files fail here, before tfds starts writing.
+      read_split(debian_dir, split)
+    builder.download_and_prepare(download_config=manual)
+    (epath.Path(builder.data_dir) / SOURCE_FILE).write_text(json.dumps(
+        {'debian_dir': os.path.abspath(debian_dir), 'sha256': _digests(debian_dir)}))
+
+  try:
+    builder = _prepared_once(make, prepare)
+  except OSError as e:  # Not writable, under a file, full: the data_dir is the problem.
+    where = data_dir or '~/tensorflow_datasets'
+    raise DataError(f'cannot prepare Fashion-MNIST in data_dir={where} ({e}): set '
+                    'config.data.data_dir to a writable directory') from None
+  _check_source(builder, debian_dir)
+  return builder.as_data_source()
+
+
+def _digests(debian_dir: str) -> dict[str, str]:
+  return {os.path.basename(path): hashlib.sha256(open(path, 'rb').read()).hexdigest()
+          for split in _PREFIXES for path in idx_files(debian_dir, split)}
+
+
+def _check_source(builder, debian_dir: str | None) -> None:
+  """Refuses prepared data made from other IDX files than `debian_dir` holds (a data_dir
+  prepared from another copy would otherwise be used silently, and the run's config would
+  name the wrong source)."""
+  record = epath.Path(builder.data_dir) / SOURCE_FILE
+  if not record.exists() or not has_idx_files(debian_dir):
+    return  # Prepared before sources were recorded, or from tfds: nothing to compare.
+  source = json.loads(record.read_text())
+  if source['sha256'] != _digests(debian_dir):
+    raise DataError(
+        f'{builder.data_dir} was prepared from the IDX files in {source["debian_dir"]}, and '
+        f'debian_dir={debian_dir} holds other files: set config.data.data_dir to another '
+        'directory for this copy (or delete the prepared one)')

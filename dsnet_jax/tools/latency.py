@@ -15,8 +15,9 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from dsnet_jax import (bn_calibration, config_lib, escalation, eval_lib, inference, latency,
-                       stand_in)
+from dsnet_jax import (bn_calibration, config_lib, errors, escalation, eval_lib, inference,
+                       latency, stand_in)
+from dsnet_jax.data import input_pipeline
 from dsnet_jax.models import available_models, get_model
 from dsnet_jax.tools import cli
 
@@ -71,11 +72,18 @@ def main(argv):
                          f'{", ".join(available_models())}')
   rule = None
   if f.config:
+    config_lib.validate(f.config)
+    data = config_lib.data_spec(f.config.data)
+    split = input_pipeline.EVAL_SPLITS[data.name]
+    available = input_pipeline.num_examples(data, split)
+    if count > available:
+      raise errors.ConfigError(
+          f'--batch_sizes up to {sizes[-1]} and --singles={f.singles} need {count} evaluation '
+          f'images; {data.name} {split} has {available}')
     if f.workdir:
       loaded, pipeline, _ = eval_lib.restore_workdir(f.config, f.workdir)
       model, variables, rule = loaded.model, loaded.variables, loaded.escalation
     else:
-      config_lib.validate(f.config)
       pipeline = eval_lib.eval_pipeline(config_lib.data_spec(f.config.data),
                                         f.config.eval_batch_size)
       model = get_model(f.config.model_name, **f.config.model)

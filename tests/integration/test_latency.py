@@ -106,6 +106,10 @@ def test_eval_prints_ms_per_image_beside_madds(measured, capsys):
     (['--model=ds_mbnt'], "unknown model 'ds_mbnt'; available: ds_mbnet"),
     ([], 'give --config (with --workdir'),
     (['--workdir=w'], 'give --config (with --workdir'),
+    # More images than the evaluation split holds (64 synthetic), before restoring anything.
+    ([f'--config={ROOT}/configs/tiny.py', '--workdir=/nonexistent', '--batch_sizes=128'],
+     'error: --batch_sizes up to 128 and --singles=8 need 128 evaluation images; synthetic '
+     'test has 64'),
 ])
 def test_cli_refuses_bad_flags_before_any_work(args, message):
   result = subprocess.run([sys.executable, '-m', 'dsnet_jax.tools.latency', *args], cwd=ROOT,

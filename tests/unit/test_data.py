@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from checks import fake_split, idx_bytes, write_split
+from dsnet_jax import errors
 from dsnet_jax.data import augment, fashion_mnist, imagenet, input_pipeline, preprocess
 from dsnet_jax.data.in_memory import ArraySource, load_numpy
 from dsnet_jax.data.loader import EvalLoader, HostShard, TrainLoader
@@ -182,10 +183,40 @@ def test_bad_idx_files_fail_preparation_naming_the_file(tmp_path):
   debian_dir.mkdir()
   write_split(debian_dir, *fake_split(), 'train')
   images_path, _ = write_split(debian_dir, idx_bytes(IMAGES)[:-1], fake_split()[1], 'test')
-  with pytest.raises(ValueError, match=f'{images_path}: truncated'):
+  with pytest.raises(errors.DataError, match=f'{images_path}: truncated'):
     fashion_mnist.data_sources(str(tmp_path / 'tfds'), str(debian_dir))
   builder = fashion_mnist.FashionMnistDebian(data_dir=str(tmp_path / 'tfds'))
   assert not builder.is_prepared()
+  assert not (tmp_path / 'tfds').exists() or not list((tmp_path / 'tfds').rglob('*.array_record*'))
+
+
+def test_prepared_data_is_refused_for_another_copy_of_the_idx_files(tmp_path):
+  """A data_dir prepared from one copy is not silently used for another (the run's config
+  would name the other as its source)."""
+  copies = []
+  for seed in (5, 6):
+    debian_dir = tmp_path / f'debian{seed}'
+    debian_dir.mkdir()
+    write_split(debian_dir, *fake_split(seed), 'train')
+    write_split(debian_dir, *fake_split(3), 'test')
+    copies.append(str(debian_dir))
+  data_dir = str(tmp_path / 'tfds')
+  assert len(fashion_mnist.data_sources(data_dir, copies[0])['train']) == 5
+  assert len(fashion_mnist.data_sources(data_dir, copies[0])['train']) == 5  # The same copy.
+  with pytest.raises(errors.DataError, match=f'prepared from the IDX files in {copies[0]}, and '
+                     f'debian_dir={copies[1]} holds other files'):
+    fashion_mnist.data_sources(data_dir, copies[1])
+
+
+def test_an_unwritable_data_dir_is_one_clear_error(tmp_path):
+  debian_dir = tmp_path / 'debian'
+  debian_dir.mkdir()
+  write_split(debian_dir, *fake_split(), 'train')
+  write_split(debian_dir, *fake_split(3), 'test')
+  (tmp_path / 'a_file').write_text('')  # A data_dir under a file cannot be created (as root too).
+  with pytest.raises(errors.DataError, match=r'cannot prepare Fashion-MNIST in data_dir=.*a_file'
+                     r'/tfds .*set config.data.data_dir to a writable directory'):
+    fashion_mnist.data_sources(str(tmp_path / 'a_file' / 'tfds'), str(debian_dir))
 
 
 # --- Config errors ------------------------------------------------------------------------
