@@ -235,7 +235,8 @@ def read_escalation(directory: str, step: int, log=say) -> escalation_lib.Escala
 
 
 def saved_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The config a stage folder's latest checkpoint was written with.
+  """The config a stage folder's latest checkpoint was written with, every key it predates
+  at its default (so it validates as the config it was).
 
   Raises:
     FileNotFoundError: no checkpoint in `directory`; ValueError: it saved no config.
@@ -247,8 +248,8 @@ def saved_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
   if 'config' not in meta:
     raise errors.ConfigError(f'{directory} saved no config (an imported checkpoint?): '
                                  'give its config')
-  saved = meta['config'] if isinstance(meta['config'], str) else json.dumps(meta['config'])
-  return config_lib.from_json(saved)
+  saved = json.loads(meta['config']) if isinstance(meta['config'], str) else meta['config']
+  return config_lib.from_json(json.dumps(config_lib.with_defaults(saved)))
 
 
 def _routing_space(model) -> tuple[str, ...]:

@@ -3,6 +3,8 @@ never-worse checkpoints, validation before any work. Each test is a fault once s
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -399,3 +401,24 @@ def test_eval_writes_beside_the_checkpoint_it_evaluated(trained, tmp_path):
       'eval.json', 'eval.png', eval_lib.ROUTES_FILE}
   assert eval_lib.report_title(gate.model, one_device(), gate) == (
       f'DSMBNet on synthetic, gate step {gate.step}')
+
+
+def test_a_checkpoint_saved_before_a_config_section_existed_loads_and_evaluates(trained,
+                                                                                tmp_path):
+  """A workdir written by an earlier version (its saved config lacks the `escalation` section)
+  still loads and evaluates with its own config: the missing keys take their defaults."""
+  workdir = copy_of(trained, tmp_path)
+  for metadata in (workdir / 'checkpoints').glob('*/*/meta/metadata'):
+    meta = json.loads(metadata.read_text())
+    config = json.loads(meta['config'])
+    del config['escalation']
+    metadata.write_text(json.dumps({**meta, 'config': json.dumps(config)}))
+  assert 'escalation' not in json.loads(json.loads(
+      (workdir / 'checkpoints' / 'gate' / '3' / 'meta' / 'metadata').read_text())['config'])
+  loaded = rundir.load(workdir)
+  assert loaded.config.escalation.chain == () and loaded.restored.gated
+  done = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}',
+                         f'--output_dir={tmp_path / "report"}'], cwd=ROOT, capture_output=True,
+                        text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert json.loads((tmp_path / 'report' / 'eval.json').read_text())['gated']
