@@ -276,7 +276,7 @@ def eval_pipeline(data: input_pipeline.DataSpec, batch_size: int) -> input_pipel
 
 
 def restore_workdir(config, workdir: str, checkpoint: str = '',
-                    allow_config_changes: Sequence[str] = ()):
+                    allow_config_changes: Sequence[str] = (), with_escalation: bool = True):
   """The latest stage of `workdir` (or the stage folder `checkpoint`), restored for `config`.
 
   What the checkpoint holds (EMA or raw weights, gated or not, finished or not) is read from
@@ -297,7 +297,8 @@ def restore_workdir(config, workdir: str, checkpoint: str = '',
   input_pipeline.check_available(config_lib.data_spec(config.data))
   mesh = sharding.make_mesh(config.num_devices or None)
   pipeline = eval_pipeline(config_lib.data_spec(config.data), config.eval_batch_size)
-  loaded = rundir_lib.load(workdir, checkpoint, config, allow_config_changes, mesh)
+  loaded = rundir_lib.load(workdir, checkpoint, config, allow_config_changes, mesh,
+                           with_escalation=with_escalation)
   restored = loaded.restored
   say(f'restored {restored.describe()}')
   if not restored.complete:
@@ -341,6 +342,9 @@ def escalation_budget(model, image_shape, chain: Sequence[str], budget: float,
   """
   space = [r.name for r in model.routes.routing_space]
   chain = tuple(model.routes[r].name for r in chain)
+  if len(chain) < 2 or len(set(chain)) != len(chain):
+    raise errors.ConfigError(f'escalation chain {list(chain)}: two or more distinct routes of '
+                             'the routing space, cheapest first')
   outside = [r for r in chain if r not in space]
   if outside:
     raise errors.ConfigError(f'escalation chain {list(chain)}: routes {outside} are not in the '
@@ -348,6 +352,10 @@ def escalation_budget(model, image_shape, chain: Sequence[str], budget: float,
   escalation_lib.check_confidence(confidence)
   if budget_unit not in ('largest', 'madds'):
     raise errors.ConfigError(f"budget unit {budget_unit!r}: use 'largest' or 'madds'")
+  own = [route_complexity(model, r, tuple(image_shape)).madds for r in chain]
+  if any(a >= b for a, b in zip(own, own[1:])):
+    raise errors.ConfigError(f'escalation chain {list(chain)}: routes of MAdds {own}; give them '
+                             'cheapest first (an image escalates to a wider route)')
   costs = escalation_lib.level_costs(model, chain, image_shape)
   largest = route_complexity(model, model.routes.largest, tuple(image_shape)).madds
   madds = budget * largest if budget_unit == 'largest' else budget
@@ -372,6 +380,11 @@ def calibrate_escalation(model, variables, data: input_pipeline.DataSpec, batch_
   """
   chain, costs, madds = escalation_budget(model, input_pipeline.preprocessing(data).image_shape,
                                           chain, budget, budget_unit, confidence)
+  available = input_pipeline.num_examples(data, 'train')
+  if not 1 <= calibration_examples < available:
+    raise errors.ConfigError(f'{calibration_examples} calibration examples: use 1 to '
+                             f'{available - 1} of the {available} training images (the last '
+                             'ones; the rest is what the router is compared with)')
   pipeline = input_pipeline.make(data, 'train', batch_size=batch_size, train=False,
                                  examples=(-calibration_examples, None))
   signals = routers.route_signals(model, variables, pipeline, mesh or sharding.make_mesh(1))

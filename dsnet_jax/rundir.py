@@ -185,7 +185,8 @@ class Loaded:
 
 
 def load(workdir: str | os.PathLike = '', checkpoint: str | os.PathLike = '', config=None,
-         allow_changes: Iterable[str] = (), mesh=None, log=say) -> Loaded:
+         allow_changes: Iterable[str] = (), mesh=None, log=say,
+         with_escalation: bool = True) -> Loaded:
   """The model, variables and route table of a training workdir's latest stage (or of the
   stage folder `checkpoint`), in one call: the one restore path of `dsnet_jax.load`, eval.py,
   export and the latency tool.
@@ -194,7 +195,9 @@ def load(workdir: str | os.PathLike = '', checkpoint: str | os.PathLike = '', co
       logits = loaded.model.apply(loaded.variables, images, route=loaded.routes.largest)
 
   The config is the one saved with the checkpoint unless `config` is given (an imported
-  checkpoint has none); the variables are replicated over `mesh` (else on one device).
+  checkpoint has none); the variables are replicated over `mesh` (else on one device); the
+  escalation router saved for the checkpoint is read unless `with_escalation` is False (the
+  escalate tool, which replaces it, does not read it).
   Raises as `restore_variables`, and ConfigError for a checkpoint without a saved config and
   no `config`.
   """
@@ -204,7 +207,8 @@ def load(workdir: str | os.PathLike = '', checkpoint: str | os.PathLike = '', co
   image_shape = input_pipeline.preprocessing(config_lib.data_spec(config.data)).image_shape
   restored = restore_variables(directory, model, image_shape, mesh, config, allow_changes, log)
   return Loaded(restored.model, restored.variables, config, image_shape, restored,
-                read_escalation(directory, restored.step, log))
+                read_escalation(directory, restored.step, restored.model, log)
+                if with_escalation else None)
 
 
 def save_escalation(directory: str, rule: escalation_lib.Escalation, step: int,
@@ -219,19 +223,38 @@ def save_escalation(directory: str, rule: escalation_lib.Escalation, step: int,
   return os.fspath(path)
 
 
-def read_escalation(directory: str, step: int, log=say) -> escalation_lib.Escalation | None:
+def read_escalation(directory: str, step: int, model, log=say
+                    ) -> escalation_lib.Escalation | None:
   """The escalation router saved in the stage folder `directory`, if it was calibrated for
-  `step` (one calibrated for another step is not used: a line through `log` says so)."""
+  `step` (one calibrated for another step is not used: a line through `log` says so).
+
+  Raises:
+    errors.ConfigError naming the file: it is not a rule for `model` (damaged, or a chain
+      outside its routing space).
+  """
   path = epath.Path(directory) / escalation_lib.ESCALATION_FILE
   if not path.exists():
     return None
   text = path.read_text()
-  saved = json.loads(text).get('step')
-  if saved != step:
-    log(f'{path} was calibrated for step {saved}, not {step}: not used (calibrate again with '
-        'python -m dsnet_jax.tools.escalate)')
+  fix = ('move it aside, or calibrate again: python -m dsnet_jax.tools.escalate '
+         f'--checkpoint={directory} ...')
+  try:
+    saved = json.loads(text)
+    if not isinstance(saved.get('step'), int):
+      raise ValueError(f'its step is {saved.get("step")!r}, not a step number')
+    rule = escalation_lib.Escalation.from_json(text)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors.
+    raise errors.ConfigError(f'{path} is not an escalation rule ({type(e).__name__}: {e}); '
+                             f'{fix}') from None
+  space = [r.name for r in model.routes.routing_space]
+  if not set(rule.chain) <= set(space):
+    raise errors.ConfigError(f'{path}: chain {list(rule.chain)} is not in the routing space '
+                             f'{space}; {fix}')
+  if saved['step'] != step:
+    log(f'{path} was calibrated for step {saved["step"]}, not {step}: not used (calibrate again '
+        'with python -m dsnet_jax.tools.escalate)')
     return None
-  return escalation_lib.Escalation.from_json(text)
+  return rule
 
 
 def saved_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ with the budget's error there.
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsnet_jax import config_lib, escalation, eval_lib, rundir
+from dsnet_jax import config_lib, errors, escalation, eval_lib, rundir
 from dsnet_jax.tools import cli
 
 config_flags.DEFINE_config_file('config', None, 'The config the checkpoint was trained with '
@@ -39,13 +39,15 @@ def main(argv):
   cli.quiet_library_logs()
   f = flags.FLAGS
   if bool(f.workdir) == bool(f.checkpoint):
-    raise app.UsageError('pass exactly one of --workdir and --checkpoint')
+    raise errors.ConfigError('pass exactly one of --workdir and --checkpoint')
   if f.calibration_examples < 1:
-    raise app.UsageError('--calibration_examples must be positive')
+    raise errors.ConfigError('--calibration_examples must be positive')
   config = f.config
   if config is None:
     config = rundir.saved_config(f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir())
-  loaded, pipeline, mesh = eval_lib.restore_workdir(config, f.workdir, f.checkpoint)
+  # The rule saved for the checkpoint is not read: it is to be replaced (even a damaged one).
+  loaded, pipeline, mesh = eval_lib.restore_workdir(config, f.workdir, f.checkpoint,
+                                                    with_escalation=False)
   rule, found = eval_lib.calibrate_escalation(
       loaded.model, loaded.variables, config_lib.data_spec(config.data),
       config.eval_batch_size, f.chain, f.budget, f.budget_unit, f.confidence,

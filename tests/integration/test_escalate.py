@@ -87,6 +87,32 @@ def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tm
   assert done.returncode == 1 and "routes ['3'] are not in the routing space" in done.stderr
   done = escalate(f'--workdir={workdir}', '--chain=0,7', '--budget=0.5')
   assert done.returncode == 1 and "unknown route '7'; valid routes: 0, 1, 2, 3" in done.stderr
+  for chain, message in (('2,0', 'give them cheapest first'), ('0', 'two or more distinct'),
+                         ('0,0', 'two or more distinct')):
+    done = escalate(f'--workdir={workdir}', f'--chain={chain}', '--budget=0.5')
+    assert done.returncode == 1 and message in done.stderr.splitlines()[-1], done.stderr
+  done = escalate(f'--workdir={workdir}', '--chain=0,2', '--budget=65000', '--budget_unit=madds',
+                  '--calibration_examples=64')  # The whole (synthetic) training split.
+  assert done.returncode == 1 and 'use 1 to 63 of the 64 training images' in done.stderr
+  assert not list(workdir.glob('**/' + escalation.ESCALATION_FILE))
+
+
+@pytest.mark.parametrize('content', ['{"chain": ["0", "2"], "thresh', '[1, 2, 3]',
+                                     '{"chain": ["0", "2"], "step": 3}',
+                                     '{"chain": ["0", "2"], "thresholds": ["high"], "step": 3}',
+                                     '{"chain": ["0", "3"], "thresholds": [0.5], "step": 3}',
+                                     '{"chain": ["0", "2"], "thresholds": [0.5], "step": "3"}'])
+def test_a_damaged_saved_escalation_is_named_and_can_be_replaced(trained, tmp_path, content):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained.workdir, workdir)
+  path = workdir / 'checkpoints' / 'gate' / escalation.ESCALATION_FILE
+  path.write_text(content)
+  with pytest.raises(errors.ConfigError, match=f'{path}: chain|{path} is not an escalation rule'):
+    rundir.load(workdir)
+  done = escalate(f'--workdir={workdir}', '--chain=0,2', '--budget=65000', '--budget_unit=madds',
+                  '--calibration_examples=32', f'--output_dir={tmp_path / "report"}')
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert rundir.load(workdir).escalation.chain == ('0', '2')
 
 
 def test_training_calibrates_the_configured_escalation_after_its_last_stage(tmp_path):
