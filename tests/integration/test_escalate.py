@@ -102,12 +102,20 @@ def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tm
                                      '{"chain": ["0", "2"], "thresholds": ["high"], "step": 3}',
                                      '{"chain": ["0", "3"], "thresholds": [0.5], "step": 3}',
                                      '{"chain": ["0", "2"], "thresholds": [0.5], "step": "3"}'])
-def test_a_damaged_saved_escalation_is_named_and_can_be_replaced(trained, tmp_path, content):
+def test_a_damaged_saved_escalation_is_named(trained, tmp_path, content):
+  (tmp_path / escalation.ESCALATION_FILE).write_text(content)
+  model = rundir.load(trained.workdir).model
+  with pytest.raises(errors.ConfigError,
+                     match=f'{tmp_path}/escalation.json(: chain| is not an escalation rule)'):
+    rundir.read_escalation(str(tmp_path), 3, model)
+
+
+def test_the_escalate_tool_replaces_a_damaged_saved_escalation(trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained.workdir, workdir)
   path = workdir / 'checkpoints' / 'gate' / escalation.ESCALATION_FILE
-  path.write_text(content)
-  with pytest.raises(errors.ConfigError, match=f'{path}: chain|{path} is not an escalation rule'):
+  path.write_text('{"chain": ["0", "2"], "thresh')
+  with pytest.raises(errors.ConfigError, match=f'{path} is not an escalation rule'):
     rundir.load(workdir)
   done = escalate(f'--workdir={workdir}', '--chain=0,2', '--budget=65000', '--budget_unit=madds',
                   '--calibration_examples=32', f'--output_dir={tmp_path / "report"}')
