@@ -15,7 +15,7 @@ def get_config(arg=None):
                        dropout_rate=0.2, dtype='float32')
   config.data = config_lib.data_section(
       name='imagenet2012', image_size=224, num_classes=1000, augment='rrc_flip',
-      randaugment='rand-m9-mstd0.5', random_erasing=0.2, num_threads=16, prefetch=4)
+      randaugment='rand-m9-mstd0.5', random_erasing=0.2, num_threads=16, prefetch=16)
   config.batch_size = 512
   config.eval_batch_size = 1000
 

@@ -13,7 +13,7 @@ def get_config(arg=None):
   config_lib.set_model(config, 'ds_resnet', num_classes=1000, routing_space=(0, 1, 2, 3),
                        dtype='float32')
   config.data = config_lib.data_section(name='imagenet2012', image_size=224, num_classes=1000,
-                                        augment='rrc_flip', num_threads=32, prefetch=4)
+                                        augment='rrc_flip', num_threads=32, prefetch=32)
   config.batch_size = 1024
   config.eval_batch_size = 1024
 

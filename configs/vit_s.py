@@ -22,7 +22,7 @@ def get_config(arg=None):
   config.data = config_lib.data_section(
       name='imagenet2012', image_size=224, num_classes=1000, augment='rrc_flip', views=2,
       mixup_alpha=0.8, cutmix_alpha=1.0, randaugment='rand-m9-n2', random_erasing=0.25,
-      num_threads=32, prefetch=4)
+      num_threads=32, prefetch=32)
   config.batch_size = 1024
   config.eval_batch_size = 1024
 

@@ -298,6 +298,7 @@ def imagenet_recipe(config: ml_collections.ConfigDict, arg: str | None
     for stage, steps in (('supernet', 10), ('gate', 5)):
       config[stage].steps, config[stage].epochs = steps, 0.0
       config[stage].optimizer.warmup_steps, config[stage].optimizer.warmup_epochs = 1, 0.0
+      config[stage].optimizer.end_lr = 0.0  # Batch 8 scales lr below the default end.
     config.recalibrate.num_batches, config.recalibrate.examples = 2, 0
     config.log_every_steps = config.checkpoint_every_steps = 5
     config.eval_every_epochs = 0.0
@@ -327,7 +328,8 @@ def resolve_durations(config: ml_collections.ConfigDict,
     train_examples: {'supernet': n, 'gate': n} the examples an epoch of that stage covers;
       None: durations in epochs stay unresolved (the rest is resolved).
   Raises:
-    ConfigError: a duration given both in steps and in epochs, or one that rounds to 0 steps.
+    ConfigError: a duration given both in steps and in epochs, or one that rounds to 0 steps;
+      an end learning rate above the (scaled) peak.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   batch_size = config.batch_size
@@ -358,6 +360,11 @@ def resolve_durations(config: ml_collections.ConfigDict,
     opt = section.optimizer
     if opt.lr_batch_size:
       opt.lr, opt.lr_batch_size = opt.lr * batch_size / opt.lr_batch_size, batch_size
+    if opt.end_lr > opt.lr:
+      raise ConfigError(
+          f'config key {stage}.optimizer.end_lr={opt.end_lr:g} is above the peak learning rate '
+          f'{opt.lr:g} (lr scaled to batch_size={batch_size}): the cosine "decay" would rise; '
+          f'set --config.{stage}.optimizer.end_lr below it')
   from_epochs(config, 'eval_every_steps', 'eval_every_epochs', train_examples.get('supernet'),
               '')
   if config.recalibrate.examples:

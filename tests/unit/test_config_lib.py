@@ -149,3 +149,23 @@ def test_an_escalation_section_that_cannot_work_is_refused(section, message):
     config_lib.validate(config)
   assert config_lib.resolve(load(ROOT / 'configs/ds_mbnet_fmnist.py')).escalation == (
       config_lib.EscalationSpec(('0', '6'), 0.4, 'largest', 'max_softmax', 5000))
+
+
+def test_a_schedule_that_would_rise_is_refused_and_loaders_keep_every_thread_busy():
+  """A small batch scales the learning rate below end_lr: the cosine 'decay' would rise."""
+  config = load(ROOT / 'configs/vit_s.py')
+  config.unlock()
+  config.batch_size = 8
+  config.supernet.optimizer.end_lr = 1e-4
+  lr = config.supernet.optimizer.lr * 8 / config.supernet.optimizer.lr_batch_size
+  assert lr < 1e-4
+  with pytest.raises(errors.ConfigError, match=r'supernet.optimizer.end_lr=0.0001 is above the '
+                     r'peak learning rate 7.8125e-06 \(lr scaled to batch_size=8\)'):
+    config_lib.resolve_durations(config, None)
+  # grain warns (once per reader thread) when its prefetch buffer holds fewer than its threads;
+  # every shipped config, :runlocal included, resolves (its schedule never rises).
+  for path in CONFIGS:
+    for arg in (None, 'runlocal'):
+      config = load(path, arg)
+      assert config.data.prefetch >= config.data.num_threads, path.name
+      config_lib.resolve_durations(config, {'supernet': 10 ** 6, 'gate': 10 ** 6})
