@@ -711,7 +711,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
   """
   config = resolve_config(config)
   held_out = config.gate.calibration_examples if config.gate.budget else 0
-  if held_out:
+  if held_out and not counts_in_epochs(config):  # Else resolve_config checked it.
     _check_held_out(config, num_examples(stage_data(config, 'supernet'), 'train'))
   return RunSpec(
       config_json=config.to_json(), seed=config.seed, model_name=config.model_name,

@@ -70,13 +70,12 @@ def check_confidence(kind: str) -> None:
 def confidence(logits, kind: str = 'max_softmax') -> jax.Array:
   """(n,) confidence of each row of logits (n, classes): its largest softmax probability, or
   the difference of its two largest ('margin'). Float32 whatever the logits' dtype."""
+  check_confidence(kind)
   probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
   if kind == 'max_softmax':
     return probs.max(-1)
-  if kind == 'margin':
-    top2 = jax.lax.top_k(probs, 2)[0]
-    return top2[..., 0] - top2[..., 1]
-  raise ConfigError(f'confidence {kind!r}: use one of {", ".join(CONFIDENCES)}')
+  top2 = jax.lax.top_k(probs, 2)[0]
+  return top2[..., 0] - top2[..., 1]
 
 
 def stop_levels(confidences: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:

@@ -292,12 +292,13 @@ def restore_workdir(config, workdir: str, checkpoint: str = '',
   config_lib.validate(config)
   config_lib.check_key_paths(config, allow_config_changes, '--allow_config_change key')
   config_lib.validate_devices(config, len(jax.devices()), jax.process_count())
-  if not checkpoint:
-    rundir_lib.RunDir(workdir).latest_stage_dir()  # Raises before the data is read.
+  # The stage folder first: a missing workdir fails before the data is read.
+  directory = checkpoint or rundir_lib.RunDir(workdir).latest_stage_dir()
   input_pipeline.check_available(config_lib.data_spec(config.data))
   mesh = sharding.make_mesh(config.num_devices or None)
   pipeline = eval_pipeline(config_lib.data_spec(config.data), config.eval_batch_size)
-  loaded = rundir_lib.load(workdir, checkpoint, config, allow_config_changes, mesh,
+  loaded = rundir_lib.load(checkpoint=directory, config=config,
+                           allow_changes=allow_config_changes, mesh=mesh,
                            with_escalation=with_escalation)
   restored = loaded.restored
   say(f'restored {restored.describe()}')
