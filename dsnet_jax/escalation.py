@@ -62,6 +62,27 @@ class Escalation:
                budget_unit=data.get('budget_unit', 'madds'))
 
 
+def chain_routes(table, chain: Sequence[str | int]) -> tuple[Any, ...]:
+  """The Routes of a chain: two or more distinct routes of `table`'s routing space (they
+  share the gate's prefix, which escalation runs once).
+
+  Raises:
+    errors.UnknownRouteError: a name that is no route; ConfigError: too few or repeated
+      routes, or one outside the routing space.
+  """
+  routes = tuple(table[r] for r in chain)
+  names = [r.name for r in routes]
+  if len(routes) < 2 or len(set(names)) != len(names):
+    raise ConfigError(f'escalation chain {names}: two or more distinct routes of the routing '
+                      'space, cheapest first')
+  space = [r.name for r in table.routing_space]
+  outside = [r for r in names if r not in space]
+  if outside:
+    raise ConfigError(f'escalation chain {names}: routes {outside} are not in the routing '
+                      f'space {space} (a chain shares the gate\'s prefix)')
+  return routes
+
+
 def check_confidence(kind: str) -> None:
   if kind not in CONFIDENCES:
     raise ConfigError(f'confidence {kind!r}: use one of {", ".join(CONFIDENCES)}')

@@ -341,15 +341,7 @@ def escalation_budget(model, image_shape, chain: Sequence[str], budget: float,
     errors.ConfigError: a route outside the routing space, an unknown unit or confidence;
     errors.BudgetError: a budget the chain cannot spend.
   """
-  space = [r.name for r in model.routes.routing_space]
-  chain = tuple(model.routes[r].name for r in chain)
-  if len(chain) < 2 or len(set(chain)) != len(chain):
-    raise errors.ConfigError(f'escalation chain {list(chain)}: two or more distinct routes of '
-                             'the routing space, cheapest first')
-  outside = [r for r in chain if r not in space]
-  if outside:
-    raise errors.ConfigError(f'escalation chain {list(chain)}: routes {outside} are not in the '
-                             f'routing space {space} (a chain shares the gate\'s prefix)')
+  chain = tuple(r.name for r in escalation_lib.chain_routes(model.routes, chain))
   escalation_lib.check_confidence(confidence)
   if budget_unit not in ('largest', 'madds'):
     raise errors.ConfigError(f"budget unit {budget_unit!r}: use 'largest' or 'madds'")

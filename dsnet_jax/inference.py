@@ -156,14 +156,8 @@ class RoutedPredictor:
     self.model = model
     self.table = check_gated(model)
     self.escalation = escalation
-    self.chain = ()
-    if escalation is not None:
-      names = [r.name for r in self.table.routing_space]
-      outside = [r for r in escalation.chain if r not in names]
-      if outside:
-        raise NotGatedError(f'escalation chain {list(escalation.chain)}: routes {outside} are not '
-                            f'in the routing space {names} (they must share its prefix)')
-      self.chain = tuple(self.table[r] for r in escalation.chain)
+    self.chain = () if escalation is None else escalation_lib.chain_routes(self.table,
+                                                                            escalation.chain)
     self.variables = variables
     self.image_shape = tuple(image_shape)
     self.ladder = tuple(sorted(set(ladder))) if ladder else powers_of_two(max_batch)
@@ -227,7 +221,7 @@ class RoutedPredictor:
       for route in self.routing_space:
         self._suffix(route, size)
         calls[(f'suffix/{route.name}', size)] = functools.partial(self._run_suffix, route, size)
-      for route in self.chain:
+      for route in self.chain[:-1]:  # The last level's suffix needs no confidence.
         self._suffix(route, size, with_confidence=True)
       for route in routes:
         self._route(route, size)
@@ -267,9 +261,7 @@ class RoutedPredictor:
     n = images.shape[0]
     if routing_indices is not None:
       given = np.asarray(routing_indices)
-      integral = given.dtype.kind in 'iu' or (
-          given.dtype.kind in 'fb' and np.all(np.asarray(given, np.float64) % 1 == 0)
-          and given.dtype.kind != 'b')
+      integral = given.dtype.kind in 'iu' or (given.dtype.kind == 'f' and np.all(given % 1 == 0))
       routing_indices = given.astype(np.int32).reshape(-1) if integral else None
       if (routing_indices is None or given.shape != (n,) or routing_indices.min() < 0
           or routing_indices.max() >= len(self.routing_space)):
@@ -355,8 +347,9 @@ class RoutedPredictor:
     rows = np.arange(n, dtype=np.int32)
     stopped = np.full(n, len(self.chain) - 1, np.int32)
     for level, route in enumerate(self.chain):
-      confidences = self._run_suffixes(route, rows, with_confidence=True)
-      if level == len(self.chain) - 1:
+      last = level == len(self.chain) - 1
+      confidences = self._run_suffixes(route, rows, with_confidence=not last)
+      if last:
         break
       stays = np.concatenate(jax.device_get(confidences)) >= self.escalation.thresholds[level]
       stopped[rows[stays]] = level

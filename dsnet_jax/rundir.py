@@ -246,10 +246,10 @@ def read_escalation(directory: str, step: int, model, log=say
   except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors.
     raise errors.ConfigError(f'{path} is not an escalation rule ({type(e).__name__}: {e}); '
                              f'{fix}') from None
-  space = [r.name for r in model.routes.routing_space]
-  if not set(rule.chain) <= set(space):
-    raise errors.ConfigError(f'{path}: chain {list(rule.chain)} is not in the routing space '
-                             f'{space}; {fix}')
+  try:
+    escalation_lib.chain_routes(model.routes, rule.chain)
+  except (errors.ConfigError, errors.UnknownRouteError) as e:
+    raise errors.ConfigError(f'{path}: {e}; {fix}') from None
   if saved['step'] != step:
     log(f'{path} was calibrated for step {saved["step"]}, not {step}: not used (calibrate again '
         'with python -m dsnet_jax.tools.escalate)')

@@ -106,7 +106,8 @@ def test_a_damaged_saved_escalation_is_named(trained, tmp_path, content):
   (tmp_path / escalation.ESCALATION_FILE).write_text(content)
   model = rundir.load(trained.workdir).model
   with pytest.raises(errors.ConfigError,
-                     match=f'{tmp_path}/escalation.json(: chain| is not an escalation rule)'):
+                     match=f'{tmp_path}/escalation.json(: escalation chain| is not an escalation '
+                           'rule)'):
     rundir.read_escalation(str(tmp_path), 3, model)
 
 

@@ -155,6 +155,6 @@ def test_routed_predictor_escalates_each_image_as_alone(predictor_setup):
     assert int(index) == indices[i]
     checks.assert_close(one, expected[0])
   assert set(stopped) == {0, 1, 2}  # Every level decides some images.
-  with pytest.raises(errors.NotGatedError, match=r"routes \['9'\] are not in the routing space"):
+  with pytest.raises(errors.ConfigError, match=r"routes \['9'\] are not in the routing space"):
     inference.RoutedPredictor(model, variables, IMAGE,
                               escalation=escalation.Escalation(('0', '9'), (0.5,)))
