@@ -81,9 +81,8 @@ def escalation_result(signals, space: Sequence[str], rule: escalation_lib.Escala
   """Escalation with `rule`'s thresholds on these images: accuracy, MAdds per image (`costs`
   as `escalation.level_costs`), how many stop at each route, against the static routes."""
   correct, confidences = _levels(signals, space, rule.chain, rule.confidence)
+  accuracy, madds = escalation_lib.simulate(correct, confidences, rule.thresholds, costs)
   levels = escalation_lib.stop_levels(confidences, rule.thresholds)
-  accuracy = float(correct[np.arange(len(levels)), levels].mean())
-  madds = float(costs[levels].mean())
   return {'chain': list(rule.chain), 'thresholds': list(rule.thresholds),
           'confidence': rule.confidence, 'accuracy': accuracy, 'madds': madds,
           'stops': {r: int((levels == k).sum()) for k, r in enumerate(rule.chain)},
