@@ -71,7 +71,8 @@ def against_static(rows, accuracy: float, madds: float) -> dict[str, float]:
           'gain_over_mix': accuracy - mix}
 
 
-def _levels(signals, space: Sequence[str], chain: Sequence[str], kind: str):
+def levels(signals, space: Sequence[str], chain: Sequence[str], kind: str):
+  """(correct, confidences), each (n, len(chain)): the signals' columns of the chain's routes."""
   columns = [list(space).index(r) for r in chain]
   return signals['correct'][:, columns], signals[kind][:, columns]
 
@@ -80,12 +81,12 @@ def escalation_result(signals, space: Sequence[str], rule: escalation_lib.Escala
                       costs: np.ndarray, rows) -> dict[str, Any]:
   """Escalation with `rule`'s thresholds on these images: accuracy, MAdds per image (`costs`
   as `escalation.level_costs`), how many stop at each route, against the static routes."""
-  correct, confidences = _levels(signals, space, rule.chain, rule.confidence)
+  correct, confidences = levels(signals, space, rule.chain, rule.confidence)
   accuracy, madds = escalation_lib.simulate(correct, confidences, rule.thresholds, costs)
-  levels = escalation_lib.stop_levels(confidences, rule.thresholds)
+  stops = escalation_lib.stop_levels(confidences, rule.thresholds)
   return {'chain': list(rule.chain), 'thresholds': list(rule.thresholds),
           'confidence': rule.confidence, 'accuracy': accuracy, 'madds': madds,
-          'stops': {r: int((levels == k).sum()) for k, r in enumerate(rule.chain)},
+          'stops': {r: int((stops == k).sum()) for k, r in enumerate(rule.chain)},
           **({f'budget_{rule.budget_unit}': rule.budget} if rule.budget else {}),
           **against_static(rows, accuracy, madds)}
 
@@ -94,7 +95,7 @@ def escalation_curve(signals, space: Sequence[str], chain: Sequence[str], kind: 
                      costs: np.ndarray, points: int = 21) -> list[dict[str, float]]:
   """Two-level escalation's accuracy and MAdds per image at `points` budgets from the first
   route's cost to the last's (thresholds fitted on these images: the trade-off it offers)."""
-  correct, confidences = _levels(signals, space, (chain[0], chain[-1]), kind)
+  correct, confidences = levels(signals, space, (chain[0], chain[-1]), kind)
   two = np.array([costs[0], costs[-1]])
   curve = []
   for budget in np.linspace(two[0], two[1], points):
@@ -107,7 +108,7 @@ def escalation_curve(signals, space: Sequence[str], chain: Sequence[str], kind: 
 def oracle(signals, space: Sequence[str], chain: Sequence[str], costs: np.ndarray
            ) -> dict[str, float]:
   """Escalating exactly the images the first route gets wrong and the last route right."""
-  correct, _ = _levels(signals, space, (chain[0], chain[-1]), 'max_softmax')
+  correct, _ = levels(signals, space, (chain[0], chain[-1]), 'max_softmax')
   escalated = ~correct[:, 0] & correct[:, 1]
   return {'accuracy': float((correct[:, 0] | escalated).mean()),
           'madds': float(costs[0] + escalated.mean() * (costs[-1] - costs[0]))}

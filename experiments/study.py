@@ -31,7 +31,7 @@ RUNS_DIR = ROOT / 'experiments' / 'runs'
 RESULTS = ROOT / 'experiments' / 'RESULTS.md'
 # The study's models: Fashion-MNIST configs ('tiny': synthetic data, for the tests).
 CONFIGS = {'ds_mbnet': 'configs/ds_mbnet_fmnist.py', 'ds_vit': 'configs/ds_vit_fmnist.py',
-           'tiny': 'configs/tiny.py'}
+           'ds_resnet': 'configs/ds_resnet_fmnist.py', 'tiny': 'configs/tiny.py'}
 
 
 def compared_routes(model_name: str) -> list[str]:
@@ -57,10 +57,12 @@ def supernet_run(model_name: str, steps: int, seed: int, workdir_root: str, runs
 
 
 def gate_run(model_name: str, steps: int, budget: float, seed: int, workdir_root: str,
-             runs_dir: str, variant: str = '', **overrides) -> dict[str, Any]:
-  """The gate stage at `budget` and `seed` from the seed-0 supernet_run of `steps`."""
+             runs_dir: str, variant: str = '', supernet_variant: str = '',
+             **overrides) -> dict[str, Any]:
+  """The gate stage at `budget` and `seed` from the seed-0 supernet_run of `steps` (of
+  `supernet_variant`: then from that variant's run of the same seed)."""
   tag = f'_{variant}' if variant else ''
-  supernet = supernet_name(model_name, steps, 0)
+  supernet = supernet_name(model_name, steps, seed if supernet_variant else 0, supernet_variant)
   return run(f'{model_name}_gate{tag}_s{steps}_b{budget:g}_seed{seed}', CONFIGS[model_name],
              {'stages': ('gate',), 'seed': seed, 'gate.budget': budget,
               'gate.madds_target': 0.0, **overrides},
