@@ -16,6 +16,9 @@ import gated_vs_static  # noqa: E402  pylint: disable=wrong-import-position
 import speed  # noqa: E402  pylint: disable=wrong-import-position
 import study  # noqa: E402  pylint: disable=wrong-import-position
 import supernet_vs_independent  # noqa: E402  pylint: disable=wrong-import-position
+import which_router  # noqa: E402  pylint: disable=wrong-import-position
+
+from dsnet_jax import routers  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.mark.slow
@@ -81,6 +84,47 @@ def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
   with pytest.raises(study.StudyError, match='tiny_alone0_s2_seed0.json is not a run record'):
     tables[0]()
   assert results.read_text() == written
+
+
+@pytest.mark.slow
+def test_the_router_table_on_the_tiny_config(tmp_path, monkeypatch):
+  root, runs, results = str(tmp_path / 'w'), tmp_path / 'runs', tmp_path / 'RESULTS.md'
+  configured = study.configured
+  monkeypatch.setattr(study, 'configured',
+                      lambda path, **overrides: configured(path, num_devices=1, **overrides))
+  text = which_router.study_table('tiny', 2, [0.5], [0], 16, root, runs, results)
+  record = json.loads((runs / 'tiny_routers_s2_seed0.json').read_text())
+  supernet = json.loads((runs / 'tiny_supernet_routers_s2_seed0.json').read_text())
+  assert (runs / 'tiny_gate_routers_s2_b0.5_seed0.json').exists()
+  rows = supernet['routes']
+  largest = study.route_row(supernet, 'largest')
+  assert record['largest_accuracy'] == largest['accuracy']
+  madds = {r['route']: r['madds'] for r in rows}
+  for label, chain in (('2 levels', ['0', '2']), ('3 levels', ['0', '1', '2'])):
+    measured = record['escalation'][label]
+    assert measured['chain'] == chain
+    for budget, point in measured['budgets'].items():
+      # Spent between "all stop at the first route" and "all run every suffix" (hand count:
+      # each level adds its route's suffix, never less than that route alone).
+      assert madds[chain[0]] - 1 <= point['madds'] <= sum(madds[r] for r in chain)
+      assert point['static_accuracy'] == pytest.approx(
+          routers.static_accuracy_at(rows, point['madds']))
+      assert sum(point['stops'].values()) == 64  # The synthetic test split.
+  two = record['escalation']['2 levels']['budgets']['0.5']
+  gate = json.loads((runs / 'tiny_gate_routers_s2_b0.5_seed0.json').read_text())['gated']
+  assert (f'| 0.5 | {gate["madds"] / 1e6:.3f} / {two["madds"] / 1e6:.3f} / ') in text
+  assert f'| {100 * gate["accuracy"]:.2f} | {100 * two["accuracy"]:.2f} |' in text
+  assert f"'largest': {100 * largest['accuracy']:.2f} %" in text
+  assert '<!-- routers-tiny-s2 -->' in results.read_text()
+  reach = which_router.lowest_reaching(record['escalation']['2 levels']['budgets'],
+                                       largest['accuracy'])
+  assert reach == 'none' or record['escalation']['2 levels']['budgets'][reach]['accuracy'] >= (
+      largest['accuracy'])
+
+  monkeypatch.setattr(study.train_lib, 'train_and_evaluate', None)  # Nothing trains again.
+  assert which_router.study_table('tiny', 2, [0.5], [0], 16, root, runs, results) == text
+  with pytest.raises(study.StudyError, match='records another measurement'):
+    which_router.study_table('tiny', 2, [0.4], [0], 16, root, runs, results)
 
 
 def test_the_convergence_series_lists_every_saved_supernet(tmp_path):
