@@ -250,10 +250,11 @@ def defaults() -> ml_collections.ConfigDict:
   # [ours] An escalation router calibrated after the last stage (dsnet_jax.escalation): the
   # `chain` of routing-space routes (cheapest first; () = none), to spend `budget` (a fraction
   # of 'largest''s MAdds, or MAdds with budget_unit='madds') on average, with thresholds on
-  # `confidence` fitted on the last `calibration_examples` training images.
+  # `confidence` fitted on the last `calibration_examples` images of `calibration_split`
+  # (another split than 'train': images Stage I never saw).
   c.escalation = ml_collections.ConfigDict(dict(
       chain=(), budget=0.0, budget_unit='largest', confidence='max_softmax',
-      calibration_examples=5000))
+      calibration_examples=5000, calibration_split='train'))
   c.log_every_steps = 50
   c.eval_every_steps = 0  # 0: evaluate at the end of each stage only.
   c.eval_every_epochs = 0.0  # > 0: sets eval_every_steps (in supernet epochs).
@@ -646,6 +647,7 @@ class EscalationSpec:
   budget_unit: str
   confidence: str
   calibration_examples: int
+  calibration_split: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -732,7 +734,8 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
       escalation=EscalationSpec(
           tuple(str(r) for r in config.escalation.chain), float(config.escalation.budget),
           config.escalation.budget_unit, config.escalation.confidence,
-          config.escalation.calibration_examples) if config.escalation.chain else None)
+          config.escalation.calibration_examples, config.escalation.calibration_split)
+      if config.escalation.chain else None)
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

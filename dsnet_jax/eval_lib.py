@@ -361,24 +361,38 @@ def escalation_budget(model, image_shape, chain: Sequence[str], budget: float,
   return chain, costs, float(madds)
 
 
+def check_calibration_images(data: input_pipeline.DataSpec, split: str, examples: int) -> None:
+  """Raises errors.ConfigError unless `split` of `data` has more than `examples` images (its
+  last `examples` calibrate escalation)."""
+  try:
+    available = input_pipeline.num_examples(data, split)
+  except ValueError as e:  # No such split.
+    raise errors.ConfigError(f'escalation calibration split {split!r}: {e}') from None
+  if not 1 <= examples < available:
+    raise errors.ConfigError(f'{examples} calibration examples: use 1 to {available - 1} of the '
+                             f'{available} images of {split} (the last ones)')
+
+
 def calibrate_escalation(model, variables, data: input_pipeline.DataSpec, batch_size: int,
                          chain: Sequence[str], budget: float, budget_unit: str = 'largest',
                          confidence: str = 'max_softmax', calibration_examples: int = 5000,
-                         mesh=None) -> tuple[escalation_lib.Escalation, dict[str, Any]]:
+                         mesh=None, calibration_split: str = 'train'
+                         ) -> tuple[escalation_lib.Escalation, dict[str, Any]]:
   """An escalation router for a trained supernet (a gate is not needed), with thresholds
-  calibrated to `budget` on the last `calibration_examples` images of the training split of
+  calibrated to `budget` on the last `calibration_examples` images of `calibration_split` of
   `data` (evaluation preprocessing), and what it achieved there.
 
-  Raises: as `escalation_budget`, before any image is read.
+  Raises: as `escalation_budget`, and errors.ConfigError for a split the data set lacks or
+  too few or too many images, before any image is read.
   """
   chain, costs, madds = escalation_budget(model, input_pipeline.preprocessing(data).image_shape,
                                           chain, budget, budget_unit, confidence)
-  available = input_pipeline.num_examples(data, 'train')
-  if not 1 <= calibration_examples < available:
-    raise errors.ConfigError(f'{calibration_examples} calibration examples: use 1 to '
-                             f'{available - 1} of the {available} training images (the last '
-                             'ones; the rest is what the router is compared with)')
-  pipeline = input_pipeline.make(data, 'train', batch_size=batch_size, train=False,
+  split = calibration_split
+  check_calibration_images(data, split, calibration_examples)
+  if split == input_pipeline.EVAL_SPLITS[data.name]:
+    say(f'warning: the last {calibration_examples} images of {split}, the evaluation split, '
+        'calibrate the thresholds: its results there are not on unseen images')
+  pipeline = input_pipeline.make(data, split, batch_size=batch_size, train=False,
                                  examples=(-calibration_examples, None))
   signals = routers.route_signals(model, variables, pipeline, mesh or sharding.make_mesh(1))
   space = [r.name for r in model.routes.routing_space]
@@ -388,9 +402,9 @@ def calibrate_escalation(model, variables, data: input_pipeline.DataSpec, batch_
   rule = escalation_lib.Escalation(chain, thresholds, confidence, madds, 'madds')
   accuracy, cost = escalation_lib.simulate(correct, confidences, thresholds, costs)
   say(f'escalation {" -> ".join(chain)}: thresholds {list(thresholds)} ({confidence}); on '
-      f'{len(correct)} held-out training images {accuracy:.4f} at {cost / 1e6:.4g} M MAdds '
+      f'the last {len(correct)} images of {split} {accuracy:.4f} at {cost / 1e6:.4g} M MAdds '
       f'(budget {madds / 1e6:.4g} M)')
-  return rule, {'calibration': {'split': 'train', 'examples': [-calibration_examples, None],
+  return rule, {'calibration': {'split': split, 'examples': [-calibration_examples, None],
                                 'images': int(len(correct)), 'accuracy': accuracy,
                                 'madds': cost}}
 

@@ -125,6 +125,9 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
     e = spec.escalation
     eval_lib.escalation_budget(spec.model, train_data.image_shape, e.chain, e.budget,
                                e.budget_unit, e.confidence)
+  if spec.escalation:
+    eval_lib.check_calibration_images(spec.eval_data, spec.escalation.calibration_split,
+                                      spec.escalation.calibration_examples)
   return run
 
 
@@ -167,7 +170,7 @@ def calibrate_escalation(run: Run, variables: Variables):
   e, stage = run.spec.escalation, run.spec.stages[-1]
   rule, found = eval_lib.calibrate_escalation(
       run.model, variables, run.spec.eval_data, run.spec.eval_batch_size, e.chain, e.budget,
-      e.budget_unit, e.confidence, e.calibration_examples, run.mesh)
+      e.budget_unit, e.confidence, e.calibration_examples, run.mesh, e.calibration_split)
   rundir_lib.save_escalation(run.rundir.stage_dir(stage), rule, run.rundir.status(stage).step,
                              **found)
   return rule

@@ -3,8 +3,8 @@
     python -m dsnet_jax.tools.escalate --workdir=workdir/ds_mbnet_fmnist --chain=0,6 --budget=0.4
 
 Every image runs the prefix and the chain's first route; the least confident go on to the
-next route, as many as the budget pays for on held-out training images (the last
---calibration_examples of the training split). Writes `escalation.json` beside the checkpoint
+next route, as many as the budget pays for on held-out images (the last
+--calibration_examples of --calibration_split, the training split by default). Writes `escalation.json` beside the checkpoint
 (eval.py, `dsnet_jax.load` and `RoutedPredictor` read it), then reports on the evaluation split
 with the budget's error there.
 """
@@ -25,8 +25,11 @@ flags.DEFINE_enum('budget_unit', 'largest', ['largest', 'madds'],
 flags.DEFINE_enum('confidence', 'max_softmax', list(escalation.CONFIDENCES),
                   'Confidence of a prediction: its largest softmax probability, or the '
                   'margin between its two largest.')
-flags.DEFINE_integer('calibration_examples', 5000, 'Held-out images: the last ones of the '
-                     'training split.')
+flags.DEFINE_integer('calibration_examples', 5000, 'How many images calibrate the thresholds: '
+                     'the last ones of --calibration_split.')
+flags.DEFINE_string('calibration_split', 'train', 'The split they come from: another than '
+                    "'train' holds images Stage I never saw (the thresholds then hold the budget "
+                    'on new images).')
 flags.DEFINE_string('output_dir', '', 'Where the evaluation report goes (default: the '
                     'checkpoint\'s folder).')
 flags.mark_flags_as_required(['chain', 'budget'])
@@ -45,13 +48,15 @@ def main(argv):
   config = f.config
   if config is None:
     config = rundir.saved_config(f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir())
+  eval_lib.check_calibration_images(config_lib.data_spec(config.data), f.calibration_split,
+                                    f.calibration_examples)
   # The rule saved for the checkpoint is not read: it is to be replaced (even a damaged one).
   loaded, pipeline, mesh = eval_lib.restore_workdir(config, f.workdir, f.checkpoint,
                                                     with_escalation=False)
   rule, found = eval_lib.calibrate_escalation(
       loaded.model, loaded.variables, config_lib.data_spec(config.data),
       config.eval_batch_size, f.chain, f.budget, f.budget_unit, f.confidence,
-      f.calibration_examples, mesh)
+      f.calibration_examples, mesh, f.calibration_split)
   path = rundir.save_escalation(loaded.restored.directory, rule, loaded.restored.step, **found)
   print(f'escalation saved -> {path}')
   report = eval_lib.evaluate_and_report(
@@ -63,7 +68,8 @@ def main(argv):
   if abs(tested / rule.budget - 1) > TOLERANCE:
     print(f'warning: on the evaluation split escalation spends {tested / 1e6:.4g} M MAdds per '
           f'image, {100 * (tested / rule.budget - 1):+.1f} % from the budget: the network is '
-          'more confident on images it trained on. Calibrate on images Stage I never saw.')
+          'more confident on images it trained on. Calibrate on images Stage I never saw '
+          '(--calibration_split).')
 
 
 if __name__ == '__main__':

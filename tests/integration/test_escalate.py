@@ -79,22 +79,42 @@ def test_a_supernet_without_a_gate_gets_a_calibrated_escalation(trained, tmp_pat
 def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained.workdir, workdir)
-  done = escalate(f'--workdir={workdir}', '--chain=0,2', '--budget=0.01')
+  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,2', '--budget=0.01')
   assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith('error: ')
   assert 'escalation 0 -> 2 spends' in done.stderr
   assert not list(workdir.glob('**/' + escalation.ESCALATION_FILE))
-  done = escalate(f'--workdir={workdir}', '--chain=0,3', '--budget=0.5')
+  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,3', '--budget=0.5')
   assert done.returncode == 1 and "routes ['3'] are not in the routing space" in done.stderr
-  done = escalate(f'--workdir={workdir}', '--chain=0,7', '--budget=0.5')
+  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,7', '--budget=0.5')
   assert done.returncode == 1 and "unknown route '7'; valid routes: 0, 1, 2, 3" in done.stderr
   for chain, message in (('2,0', 'give them cheapest first'), ('0', 'two or more distinct'),
                          ('0,0', 'two or more distinct')):
-    done = escalate(f'--workdir={workdir}', f'--chain={chain}', '--budget=0.5')
+    done = escalate(f'--workdir={workdir}', '--calibration_examples=32', f'--chain={chain}', '--budget=0.5')
     assert done.returncode == 1 and message in done.stderr.splitlines()[-1], done.stderr
-  done = escalate(f'--workdir={workdir}', '--chain=0,2', '--budget=65000', '--budget_unit=madds',
+  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,2', '--budget=65000', '--budget_unit=madds',
                   '--calibration_examples=64')  # The whole (synthetic) training split.
-  assert done.returncode == 1 and 'use 1 to 63 of the 64 training images' in done.stderr
+  assert done.returncode == 1 and 'use 1 to 63 of the 64 images of train' in done.stderr
+  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,2', '--budget=0.5',
+                  '--calibration_split=validation')  # The synthetic set has train and test.
+  assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
+      "error: escalation calibration split 'validation': synthetic has no split")
+  assert 'restored' not in done.stdout + done.stderr  # Refused before the checkpoint is read.
   assert not list(workdir.glob('**/' + escalation.ESCALATION_FILE))
+
+
+def test_escalation_calibrates_on_the_split_the_user_names(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained.workdir, workdir)
+  recalibrated = workdir / 'checkpoints' / 'recalibrate'
+  done = escalate(f'--checkpoint={recalibrated}', '--chain=0,2', '--budget=65000',
+                  '--budget_unit=madds', '--calibration_examples=32', '--calibration_split=test')
+  assert done.returncode == 0, done.stderr[-3000:]
+  saved = json.loads((recalibrated / escalation.ESCALATION_FILE).read_text())
+  assert saved['calibration']['split'] == 'test' and saved['calibration']['images'] == 32
+  assert 'the evaluation split, calibrate the thresholds' in done.stdout + done.stderr
+  # Fitted on the last 32 test images: within one image's escalation of the budget there.
+  step = (77148 - 57916) / 32
+  assert 65000 - step <= saved['calibration']['madds'] <= 65000
 
 
 @pytest.mark.parametrize('content', ['{"chain": ["0", "2"], "thresh', '[1, 2, 3]',
@@ -139,4 +159,10 @@ def test_training_calibrates_the_configured_escalation_after_its_last_stage(tmp_
   with pytest.raises(errors.BudgetError, match='escalation 0 -> 2 spends'):
     train_lib.train_and_evaluate(checks.tiny_config(num_devices=1, **{
         'escalation.chain': ('0', '2'), 'escalation.budget': 0.01}), str(tmp_path / 'other'))
+  assert not (tmp_path / 'other' / 'checkpoints').exists()
+  with pytest.raises(errors.ConfigError, match="calibration split 'validation': synthetic has"):
+    train_lib.train_and_evaluate(checks.tiny_config(num_devices=1, **{
+        'escalation.chain': ('0', '2'), 'escalation.budget': 65000.0,
+        'escalation.budget_unit': 'madds', 'escalation.calibration_split': 'validation'}),
+        str(tmp_path / 'other'))
   assert not (tmp_path / 'other' / 'checkpoints').exists()
