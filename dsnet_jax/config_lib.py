@@ -22,7 +22,7 @@ from ml_collections.config_dict import placeholder
 from dsnet_jax import models
 from dsnet_jax.data.input_pipeline import DataSpec, check_available, check_name, num_examples
 from dsnet_jax.errors import ConfigError
-from dsnet_jax.escalation import CONFIDENCES
+from dsnet_jax.escalation import AUTO, CONFIDENCES
 from dsnet_jax.optim import OptimizerSpec
 from dsnet_jax.routes import AUTO, RouteTable
 from dsnet_jax.train_steps import GateRecipe, SupernetRecipe
@@ -248,7 +248,8 @@ def defaults() -> ml_collections.ConfigDict:
                            param_groups=(('.*routing_head.*', 1.0), ('.*', None)))))
 
   # [ours] An escalation router calibrated after the last stage (dsnet_jax.escalation): the
-  # `chain` of routing-space routes (cheapest first; () = none), to spend `budget` (a fraction
+  # `chain` of routing-space routes (cheapest first; () = none; ('auto',): the most accurate
+  # chain on the calibration images), to spend `budget` (a fraction
   # of 'largest''s MAdds, or MAdds with budget_unit='madds') on average, with thresholds on
   # `confidence` fitted on the last `calibration_examples` images of `calibration_split`
   # (another split than 'train': images Stage I never saw).
@@ -520,9 +521,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _validate_escalation(section: ml_collections.ConfigDict) -> None:
   if not section.chain:
     return
-  if len(section.chain) < 2 or len(set(map(str, section.chain))) != len(section.chain):
+  if tuple(section.chain) != AUTO and (len(section.chain) < 2
+                                       or len(set(map(str, section.chain))) != len(section.chain)):
     raise ConfigError(f'config key escalation.chain={tuple(section.chain)}: two or more '
-                      'distinct routes of the routing space, cheapest first')
+                      "distinct routes of the routing space, cheapest first, or ('auto',)")
   if not 0 < section.budget < float('inf') or section.budget_unit not in ('largest', 'madds'):
     raise ConfigError(f'config keys escalation.budget={section.budget} and '
                       f"escalation.budget_unit={section.budget_unit!r}: a budget > 0 as a "

@@ -22,6 +22,8 @@ from dsnet_jax.complexity import prefix_complexity, route_complexity
 from dsnet_jax.errors import BudgetError, ConfigError
 
 CONFIDENCES = ('max_softmax', 'margin')
+# The chain that asks for the most accurate chain at the budget on the calibration images.
+AUTO = ('auto',)
 # A threshold above any confidence (both kinds lie in [0, 1]): every image escalates.
 ALWAYS = 2.0
 ESCALATION_FILE = 'escalation.json'

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 from typing import Any, Sequence
@@ -361,6 +362,30 @@ def escalation_budget(model, image_shape, chain: Sequence[str], budget: float,
   return chain, costs, float(madds)
 
 
+def escalation_candidates(model, image_shape, chain: Sequence[str], budget: float,
+                          budget_unit: str = 'largest', confidence: str = 'max_softmax'
+                          ) -> list[tuple[tuple[str, ...], np.ndarray, float]]:
+  """`escalation_budget` of the chain, or, for `escalation.AUTO` ('auto'), of every chain of
+  two or more routing-space routes (cheapest first) that can spend the budget.
+
+  Raises: as `escalation_budget`; for 'auto', errors.BudgetError when no chain can spend it.
+  """
+  if tuple(chain) != escalation_lib.AUTO:
+    return [escalation_budget(model, image_shape, chain, budget, budget_unit, confidence)]
+  space = [r.name for r in model.routes.routing_space]
+  found = []
+  for levels in range(2, len(space) + 1):
+    for candidate in itertools.combinations(space, levels):
+      try:
+        found.append(escalation_budget(model, image_shape, candidate, budget, budget_unit,
+                                       confidence))
+      except errors.BudgetError:
+        continue
+  if not found:  # The widest range any chain spends: the cheapest route to all of them.
+    escalation_budget(model, image_shape, space, budget, budget_unit, confidence)
+  return found
+
+
 def check_calibration_images(data: input_pipeline.DataSpec, split: str, examples: int) -> None:
   """Raises errors.ConfigError unless `split` of `data` has more than `examples` images (its
   last `examples` calibrate escalation)."""
@@ -382,11 +407,14 @@ def calibrate_escalation(model, variables, data: input_pipeline.DataSpec, batch_
   calibrated to `budget` on the last `calibration_examples` images of `calibration_split` of
   `data` (evaluation preprocessing), and what it achieved there.
 
-  Raises: as `escalation_budget`, and errors.ConfigError for a split the data set lacks or
+  `chain` 'auto' (escalation.AUTO): of every chain that can spend the budget, the one with the
+  best accuracy on those images (the fewest levels on a tie).
+
+  Raises: as `escalation_candidates`, and errors.ConfigError for a split the data set lacks or
   too few or too many images, before any image is read.
   """
-  chain, costs, madds = escalation_budget(model, input_pipeline.preprocessing(data).image_shape,
-                                          chain, budget, budget_unit, confidence)
+  candidates = escalation_candidates(model, input_pipeline.preprocessing(data).image_shape,
+                                     chain, budget, budget_unit, confidence)
   split = calibration_split
   check_calibration_images(data, split, calibration_examples)
   if split == input_pipeline.EVAL_SPLITS[data.name]:
@@ -396,17 +424,22 @@ def calibrate_escalation(model, variables, data: input_pipeline.DataSpec, batch_
                                  examples=(-calibration_examples, None))
   signals = routers.route_signals(model, variables, pipeline, mesh or sharding.make_mesh(1))
   space = [r.name for r in model.routes.routing_space]
-  columns = [space.index(r) for r in chain]
-  correct, confidences = signals['correct'][:, columns], signals[confidence][:, columns]
-  thresholds = escalation_lib.calibrate(confidences, costs, madds, correct)
+  fitted = []
+  for chain, costs, madds in candidates:
+    correct, confidences = routers.levels(signals, space, chain, confidence)
+    thresholds = escalation_lib.calibrate(confidences, costs, madds, correct)
+    accuracy, cost = escalation_lib.simulate(correct, confidences, thresholds, costs)
+    fitted.append((accuracy, -len(chain), chain, thresholds, cost, madds))
+  accuracy, _, chain, thresholds, cost, madds = max(fitted, key=lambda f: f[:2])
   rule = escalation_lib.Escalation(chain, thresholds, confidence, madds, 'madds')
-  accuracy, cost = escalation_lib.simulate(correct, confidences, thresholds, costs)
   say(f'escalation {" -> ".join(chain)}: thresholds {list(thresholds)} ({confidence}); on '
-      f'the last {len(correct)} images of {split} {accuracy:.4f} at {cost / 1e6:.4g} M MAdds '
-      f'(budget {madds / 1e6:.4g} M)')
-  return rule, {'calibration': {'split': split, 'examples': [-calibration_examples, None],
-                                'images': int(len(correct)), 'accuracy': accuracy,
-                                'madds': cost}}
+      f'the last {calibration_examples} images of {split} {accuracy:.4f} at '
+      f'{cost / 1e6:.4g} M MAdds (budget {madds / 1e6:.4g} M)')
+  found = {'split': split, 'examples': [-calibration_examples, None],
+           'images': calibration_examples, 'accuracy': accuracy, 'madds': cost}
+  if len(fitted) > 1:  # 'auto': what each chain reached there.
+    found['chains'] = [{'chain': list(f[2]), 'accuracy': f[0], 'madds': f[4]} for f in fitted]
+  return rule, {'calibration': found}
 
 
 def workdir_latency(workdir: str, image_shape, model) -> dict[str, Any] | None:

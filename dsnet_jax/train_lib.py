@@ -123,8 +123,8 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
   run.budget = budget  # Checked above, before any work.
   if spec.escalation and not spec.model.routes.auto:  # 'auto': checked once it is chosen.
     e = spec.escalation
-    eval_lib.escalation_budget(spec.model, train_data.image_shape, e.chain, e.budget,
-                               e.budget_unit, e.confidence)
+    eval_lib.escalation_candidates(spec.model, train_data.image_shape, e.chain, e.budget,
+                                   e.budget_unit, e.confidence)
   if spec.escalation:
     eval_lib.check_calibration_images(spec.eval_data, spec.escalation.calibration_split,
                                       spec.escalation.calibration_examples)

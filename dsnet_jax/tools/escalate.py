@@ -18,7 +18,9 @@ config_flags.DEFINE_config_file('config', None, 'The config the checkpoint was t
                                 '(default: the one saved with it).')
 flags.DEFINE_string('workdir', '', 'Training workdir: its latest stage is calibrated.')
 flags.DEFINE_string('checkpoint', '', 'A stage checkpoint folder instead of --workdir.')
-flags.DEFINE_list('chain', None, 'Routes of the routing space, cheapest first, e.g. 0,6.')
+flags.DEFINE_list('chain', None, 'Routes of the routing space, cheapest first, e.g. 0,6; or '
+                  'auto: of every chain that can spend the budget, the most accurate on the '
+                  'calibration images.')
 flags.DEFINE_float('budget', None, 'Average cost per image to spend.')
 flags.DEFINE_enum('budget_unit', 'largest', ['largest', 'madds'],
                   "--budget as a fraction of 'largest''s MAdds, or in MAdds per image.")

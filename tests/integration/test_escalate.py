@@ -102,6 +102,28 @@ def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tm
   assert not list(workdir.glob('**/' + escalation.ESCALATION_FILE))
 
 
+def test_an_auto_chain_is_the_most_accurate_chain_on_the_calibration_images(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained.workdir, workdir)
+  recalibrated = workdir / 'checkpoints' / 'recalibrate'
+  common = ('--budget=65000', '--budget_unit=madds', '--calibration_examples=32')
+  done = escalate(f'--checkpoint={recalibrated}', '--chain=auto', *common)
+  assert done.returncode == 0, done.stderr[-3000:]
+  saved = json.loads((recalibrated / escalation.ESCALATION_FILE).read_text())
+  tried = saved['calibration']['chains']
+  # Every chain of the routing space (0, 1, 2) that can spend 65000 MAdds: routes 0 and 1
+  # each cost less (so 1 -> 2 can), route 2 77148; 0 -> 1 -> 2 spends up to 90076.
+  assert sorted(map(tuple, (t['chain'] for t in tried))) == [
+      ('0', '1'), ('0', '1', '2'), ('0', '2'), ('1', '2')]
+  best = max(tried, key=lambda t: (t['accuracy'], -len(t['chain'])))
+  assert saved['chain'] == best['chain'] and saved['calibration']['accuracy'] == best['accuracy']
+  # The chain named explicitly calibrates to the same rule.
+  done = escalate(f'--checkpoint={recalibrated}', f'--chain={",".join(best["chain"])}', *common)
+  assert done.returncode == 0, done.stderr[-3000:]
+  again = json.loads((recalibrated / escalation.ESCALATION_FILE).read_text())
+  assert again['thresholds'] == saved['thresholds'] and 'chains' not in again['calibration']
+
+
 def test_escalation_calibrates_on_the_split_the_user_names(trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained.workdir, workdir)
