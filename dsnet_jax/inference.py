@@ -128,6 +128,10 @@ def plan_chunks(n: int, costs: Mapping[int, float], max_rows: int | None = None
 class RoutedPredictor:
   """Batched inference of a gated model, with one compiled program per (kind, route, size).
 
+  For a checkpoint, `dsnet_jax.load(...).predictor()` builds it with the checkpoint's own
+  router and refuses a gate that was never trained; built directly, it routes by whatever
+  gate `variables` hold (or by `escalation`).
+
   Args:
     model: a gated Flax model (`routes`, `prefix`, `suffix`; see module docstring).
     variables: its variables ({'params', 'batch_stats', ...}), used as given (not copied).

@@ -41,6 +41,7 @@ import numpy as np
 from dsnet_jax import budget as budget_lib
 from dsnet_jax import checkpointing, config_lib, errors, paths, sharding
 from dsnet_jax import escalation as escalation_lib
+from dsnet_jax import inference
 from dsnet_jax.data import input_pipeline
 from dsnet_jax.models import get_model
 from dsnet_jax.models.gated import ROUTING_HEAD
@@ -182,6 +183,31 @@ class Loaded:
   def routes(self):
     """The model's RouteTable (routes, routing space)."""
     return self.model.routes
+
+  def predictor(self, router: str = '', **kwargs) -> inference.RoutedPredictor:
+    """A RoutedPredictor for this checkpoint, routed by what it has calibrated or trained:
+    `router` 'escalation' (its saved escalation rule), 'gate' (its trained gate), or '' (the
+    escalation if there is one, else the gate). `kwargs` go to RoutedPredictor.
+
+    Raises:
+      errors.ConfigError: the router asked for (or, with '', either) is not there: a gate
+        never trained (a checkpoint before the gate stage) is refused, never used.
+    """
+    where = self.restored.directory
+    if router not in ('', 'escalation', 'gate'):
+      raise errors.ConfigError(f"router {router!r}: use 'escalation', 'gate' or '' (either)")
+    if router == 'escalation' or (not router and self.escalation is not None):
+      if self.escalation is None:
+        raise errors.ConfigError(f'{where} has no calibrated escalation: run '
+                                 'python -m dsnet_jax.tools.escalate on it first')
+      return inference.RoutedPredictor(self.model, self.variables, self.image_shape,
+                                       escalation=self.escalation, **kwargs)
+    if not self.restored.gated:
+      raise errors.ConfigError(
+          f'{where} holds a {self.restored.meta.get("stage", "supernet")} checkpoint: its gate '
+          'was never trained, and routing by it would be arbitrary. Calibrate an escalation '
+          'router for it (python -m dsnet_jax.tools.escalate), or load a gate-stage checkpoint.')
+    return inference.RoutedPredictor(self.model, self.variables, self.image_shape, **kwargs)
 
 
 def load(workdir: str | os.PathLike = '', checkpoint: str | os.PathLike = '', config=None,

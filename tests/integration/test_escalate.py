@@ -76,6 +76,29 @@ def test_a_supernet_without_a_gate_gets_a_calibrated_escalation(trained, tmp_pat
   assert refused.returncode == 1 and 'holds no trained gate' in refused.stderr
 
 
+def test_a_predictor_routes_only_by_a_trained_gate_or_a_calibrated_escalation(trained,
+                                                                            tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained.workdir, workdir)
+  recalibrated = workdir / 'checkpoints' / 'recalibrate'
+  ungated = rundir.load(checkpoint=recalibrated)
+  for router in ('', 'gate'):  # The routing head was never trained.
+    with pytest.raises(errors.ConfigError, match='recalibrate checkpoint: its gate was never '
+                       'trained'):
+      ungated.predictor(router)
+  with pytest.raises(errors.ConfigError, match='has no calibrated escalation'):
+    ungated.predictor('escalation')
+  with pytest.raises(errors.ConfigError, match="router 'gated': use"):
+    ungated.predictor('gated')
+  gated = rundir.load(workdir)  # The gate stage.
+  assert gated.predictor(max_batch=16).escalation is None
+  done = escalate(f'--checkpoint={recalibrated}', '--chain=0,2', '--budget=65000',
+                  '--budget_unit=madds', '--calibration_examples=32')
+  assert done.returncode == 0, done.stderr[-3000:]
+  predictor = rundir.load(checkpoint=recalibrated).predictor(max_batch=16)
+  assert predictor.escalation.chain == ('0', '2')
+
+
 def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained.workdir, workdir)
