@@ -14,8 +14,9 @@ that wrote it), `variables_key` (where {'params', 'batch_stats'} sit in the stat
 the supernet's EMA teacher, '' for the top level), `gated` (the routing head was trained),
 `complete`, `step` / `total_steps`, `source` (the checkpoint the stage started from), the
 run's `config` (JSON) and, for a gate trained to a budget, `budget_madds` and the calibrated
-`routing_offsets` (dsnet_jax.budget). Checkpoints from outside (the importer) carry
-`variables_key` ''.
+`routing_offsets` (dsnet_jax.budget), and `statistics_widths` ({BatchNorm path: widths}: row
+i of its `mean`/`var` holds width widths[i]; a restore compares it with the model's).
+Checkpoints from outside (the importer) carry `variables_key` ''.
 
 Every reader here probes without creating folders, and restores are exact: a checkpoint that
 does not match the model, or whose saved config differs from the current one in what changes
@@ -43,6 +44,7 @@ from dsnet_jax import checkpointing, config_lib, errors, paths, sharding
 from dsnet_jax import escalation as escalation_lib
 from dsnet_jax import inference
 from dsnet_jax.data import input_pipeline
+from dsnet_jax.layers.norm import statistics_widths
 from dsnet_jax.models import get_model
 from dsnet_jax.models.gated import ROUTING_HEAD
 from dsnet_jax.progress import say
@@ -105,6 +107,18 @@ def variables_key(meta: dict[str, Any]) -> str:
   return meta.get('variables_key', 'ema' if meta.get('stage') == 'supernet' else '')
 
 
+def _check_statistics_widths(directory: str, saved: dict[str, list[int]],
+                             model: dict[str, list[int]]) -> None:
+  """A checkpoint's BatchNorm rows must be of the model's widths (the same shapes can hold
+  another network's: rows of other widths)."""
+  differ = [f'{k}: {saved.get(k)} saved, {model.get(k)} in the model'
+            for k in sorted(set(saved) | set(model)) if saved.get(k) != model.get(k)]
+  if differ:
+    raise errors.CheckpointMismatchError(
+        f'{directory} holds BatchNorm statistics of other widths than the model\'s (another '
+        f'network): {"; ".join(differ[:4])}{" ..." if len(differ) > 4 else ""}')
+
+
 def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence[int],
                       mesh=None, config=None, allow_changes: Iterable[str] = (),
                       log=say) -> Restored:
@@ -147,6 +161,9 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
       stored['model'] = model
     else:
       stored['model'] = model.clone(routing_space=saved_space)
+    if 'statistics_widths' in meta:
+      _check_statistics_widths(directory, meta['statistics_widths'],
+                               statistics_widths(stored['model'], image_shape))
     variables = abstract_variables(stored['model'], image_shape, mesh)
     key = variables_key(meta)
     return {key: variables} if key else variables

@@ -23,6 +23,7 @@ from dsnet_jax import routes as routes_lib
 from dsnet_jax import rundir as rundir_lib
 from dsnet_jax import sharding
 from dsnet_jax.data import input_pipeline
+from dsnet_jax.layers.norm import statistics_widths
 from dsnet_jax.models.gated import ROUTING_HEAD
 from dsnet_jax.progress import ProgressLogger, say
 from dsnet_jax.train_steps import (GateState, SupernetFunctions, TrainState, Variables,
@@ -51,6 +52,10 @@ class Run:
   @property
   def table(self) -> routes_lib.RouteTable:
     return self.model.routes
+
+  @functools.cached_property
+  def statistics_widths(self) -> dict[str, list[int]]:
+    return statistics_widths(self.model, self.train_data.image_shape)
 
   @functools.cached_property
   def abstract_variables(self) -> Variables:
@@ -89,7 +94,8 @@ class Run:
     return {'stage': stage, 'step': step, 'total_steps': total, 'complete': step >= total,
             'source': source, 'variables_key': variables_key, 'gated': gated,
             'seed': self.spec.seed, 'model_name': self.spec.model_name,
-            'config': self.spec.config_json, **extra}
+            'statistics_widths': self.statistics_widths, 'config': self.spec.config_json,
+            **extra}
 
 
 def make_run(config: ml_collections.ConfigDict, workdir: str,

@@ -27,6 +27,7 @@ from flax import traverse_util
 
 from dsnet_jax import checkpointing, errors
 from dsnet_jax.layers import SlicedBatchNorm
+from dsnet_jax.layers.norm import statistics_widths
 from dsnet_jax.models import ds_mbnet
 
 # Our module path ('/'-joined) -> the authors' module name; applied in order.
@@ -230,6 +231,8 @@ def save_checkpoint(variables: Mapping[str, Any], directory: str | os.PathLike) 
   if os.path.isdir(directory) and os.listdir(directory):
     raise FileExistsError(f'{directory} is not empty; refusing to overwrite it')
   with checkpointing.Checkpointer(directory, keep=None) as ckpt:
-    ckpt.save(0, dict(variables), {'source': 'dsnet_jax.convert.ds_mbnet_torch',
-                                   'model_name': 'ds_mbnet', 'variables_key': ''})
+    ckpt.save(0, dict(variables), {
+        'source': 'dsnet_jax.convert.ds_mbnet_torch', 'model_name': 'ds_mbnet',
+        'variables_key': '', 'statistics_widths': statistics_widths(ds_mbnet.Model(),
+                                                                      (224, 224, 3))})
   return directory

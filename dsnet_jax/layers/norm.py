@@ -88,3 +88,22 @@ class SlicedBatchNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[:w] + self.bias[:w]
     return width.apply(y).astype(x.dtype)
+
+
+def statistics_widths(model, image_shape: Sequence[int]) -> dict[str, list[int]]:
+  """{module path ('groups_0_0/bn1'): widths} of every SlicedBatchNorm in `model`: row i of its
+  `batch_stats` `mean`/`var` holds the statistics of width widths[i] (in its first widths[i]
+  entries). Checkpoints record it (meta `statistics_widths`), so that they describe themselves.
+  Traced with abstract shapes only (nothing is computed)."""
+  found = {}
+
+  def record(call, args, kwargs, context):
+    if isinstance(context.module, SlicedBatchNorm):
+      found['/'.join(context.module.path)] = [int(w) for w in context.module.widths]
+    return call(*args, **kwargs)
+
+  image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, route=model.routes.largest), image)
+  return dict(sorted(found.items()))
+

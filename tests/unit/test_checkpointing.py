@@ -183,3 +183,34 @@ def test_an_unreadable_latest_step_falls_back_in_one_line(tmp_path):
   with checkpointing.Checkpointer(tmp_path) as ckpt:
     with pytest.raises(errors.UnreadableCheckpointError, match='no readable step'):
       ckpt.restore(make_state(), fallback=True, log=lines.append)
+
+
+def test_a_checkpoint_records_its_batchnorm_rows_and_refuses_other_widths(tmp_path):
+  from flax import traverse_util
+  from dsnet_jax import rundir
+  from dsnet_jax.layers.norm import statistics_widths
+  from dsnet_jax.models import get_model
+  shape = (16, 16, 1)
+  fields = dict(num_classes=4, in_channels=1, stem_stride=1,
+                group_widths=((8, 12), (8, 12), (12, 16), (8, 12, 16, 20), (16, 20, 24, 28)),
+                group_depths=(1, 1, 1, 2, 1), group_strides=(1, 2, 1, 2, 1),
+                routing_space=(0, 1, 2), dtype='float32')
+  model = get_model('ds_mbnet', stem_widths=(4, 8), **fields)
+  widths = statistics_widths(model, shape)
+  assert widths['stem_bn'] == [4, 8]  # The config's stem widths, one row each.
+  variables = rundir.abstract_variables(model, shape, None)
+  stats = {k[:-len('/mean')]: v.shape for k, v in
+           traverse_util.flatten_dict(variables['batch_stats'], sep='/').items()
+           if k.endswith('/mean')}
+  assert stats == {k: (len(w), max(w)) for k, w in widths.items()}
+  real = jax.jit(model.init, static_argnames='route')(
+      jax.random.key(0), jnp.zeros((1, *shape)), route=model.routes.largest)
+  with checkpointing.Checkpointer(str(tmp_path), keep=None) as ckpt:
+    ckpt.save(0, dict(real), {'variables_key': '', 'statistics_widths': widths})
+  assert rundir.restore_variables(tmp_path, model, shape).step == 0
+  other = get_model('ds_mbnet', stem_widths=(6, 8), **fields)  # Same shapes, other widths.
+  assert jax.tree.map(lambda a: a.shape, rundir.abstract_variables(other, shape, None)) == (
+      jax.tree.map(lambda a: a.shape, variables))
+  with pytest.raises(errors.CheckpointMismatchError,
+                     match=r'statistics of other widths .*stem_bn: \[4, 8\] saved, \[6, 8\]'):
+    rundir.restore_variables(tmp_path, other, shape)

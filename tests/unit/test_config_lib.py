@@ -140,6 +140,7 @@ def test_a_saved_config_without_newer_model_and_data_keys_compares_equal():
     ({'chain': ('0', '6'), 'budget': 0.4, 'budget_unit': 'ms'}, "budget_unit='ms'"),
     ({'chain': ('0', '6'), 'budget': 0.4, 'confidence': 'entropy'}, "confidence='entropy'"),
     ({'chain': ('0', '6'), 'budget': 0.4, 'calibration_examples': 0}, 'must be >= 1'),
+    ({'chain': ('auto', 'auto'), 'budget': 0.4}, "cheapest first, or \\('auto',\\)"),
 ])
 def test_an_escalation_section_that_cannot_work_is_refused(section, message):
   config = load(ROOT / 'configs/ds_mbnet_fmnist.py')
@@ -148,7 +149,7 @@ def test_an_escalation_section_that_cannot_work_is_refused(section, message):
   with pytest.raises(errors.ConfigError, match=message):
     config_lib.validate(config)
   assert config_lib.resolve(load(ROOT / 'configs/ds_mbnet_fmnist.py')).escalation == (
-      config_lib.EscalationSpec(('0', '6'), 0.4, 'largest', 'max_softmax', 5000))
+      config_lib.EscalationSpec(('0', '6'), 0.4, 'largest', 'max_softmax', 5000, 'train'))
 
 
 def test_a_schedule_that_would_rise_is_refused_and_loaders_keep_every_thread_busy():
