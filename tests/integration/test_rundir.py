@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from dsnet_jax import (budget, checkpointing, config_lib, errors, eval_lib, infe
                        rundir, train_lib)
 from dsnet_jax.models import get_model
 from checks import ROOT, tiny_config
+import test_readme
 
 pytestmark = pytest.mark.slow
 
@@ -310,6 +312,30 @@ def test_a_routing_space_chosen_after_stage_one_trains_a_gate_to_its_budget(trai
   np.testing.assert_array_equal(gate.variables['routing']['offsets'], offsets)
   assert offsets[0] == 0 and f'budget {budget_madds / 1e6:.3f} M MAdds, achieved' in out
   assert json.loads((workdir / 'eval.json').read_text())['gated'] == report['gated']
+  # The README's plain-orbax snippet, in a process that never imports dsnet_jax, reads the
+  # same weights, BatchNorm rows and offsets.
+  snippet = test_readme.readme_python_blocks()[5].replace(
+      "'workdir/ds_mbnet_fmnist/checkpoints/gate'", repr(str(workdir / 'checkpoints' / 'gate')))
+  snippet += textwrap.dedent('''
+      import sys
+      assert not any(m.split('.')[0] == 'dsnet_jax' for m in sys.modules)
+      from flax import traverse_util
+      flat = traverse_util.flatten_dict(variables, sep='/')
+      np.savez(sys.argv[1], offsets=offsets, stem_mean_4=stem_mean[4],
+               **{k: np.asarray(v) for k, v in flat.items()})
+      ''')
+  out = tmp_path / 'orbax.npz'
+  done = subprocess.run([sys.executable, '-c', snippet, str(out)], cwd=tmp_path,
+                        capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  read = dict(np.load(out))
+  np.testing.assert_array_equal(read.pop('offsets'), offsets)
+  bn = gate.variables['batch_stats']['stem_bn']  # Widths (4, 8): row 0 is width 4.
+  np.testing.assert_array_equal(read.pop('stem_mean_4'), np.asarray(bn['mean'])[0, :4])
+  ours = {k: np.asarray(v) for k, v in flat(gate.variables).items() if not k.startswith('routing')}
+  assert read.keys() == ours.keys()
+  for name, value in ours.items():
+    np.testing.assert_array_equal(read[name], value)
   # The offsets route eval.py and the routed engine: argmax(raw routing logits + offsets).
   images = np.random.default_rng(0).normal(size=(12, 16, 16, 1)).astype(np.float32)
   raw = model.apply(gate.variables, images, method=type(model).prefix)[1]
