@@ -52,6 +52,11 @@ from dsnet_jax.specialize import StaticProgram, specialize
 
 MANIFEST = 'manifest.json'
 FORMATS = ('jax', 'onnx')
+# What loading each format needs, without dsnet_jax (the manifest's `requires`): jax
+# deserialises with flatbuffers, which it does not install; a jax.export artifact loads in the
+# jax that wrote it or a later one.
+REQUIRES = {'jax': (f'jax>={jax.__version__}', 'flatbuffers', 'numpy'),
+            'onnx': ('onnxruntime', 'numpy')}
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 FORMAT_VERSION = 1
 
@@ -423,5 +428,6 @@ def _manifest(kind, model, variables, image_shape, request: Request, routes) -> 
 def _write_manifest(out_dir: str, manifest: dict) -> None:
   manifest['formats'] = sorted({f for p in manifest['programs'].values() for f in p['files']}
                                & set(FORMATS), key=FORMATS.index)
+  manifest['requires'] = {f: list(REQUIRES[f]) for f in manifest['formats']}
   with open(os.path.join(out_dir, MANIFEST), 'w') as f:
     json.dump(manifest, f, indent=1)

@@ -204,6 +204,40 @@ def test_readme_router_runs_the_bundle_without_dsnet_jax(tmp_path):
   assert 'routes and suffix programs differ in number' in str(results['damaged'])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_each_format_runs_in_an_empty_venv_with_only_what_the_manifest_requires(tmp_path, fmt):
+  model = FAMILIES['ds_mbnet']()
+  variables = trained_like(model)
+  x = images(8, seed=5)
+  manifest = export.export_routed(model, variables, str(tmp_path / 'routed'), IMAGE,
+                                  formats=(fmt,), platforms=('cpu',), verbose=False)
+  requires = manifest['requires'][fmt]
+  assert requires == list(export.REQUIRES[fmt])
+  venv = tmp_path / 'venv'
+  subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
+  python = str(venv / 'bin' / 'python')
+  subprocess.run([python, '-m', 'pip', 'install', '--quiet', '--disable-pip-version-check',
+                  *requires], check=True)
+  np.save(tmp_path / 'images.npy', x)
+  (tmp_path / 'deploy.py').write_text(
+      readme_block('reference-router') +
+      f'\nlogits, index = predict("routed", np.load("images.npy"), {fmt}_program)\n'
+      'np.savez("results.npz", logits=logits, index=index)\n'
+      'import importlib.util\n'
+      'print("installed:", sorted(m for m in ("jax", "onnxruntime", "dsnet_jax", "flax") '
+      'if importlib.util.find_spec(m)))\n')
+  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+  done = subprocess.run([python, 'deploy.py'], cwd=tmp_path, env=env, capture_output=True,
+                        text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip().endswith(f"installed: {['jax'] if fmt == 'jax' else ['onnxruntime']}")
+  results = np.load(tmp_path / 'results.npz')
+  logits, index = RoutedPredictor(model, variables, IMAGE).predict(x)
+  np.testing.assert_array_equal(results['index'], index)
+  assert np.abs(results['logits'] - np.asarray(logits)).max() <= MAX_ERROR
+
+
 def test_bfloat16_route_exports_in_bfloat16(tmp_path):
   model = get_model('ds_mbnet', **{**tiny_config().model, 'dtype': 'bfloat16'})
   variables = trained_like(model, spread_routes=False)
