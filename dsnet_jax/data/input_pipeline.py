@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterator, Sequence
 
+from dsnet_jax import errors
 from dsnet_jax.errors import ConfigError
 from dsnet_jax.data import fashion_mnist, imagenet
 from dsnet_jax.data.augment import Mixing
@@ -115,7 +116,7 @@ def _dataset(spec: DataSpec,
                for i, s in enumerate(('train', 'test'))}
     num_classes = spec.num_classes
   if split not in sources:
-    raise ValueError(f'{name} has no split {split!r}; splits: {sorted(sources)}')
+    raise errors.DataError(f'{name} has no split {split!r}; splits: {sorted(sources)}')
   return sources[split], preprocess, num_classes
 
 

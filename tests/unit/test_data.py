@@ -243,7 +243,8 @@ def test_config_that_contradicts_the_dataset_fails(fashion_dir):
 def test_imagenet_not_prepared_fails_at_once_with_instructions(tmp_path):
   config = input_pipeline.DataSpec(name='imagenet2012', data_dir=str(tmp_path),
                                           image_size=224, num_classes=1000, augment='rrc_flip')
-  with pytest.raises(FileNotFoundError, match=r'pip install \.\[tf\].*tfds build imagenet2012'):
+  with pytest.raises(FileNotFoundError,
+                     match=r"pip install '\.\[tf\]'.*python -m dsnet_jax.tools.prepare_imagenet"):
     input_pipeline.check_available(config)
 
 
@@ -563,3 +564,25 @@ def test_pipeline_config_turns_on_the_extra_augmentation():
   assert (evaluation.views, evaluation.mixes_labels) == (1, False)
   with pytest.raises(ValueError, match='randaugment'):
     input_pipeline.check_available(dataclasses.replace(config, randaugment='rand-x9'))
+
+
+def test_preparing_imagenet_says_what_is_missing_before_anything_is_written(tmp_path,
+                                                                             monkeypatch):
+  find_spec = imagenet.importlib.util.find_spec
+  monkeypatch.setattr(imagenet.importlib.util, 'find_spec',
+                      lambda name: None if name == 'tensorflow' else find_spec(name))
+  with pytest.raises(errors.DataError, match=r"needs TensorFlow: pip install '\.\[tf\]'"):
+    imagenet.prepare(str(tmp_path), str(tmp_path / 'data'))
+  monkeypatch.setattr(imagenet.importlib.util, 'find_spec', lambda name: object())
+  (tmp_path / 'ILSVRC2012_img_val.tar').write_bytes(b'')
+  with pytest.raises(errors.DataError, match='lacks ILSVRC2012_img_train.tar'):
+    imagenet.prepare(str(tmp_path), str(tmp_path / 'data'))
+  assert not (tmp_path / 'data').exists()
+
+
+def test_a_split_the_data_set_lacks_is_one_data_error():
+  spec = input_pipeline.DataSpec(name='synthetic', image_size=8, channels=1, num_classes=2,
+                                 synthetic_num_examples=8)
+  with pytest.raises(errors.DataError, match=r"synthetic has no split 'validation'; splits: "
+                     r"\['test', 'train'\]"):
+    input_pipeline.make(spec, 'validation', batch_size=4, train=False)
