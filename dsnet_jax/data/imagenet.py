@@ -51,6 +51,37 @@ def prepare(manual_dir: str, data_dir: str | None = None) -> tfds.core.DatasetBu
   return builder
 
 
+def convert_to_array_record(version_dir: str) -> tfds.core.DatasetBuilder:
+  """Adds ArrayRecord copies of a TFRecord-prepared dataset's shards beside them (the same
+  serialized records, in the same order) and records the format in its dataset_info.json: what
+  `tfds convert_format` does, without the apache_beam its command line imports. A shard whose
+  copy exists is kept; each copy is written under a temporary name and renamed when complete.
+
+  Raises:
+    errors.DataError: TensorFlow is missing (it reads TFRecord), or `version_dir` holds no
+      prepared dataset.
+  """
+  if importlib.util.find_spec('tensorflow') is None:
+    raise errors.DataError("reading TFRecord needs TensorFlow: pip install '.[tf]'")
+  if not os.path.isfile(os.path.join(version_dir, 'dataset_info.json')):
+    raise errors.DataError(f'{version_dir} holds no prepared tfds dataset (no dataset_info.json)')
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tensorflow_datasets.core import file_adapters  # pylint: disable=import-outside-toplevel
+  builder = tfds.builder_from_directory(version_dir)
+  for split in builder.info.splits.values():
+    for source in split.filepaths:
+      target = os.fspath(source).replace('.tfrecord-', '.array_record-')
+      if target == os.fspath(source) or os.path.exists(target):
+        continue
+      partial = f'{target}.partial'
+      records = ((i, r.numpy()) for i, r in enumerate(tf.data.TFRecordDataset(os.fspath(source))))
+      file_adapters.ArrayRecordFileAdapter.write_examples(partial, records)
+      os.replace(partial, target)
+  builder.info.add_alternative_file_format('array_record')
+  builder.info.write_to_directory(version_dir)
+  return tfds.builder_from_directory(version_dir)
+
+
 def check_available(data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The prepared `imagenet2012` at `data_dir`, read as its files on disk say (so data prepared
   as TFRecord and converted with `tfds convert_format` is found), or a clear error saying what
@@ -65,9 +96,9 @@ def check_available(data_dir: str | None) -> tfds.core.DatasetBuilder:
   if 'array_record' not in formats:
     raise errors.DataError(
         f'{NAME} at {builder.data_dir} is stored as {sorted(formats)}; the input pipeline needs '
-        'ArrayRecord for random access (and TFRecord would need TensorFlow to read). Convert it: '
-        f'`tfds convert_format --dataset_version_dir={builder.data_dir} '
-        '--out_file_format=array_record`.')
+        'ArrayRecord for random access (and TFRecord would need TensorFlow to read). Convert it '
+        "once (with TensorFlow): `python -m dsnet_jax.tools.prepare_imagenet "
+        f'--convert={builder.data_dir}`.')
   if not any(importlib.util.find_spec(m) for m in ('PIL', 'cv2', 'tensorflow')):
     raise errors.DataError(f'Decoding {NAME} JPEGs needs Pillow or OpenCV: `pip install pillow` '
                            "(or `pip install '.[tf]'`).")
