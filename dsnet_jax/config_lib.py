@@ -244,6 +244,11 @@ def defaults() -> ml_collections.ConfigDict:
       # calibrated on the last `calibration_examples` of the training split, which the gate
       # stage does not train on (dsnet_jax.budget).
       budget=0.0, budget_unit='largest', dual_lr=0.05, calibration_examples=5000,
+      # The authors' Stage II exactly (DS-MBNet): their gate loss's double softmax and their
+      # mask placement in the masked suffix (MaskedWidth.authors: the same values, their
+      # gradient in the route weights); with their MAdds penalty (no budget), SGS targets and
+      # Gumbel noise on the gate loss, which the keys above must then keep.
+      authors_mode=False,
       optimizer=_optimizer(lr=0.08, weight_decay=0.01,
                            param_groups=(('.*routing_head.*', 1.0), ('.*', None)))))
 
@@ -511,11 +516,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.gate.sgs_targets not in SGS_TARGETS:
     raise ConfigError(f'config key gate.sgs_targets={config.gate.sgs_targets!r}: use one of '
                       f'{", ".join(SGS_TARGETS)}')
+  _validate_authors_mode(config)
   _validate_escalation(config.escalation)
   for stage in ('supernet', 'gate'):
     if not 0 <= config[stage].ema_decay < 1:
       raise ConfigError(f'config key {stage}.ema_decay must be in [0, 1), got '
                         f'{config[stage].ema_decay}')
+
+
+def _validate_authors_mode(config: ml_collections.ConfigDict) -> None:
+  gate = config.gate
+  if not gate.get('authors_mode', False):
+    return
+  ours = {'model_name': (config.model_name, 'ds_mbnet'), 'gate.budget': (gate.budget, 0.0),
+          'gate.sgs_targets': (gate.sgs_targets, 'smallest_wrong'),
+          'gate.gumbel_gate_loss': (gate.gumbel_gate_loss, True)}
+  differ = [f'{k}={v!r} (theirs: {want!r})' for k, (v, want) in ours.items() if v != want]
+  if differ:
+    raise ConfigError(f"config key gate.authors_mode=True is the authors' Stage II of their "
+                      f'DS-MBNet, but {", ".join(differ)}')
 
 
 def _validate_escalation(section: ml_collections.ConfigDict) -> None:

@@ -41,7 +41,8 @@ class GateRecipe:
   `gate_ce_weight` * gate CE (label smoothing `label_smoothing`; Gumbel noise on the gate
   loss's logits with `gumbel_gate_loss`; `double_softmax` as the authors' code), the MAdds
   penalty (`madds_weight`, `madds_scale`, `madds_target`) or, with a budget, dual ascent at
-  `dual_lr`; the variables' EMA of decay `ema_decay`."""
+  `dual_lr`; the variables' EMA of decay `ema_decay`; `authors_mode`: the double softmax and
+  the authors' mask placement (their gradient in the route weights)."""
   gumbel_tau: float
   ce_weight: float
   gate_ce_weight: float
@@ -54,6 +55,7 @@ class GateRecipe:
   gumbel_gate_loss: bool
   sgs_targets: str
   dual_lr: float
+  authors_mode: bool = False  # Double softmax and the authors' mask placement.
 
 
 @flax.struct.dataclass
@@ -192,10 +194,12 @@ def gate_train_step(model, tx, recipe: GateRecipe, target_cost: float, state: Ga
   def loss_fn(params):
     logits, routing_logits, weights = model.apply_gated(
         {'params': params, 'batch_stats': state.batch_stats}, images,
-        lambda routing_logits: losses.straight_through(routing_logits + gumbel, recipe.gumbel_tau))
+        lambda routing_logits: losses.straight_through(routing_logits + gumbel, recipe.gumbel_tau),
+        authors_masks=recipe.authors_mode)
     mean_cost = (weights @ route_costs).mean()
     gate_input = routing_logits + gumbel if recipe.gumbel_gate_loss else routing_logits
-    gate_ce = losses.gate_cross_entropy(gate_input, targets, recipe.double_softmax,
+    gate_ce = losses.gate_cross_entropy(gate_input, targets,
+                                        recipe.double_softmax or recipe.authors_mode,
                                         recipe.label_smoothing)
     ce = losses.cross_entropy(logits, labels, recipe.label_smoothing)
     if target_cost:

@@ -39,12 +39,16 @@ class SqueezeExcite(nn.Module):
     """The reduced vector z = relu(W_red(GAP(x))), shape (batch, reduced)."""
     return nn.relu(self.conv_reduce(global_avg_pool(x)))
 
-  def excite(self, x: jax.Array, z: jax.Array) -> jax.Array:
-    attention = nn.sigmoid(self.conv_expand(z, x.shape[-1]))
-    return x * attention[:, None, None, :].astype(x.dtype)
+  def excite(self, x: jax.Array, z: jax.Array, width=None) -> jax.Array:
+    """x rescaled by sigmoid(W_exp(z)); `width` (a MaskedWidth) masks W_exp's output in the
+    authors' placement."""
+    logits = self.conv_expand(z, x.shape[-1])
+    if width is not None:
+      logits = width.conv_output(logits)
+    return x * nn.sigmoid(logits)[:, None, None, :].astype(x.dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.excite(x, self.squeeze(x))
+  def __call__(self, x: jax.Array, width=None) -> jax.Array:
+    return self.excite(x, self.squeeze(x), width)
 
 
 class DoubleHeadedGate(nn.Module):

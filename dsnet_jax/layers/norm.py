@@ -83,8 +83,11 @@ class SlicedBatchNorm(nn.Module):
                        '(train=False); train BN on the sliced path')
     w = x.shape[-1]
     rows = jnp.asarray([self.row(c) for c in width.choices])
-    mean = width.select(self.mean.value[rows, :w], x.ndim)
-    var = width.select(self.var.value[rows, :w], x.ndim)
+    mean, var = self.mean.value[rows, :w], self.var.value[rows, :w]
+    if width.authors:  # Each width's statistics padded with zeros past it, as theirs.
+      keep = width.keep(w, mean.dtype)
+      mean, var = mean * keep, var * keep
+    mean, var = width.select(mean, x.ndim), width.select(var, x.ndim)
     x32 = x.astype(jnp.float32)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[:w] + self.bias[:w]
     return width.apply(y).astype(x.dtype)

@@ -17,9 +17,15 @@ import numpy as np
 
 @flax.struct.dataclass
 class MaskedWidth:
-  """Width chosen per example among `choices` by `weights` (batch, len(choices))."""
+  """Width chosen per example among `choices` by `weights` (batch, len(choices)).
+
+  `authors`: the authors' mask placement (their DS-MBNet code): every dynamic conv's output is
+  masked as well, and BatchNorm mixes per-width statistics padded with zeros past each width.
+  Under a one-hot the values are the same; the gradients in `weights` are theirs.
+  """
   weights: jax.Array
   choices: tuple[int, ...] = flax.struct.field(pytree_node=False)
+  authors: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def max(self) -> int:
@@ -27,12 +33,20 @@ class MaskedWidth:
 
   def mask(self) -> jax.Array:
     """(batch, max) channel mask: sum_k weights[:, k] * [c < choices[k]]."""
-    keep = np.arange(self.max)[None, :] < np.asarray(self.choices)[:, None]
-    return self.weights @ jnp.asarray(keep, self.weights.dtype)
+    return self.weights @ self.keep(self.max, self.weights.dtype)
 
   def apply(self, x: jax.Array) -> jax.Array:
     """Zeroes the channels (last axis) of `x` past each example's width."""
     return x * _broadcast(self.mask().astype(x.dtype), x.ndim)
+
+  def conv_output(self, x: jax.Array) -> jax.Array:
+    """A dynamic conv's output: masked in the authors' placement, else as it is (the layer
+    after it masks)."""
+    return self.apply(x) if self.authors else x
+
+  def keep(self, width: int, dtype) -> jax.Array:
+    """(len(choices), width): 1 where a channel lies within each choice."""
+    return jnp.asarray(np.arange(width)[None, :] < np.asarray(self.choices)[:, None], dtype)
 
   def select(self, rows: jax.Array, ndim: int) -> jax.Array:
     """Mixes per-choice rows (len(choices), C) into per-example rows, broadcastable to ndim."""

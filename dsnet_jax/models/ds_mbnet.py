@@ -75,14 +75,21 @@ class Block(nn.Module):
 
   def front(self, x, train: bool, in_width: Width | None = None):
     """dw -> BN -> SiLU -> SE/gate. Returns (hidden, gate logits or None)."""
-    x = nn.silu(self.bn1(self.conv_dw(x), train, _masked(in_width)))
+    masked = _masked(in_width)
+    x = self.conv_dw(x)
+    if masked is not None:
+      x = masked.conv_output(x)
+    x = nn.silu(self.bn1(x, train, masked))
     if self.num_routes:
       return self.gate(x)
-    return self.se(x), None
+    return self.se(x, masked), None
 
   def back(self, x, width: Width, train: bool):
+    masked = _masked(width)
     x = self.conv_pw(x, channels(width))
-    return nn.silu(self.bn2(x, train, _masked(width)))
+    if masked is not None:
+      x = masked.conv_output(x)
+    return nn.silu(self.bn2(x, train, masked))
 
   def __call__(self, x, width: Width, train: bool, in_width: Width | None = None):
     x, _ = self.front(x, train, in_width)
@@ -156,11 +163,12 @@ class DSMBNet(GatedSupernet):
     drop = train and route == self.routes.largest
     return self._suffix(hidden, route.widths[self.gate_group + 1:], train, drop)
 
-  def masked_suffix(self, hidden, route_weights):
-    """`suffix` for per-example route weights (batch, R), computed at the widest choice."""
+  def masked_suffix(self, hidden, route_weights, authors_masks: bool = False):
+    """`suffix` for per-example route weights (batch, R), computed at the widest choice
+    (`authors_masks`: with the authors' mask placement, see MaskedWidth)."""
     space = self.routes.routing_space
     widths = tuple(
-        MaskedWidth(route_weights, tuple(r.widths[i] for r in space))
+        MaskedWidth(route_weights, tuple(r.widths[i] for r in space), authors_masks)
         for i in range(self.gate_group + 1, len(self.group_widths) + 1))
     return self._suffix(hidden, widths, False, False)
 

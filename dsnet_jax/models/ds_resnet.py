@@ -194,8 +194,10 @@ class DSResNet(GatedSupernet):
     route = self.routes[route]
     return self._suffix(hidden, route.widths[self.gate_group + 1:], train)
 
-  def masked_suffix(self, hidden, route_weights):
+  def masked_suffix(self, hidden, route_weights, authors_masks: bool = False):
     """`suffix` for per-example route weights (batch, R), computed at the widest choice."""
+    if authors_masks:
+      raise ValueError("the authors' mask placement is their DS-MBNet's; this family has none")
     space = self.routes.routing_space
     widths = tuple(
         tuple(MaskedWidth(route_weights, tuple(r.widths[g + 1][part] for r in space))

@@ -215,8 +215,10 @@ class DSViT(GatedSupernet):
     final = max(w[0] for w in route.widths)
     return self._suffix(hidden, widths, final, deterministic)
 
-  def masked_suffix(self, hidden, route_weights):
+  def masked_suffix(self, hidden, route_weights, authors_masks: bool = False):
     """`suffix` for per-example route weights (batch, R), computed at the widest choice."""
+    if authors_masks:
+      raise ValueError("the authors' mask placement is their DS-MBNet's; this family has none")
     space = self.routes.routing_space
     choices = lambda g, i: tuple(r.widths[g][i] for r in space)
     widths = [BlockWidths(*(MaskedWidth(route_weights, choices(g, i)) for i in range(3)))

@@ -63,7 +63,7 @@ class GatedSupernet(nn.Module):
     hidden, _ = self.prefix(images, train, route)
     return self.suffix(hidden, route, train)
 
-  def masked(self, images, route_weights):
+  def masked(self, images, route_weights, authors_masks: bool = False):
     """Per-example routes over the routing space by masks (gate training; eval-mode BN, no
     dropout).
 
@@ -75,7 +75,7 @@ class GatedSupernet(nn.Module):
     """
     check_images(images, self.in_channels, type(self).__name__)
     hidden, routing_logits = self.prefix(images, False)
-    return self.masked_suffix(hidden, route_weights), routing_logits
+    return self.masked_suffix(hidden, route_weights, authors_masks), routing_logits
 
   # --- the contract: pure functions of variables, used everywhere outside models/ ---------
 
@@ -112,8 +112,8 @@ class GatedSupernet(nn.Module):
     return self.apply(variables, hidden, self.routes[route], method=type(self).suffix)
 
   @nn.nowrap
-  def apply_gated(self, variables, images, choose: RouteChoice = argmax_choice
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def apply_gated(self, variables, images, choose: RouteChoice = argmax_choice,
+                  authors_masks: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The gated model with per-example routes by masks, in one program (fixed shapes).
 
     Args:
@@ -121,12 +121,15 @@ class GatedSupernet(nn.Module):
       images: (batch, H, W, C).
       choose: routing logits (batch, R) -> route weights (batch, R); default argmax one-hot,
         gate training passes Gumbel straight-through weights.
+      authors_masks: the authors' mask placement in the masked suffix (DS-MBNet; the same
+        values, their gradients in the route weights).
     Returns:
       (logits (batch, classes), routing logits (batch, R), route weights (batch, R)).
     """
     hidden, routing_logits = self.apply_prefix(variables, images)
     weights = choose(routing_logits)
-    logits = self.apply(variables, hidden, weights, method=type(self).masked_suffix)
+    logits = self.apply(variables, hidden, weights, authors_masks,
+                        method=type(self).masked_suffix)
     return logits, routing_logits, weights
 
   @nn.nowrap
