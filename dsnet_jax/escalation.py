@@ -47,8 +47,12 @@ class Escalation:
     if len(self.thresholds) != len(self.chain) - 1:
       raise ConfigError(f'{len(self.chain)} routes need {len(self.chain) - 1} thresholds, got '
                         f'{list(self.thresholds)}')
-    if not all(np.isfinite(t) for t in self.thresholds):
-      raise ConfigError(f'escalation thresholds must be finite, got {list(self.thresholds)}')
+    if not all(_is_number(t) and 0 <= t <= ALWAYS for t in self.thresholds):
+      raise ConfigError(f'escalation thresholds must be numbers in [0, {ALWAYS}] (confidences '
+                        f'lie in [0, 1]), got {list(self.thresholds)}')
+    if not (_is_number(self.budget) and self.budget >= 0) or self.budget_unit != 'madds':
+      raise ConfigError(f'an escalation budget is MAdds per image >= 0, got {self.budget!r} '
+                        f'{self.budget_unit!r}')
     check_confidence(self.confidence)
 
   def to_json(self, **extra: Any) -> str:
@@ -57,11 +61,23 @@ class Escalation:
 
   @classmethod
   def from_json(cls, text: str) -> Escalation:
+    """The rule `to_json` wrote (numbers must be JSON numbers, names strings)."""
     data = json.loads(text)
-    return cls(chain=tuple(str(r) for r in data['chain']),
-               thresholds=tuple(float(t) for t in data['thresholds']),
-               confidence=data['confidence'], budget=float(data.get('budget', 0.0)),
+    if not isinstance(data['chain'], list) or not all(isinstance(r, str) for r in data['chain']):
+      raise ConfigError(f'an escalation chain is a list of route names, got {data["chain"]!r}')
+    if not isinstance(data['thresholds'], list) or not all(
+        _is_number(t) for t in data['thresholds']):
+      raise ConfigError(f'escalation thresholds are a list of numbers, got '
+                        f'{data["thresholds"]!r}')
+    return cls(chain=tuple(data['chain']), thresholds=tuple(map(float, data['thresholds'])),
+               confidence=data['confidence'], budget=data.get('budget', 0.0),
                budget_unit=data.get('budget_unit', 'madds'))
+
+
+def _is_number(value) -> bool:
+  """A finite int or float (not a bool, not a string)."""
+  return (isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+          and bool(np.isfinite(value)))
 
 
 def chain_routes(table, chain: Sequence[str | int]) -> tuple[Any, ...]:
@@ -83,6 +99,21 @@ def chain_routes(table, chain: Sequence[str | int]) -> tuple[Any, ...]:
     raise ConfigError(f'escalation chain {names}: routes {outside} are not in the routing '
                       f'space {space} (a chain shares the gate\'s prefix)')
   return routes
+
+
+def checked_chain(model, chain: Sequence[str | int], image_shape: Sequence[int]
+                  ) -> tuple[str, ...]:
+  """The chain's route names, checked as `chain_routes` does and ordered cheapest first (an
+  image escalates to a wider route).
+
+  Raises: as `chain_routes`; ConfigError for a chain out of order.
+  """
+  names = tuple(r.name for r in chain_routes(model.routes, chain))
+  own = [route_complexity(model, r, tuple(image_shape)).madds for r in names]
+  if any(a >= b for a, b in zip(own, own[1:])):
+    raise ConfigError(f'escalation chain {list(names)}: routes of MAdds {own}; give them '
+                      'cheapest first (an image escalates to a wider route)')
+  return names
 
 
 def check_confidence(kind: str) -> None:
@@ -201,7 +232,9 @@ def at_share(model, variables, images, chain: Sequence[str], share: float) -> Es
   """A rule under which each level escalates `share` of the images it sees (thresholds at
   that quantile of their confidences): a stand-in for speed measurements, not calibrated to
   any budget."""
-  chain = tuple(model.routes[r].name for r in chain)
+  chain = checked_chain(model, chain, images.shape[1:])
+  if not (_is_number(share) and 0 <= share <= 1):
+    raise ConfigError(f'an escalation share is a fraction in [0, 1], got {share!r}')
   thresholds, rows = [], np.arange(len(images))
   for route in chain[:-1]:
     confidences = np.asarray(confidence(model.apply(variables, images[rows], route=route)))

@@ -342,14 +342,10 @@ def escalation_budget(model, image_shape, chain: Sequence[str], budget: float,
     errors.ConfigError: a route outside the routing space, an unknown unit or confidence;
     errors.BudgetError: a budget the chain cannot spend.
   """
-  chain = tuple(r.name for r in escalation_lib.chain_routes(model.routes, chain))
+  chain = escalation_lib.checked_chain(model, chain, image_shape)
   escalation_lib.check_confidence(confidence)
   if budget_unit not in ('largest', 'madds'):
     raise errors.ConfigError(f"budget unit {budget_unit!r}: use 'largest' or 'madds'")
-  own = [route_complexity(model, r, tuple(image_shape)).madds for r in chain]
-  if any(a >= b for a, b in zip(own, own[1:])):
-    raise errors.ConfigError(f'escalation chain {list(chain)}: routes of MAdds {own}; give them '
-                             'cheapest first (an image escalates to a wider route)')
   costs = escalation_lib.level_costs(model, chain, image_shape)
   largest = route_complexity(model, model.routes.largest, tuple(image_shape)).madds
   madds = budget * largest if budget_unit == 'largest' else budget

@@ -160,10 +160,11 @@ class RoutedPredictor:
     self.model = model
     self.table = check_gated(model)
     self.escalation = escalation
-    self.chain = () if escalation is None else escalation_lib.chain_routes(self.table,
-                                                                            escalation.chain)
     self.variables = variables
     self.image_shape = tuple(image_shape)
+    self.chain = () if escalation is None else tuple(
+        self.table[r] for r in escalation_lib.checked_chain(model, escalation.chain,
+                                                            self.image_shape))
     self.ladder = tuple(sorted(set(ladder))) if ladder else powers_of_two(max_batch)
     if self.ladder[0] < 1:
       raise ValueError(f'ladder sizes must be positive, got {self.ladder}')

@@ -250,30 +250,34 @@ def load(workdir: str | os.PathLike = '', checkpoint: str | os.PathLike = '', co
   image_shape = input_pipeline.preprocessing(config_lib.data_spec(config.data)).image_shape
   restored = restore_variables(directory, model, image_shape, mesh, config, allow_changes, log)
   return Loaded(restored.model, restored.variables, config, image_shape, restored,
-                read_escalation(directory, restored.step, restored.model, log)
+                read_escalation(directory, restored.step, restored.model, image_shape, log)
                 if with_escalation else None)
 
 
-def save_escalation(directory: str, rule: escalation_lib.Escalation, step: int,
-                    **extra: Any) -> str:
+def save_escalation(directory: str, rule: escalation_lib.Escalation, step: int, model,
+                    image_shape: Sequence[int], **extra: Any) -> str:
   """Writes the escalation router calibrated for step `step` of the stage folder `directory`
-  (`<directory>/escalation.json`, replaced atomically; process 0 writes). Returns its path."""
+  (`<directory>/escalation.json`, replaced atomically; process 0 writes), with the MAdds per
+  image of each level on `model` (`level_madds`: a reader compares them with its model).
+  Returns its path."""
   path = epath.Path(directory) / escalation_lib.ESCALATION_FILE
+  costs = escalation_lib.level_costs(model, rule.chain, image_shape)
   if jax.process_index() == 0:
     tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(rule.to_json(step=step, **extra))
+    tmp.write_text(rule.to_json(step=step, level_madds=costs.tolist(), **extra))
     tmp.replace(path)
   return os.fspath(path)
 
 
-def read_escalation(directory: str, step: int, model, log=say
+def read_escalation(directory: str, step: int, model, image_shape: Sequence[int], log=say
                     ) -> escalation_lib.Escalation | None:
   """The escalation router saved in the stage folder `directory`, if it was calibrated for
   `step` (one calibrated for another step is not used: a line through `log` says so).
 
   Raises:
-    errors.ConfigError naming the file: it is not a rule for `model` (damaged, or a chain
-      outside its routing space).
+    errors.ConfigError naming the file: it is not a rule for `model` (damaged, values out of
+      range, a chain outside its routing space or out of order, or levels whose recorded MAdds
+      are another network's).
   """
   path = epath.Path(directory) / escalation_lib.ESCALATION_FILE
   if not path.exists():
@@ -283,16 +287,23 @@ def read_escalation(directory: str, step: int, model, log=say
          f'--checkpoint={directory} ...')
   try:
     saved = json.loads(text)
-    if not isinstance(saved.get('step'), int):
+    if isinstance(saved.get('step'), bool) or not isinstance(saved.get('step'), int):
       raise ValueError(f'its step is {saved.get("step")!r}, not a step number')
     rule = escalation_lib.Escalation.from_json(text)
   except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors.
     raise errors.ConfigError(f'{path} is not an escalation rule ({type(e).__name__}: {e}); '
                              f'{fix}') from None
   try:
-    escalation_lib.chain_routes(model.routes, rule.chain)
+    escalation_lib.checked_chain(model, rule.chain, image_shape)
   except (errors.ConfigError, errors.UnknownRouteError) as e:
     raise errors.ConfigError(f'{path}: {e}; {fix}') from None
+  costs = escalation_lib.level_costs(model, rule.chain, image_shape)
+  recorded = saved.get('level_madds')
+  if recorded is not None and (not isinstance(recorded, list) or len(recorded) != len(costs)
+                               or not np.allclose(recorded, costs, rtol=1e-9)):
+    raise errors.ConfigError(
+        f'{path} was calibrated for levels of {recorded} MAdds per image; on this model '
+        f'{rule.chain} cost {costs.tolist()}: a rule of another network. {fix}')
   if saved['step'] != step:
     log(f'{path} was calibrated for step {saved["step"]}, not {step}: not used (calibrate again '
         'with python -m dsnet_jax.tools.escalate)')

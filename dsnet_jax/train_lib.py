@@ -178,6 +178,7 @@ def calibrate_escalation(run: Run, variables: Variables):
       run.model, variables, run.spec.eval_data, run.spec.eval_batch_size, e.chain, e.budget,
       e.budget_unit, e.confidence, e.calibration_examples, run.mesh, e.calibration_split)
   rundir_lib.save_escalation(run.rundir.stage_dir(stage), rule, run.rundir.status(stage).step,
+                             run.model, run.train_data.image_shape,
                              **found)
   return rule
 

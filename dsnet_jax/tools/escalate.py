@@ -59,7 +59,8 @@ def main(argv):
       loaded.model, loaded.variables, config_lib.data_spec(config.data),
       config.eval_batch_size, f.chain, f.budget, f.budget_unit, f.confidence,
       f.calibration_examples, mesh, f.calibration_split)
-  path = rundir.save_escalation(loaded.restored.directory, rule, loaded.restored.step, **found)
+  path = rundir.save_escalation(loaded.restored.directory, rule, loaded.restored.step,
+                                loaded.model, loaded.image_shape, **found)
   print(f'escalation saved -> {path}')
   report = eval_lib.evaluate_and_report(
       loaded.model, loaded.variables, pipeline, mesh,

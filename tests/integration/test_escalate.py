@@ -162,18 +162,39 @@ def test_escalation_calibrates_on_the_split_the_user_names(trained, tmp_path):
   assert 65000 - step <= saved['calibration']['madds'] <= 65000
 
 
-@pytest.mark.parametrize('content', ['{"chain": ["0", "2"], "thresh', '[1, 2, 3]',
-                                     '{"chain": ["0", "2"], "step": 3}',
-                                     '{"chain": ["0", "2"], "thresholds": ["high"], "step": 3}',
-                                     '{"chain": ["0", "3"], "thresholds": [0.5], "step": 3}',
-                                     '{"chain": ["0", "2"], "thresholds": [0.5], "step": "3"}'])
-def test_a_damaged_saved_escalation_is_named(trained, tmp_path, content):
+RULE = '"confidence": "max_softmax", "step": 3'
+
+
+@pytest.mark.parametrize('content, message', [
+    ('{"chain": ["0", "2"], "thresh', 'not an escalation rule'), ('[1, 2, 3]', 'not an escalation'),
+    ('{"chain": ["0", "2"], "step": 3}', 'not an escalation rule'),
+    ('{"chain": ["0", "2"], "thresholds": ["high"], %s}' % RULE, 'a list of numbers'),
+    ('{"chain": ["0", "2"], "thresholds": ["0.3"], %s}' % RULE, 'a list of numbers'),
+    ('{"chain": ["0", "2"], "thresholds": [true], %s}' % RULE, 'a list of numbers'),
+    ('{"chain": ["0", "2"], "thresholds": [1e30], %s}' % RULE, r'numbers in \[0, 2.0\]'),
+    ('{"chain": ["0", "2"], "thresholds": [-1], %s}' % RULE, r'numbers in \[0, 2.0\]'),
+    ('{"chain": ["0", "2"], "thresholds": [0.5], "budget": -5, %s}' % RULE, 'budget is MAdds'),
+    ('{"chain": ["0", "2"], "thresholds": [0.5], "budget": NaN, %s}' % RULE, 'budget is MAdds'),
+    ('{"chain": ["0", "2"], "thresholds": [0.5], "budget": 6e4, "budget_unit": "furlongs", %s}'
+     % RULE, "'furlongs'"),
+    ('{"chain": ["0", "3"], "thresholds": [0.5], %s}' % RULE, 'not in the routing space'),
+    ('{"chain": ["2", "0"], "thresholds": [0.5], %s}' % RULE, 'cheapest first'),
+    ('{"chain": [0, 2], "thresholds": [0.5], %s}' % RULE, 'a list of route names'),
+    ('{"chain": ["0", "2"], "thresholds": [0.5], "step": "3"}', 'not a step number'),
+    ('{"chain": ["0", "2"], "thresholds": [0.5], "confidence": "max_softmax", "step": true}',
+     'not a step number'),
+    # Calibrated on another network: its levels cost other MAdds than this model's.
+    ('{"chain": ["0", "2"], "thresholds": [0.5], "level_madds": [90000.0, 120000.0], %s}' % RULE,
+     'a rule of another network'),
+])
+def test_a_damaged_saved_escalation_is_named(trained, tmp_path, content, message):
   (tmp_path / escalation.ESCALATION_FILE).write_text(content)
   model = rundir.load(trained.workdir).model
-  with pytest.raises(errors.ConfigError,
-                     match=f'{tmp_path}/escalation.json(: escalation chain| is not an escalation '
-                           'rule)'):
-    rundir.read_escalation(str(tmp_path), 3, model)
+  with pytest.raises(errors.ConfigError, match=f'{tmp_path}/escalation.json.*{message}'):
+    rundir.read_escalation(str(tmp_path), 3, model, (16, 16, 1))
+  (tmp_path / escalation.ESCALATION_FILE).write_text(  # The same rule, well formed.
+      '{"chain": ["0", "2"], "thresholds": [0.5], "level_madds": [57916.0, 77148.0], %s}' % RULE)
+  assert rundir.read_escalation(str(tmp_path), 3, model, (16, 16, 1)).thresholds == (0.5,)
 
 
 def test_the_escalate_tool_replaces_a_damaged_saved_escalation(trained, tmp_path):
