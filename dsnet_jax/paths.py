@@ -7,7 +7,7 @@ import fcntl
 import os
 from typing import Callable, Iterator
 
-from dsnet_jax.errors import LockedError
+from dsnet_jax.errors import ConfigError, LockedError
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -19,6 +19,27 @@ def absolute(path: str | os.PathLike) -> str:
   """A local path made absolute; a remote one as given."""
   path = os.fspath(path)
   return path if is_remote(path) else os.path.abspath(path)
+
+
+def check_output(path: str | os.PathLike, kind: str, flag: str) -> None:
+  """Raises ConfigError, before any work, when `path` cannot become a `kind` ('dir' or
+  'file') that this process writes: it exists as the other kind, or the nearest folder that
+  exists above it is a file or not writable. `flag` names it in the message. Remote paths are
+  not checked (their bucket says at the write)."""
+  path = os.fspath(path)
+  if not path or is_remote(path):
+    return
+  if kind == 'dir' and os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f'{flag}={path} is a file: name a directory')
+  if kind == 'file' and os.path.isdir(path):
+    raise ConfigError(f'{flag}={path} is a directory: name a file')
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConfigError(f'{flag}={path} lies under {parent}, which is a file')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f'{flag}={path}: {parent} is not writable')
 
 
 @contextlib.contextmanager

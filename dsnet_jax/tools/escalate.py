@@ -11,7 +11,7 @@ with the budget's error there.
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsnet_jax import config_lib, errors, escalation, eval_lib, rundir
+from dsnet_jax import config_lib, errors, escalation, eval_lib, paths, rundir
 from dsnet_jax.tools import cli
 
 config_flags.DEFINE_config_file('config', None, 'The config the checkpoint was trained with '
@@ -47,6 +47,7 @@ def main(argv):
     raise errors.ConfigError('pass exactly one of --workdir and --checkpoint')
   if f.calibration_examples < 1:
     raise errors.ConfigError('--calibration_examples must be positive')
+  paths.check_output(f.output_dir, 'dir', '--output_dir')
   config = f.config
   if config is None:
     config = rundir.saved_config(f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir())

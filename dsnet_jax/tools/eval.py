@@ -12,10 +12,9 @@ if __name__ == '__main__':
   huge_pages.relaunch()  # First: the imports below would otherwise run twice.
 
 from absl import app, flags  # noqa: E402
-from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dsnet_jax import errors, eval_lib, rundir  # noqa: E402
+from dsnet_jax import eval_lib, paths, rundir  # noqa: E402
 from dsnet_jax.tools import cli  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'The config the workdir was trained with '
@@ -35,8 +34,7 @@ def main(argv):
   if not cli.start(flags.FLAGS):
     return
   output_dir = flags.FLAGS.output_dir
-  if output_dir and epath.Path(output_dir).exists() and not epath.Path(output_dir).is_dir():
-    raise errors.ConfigError(f'--output_dir={output_dir} is a file: name a directory')
+  paths.check_output(output_dir, 'dir', '--output_dir')
   config = flags.FLAGS.config
   if config is None:
     config = rundir.saved_config(flags.FLAGS.checkpoint

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from dsnet_jax import (bn_calibration, config_lib, errors, escalation, eval_lib, inference,
-                       latency, stand_in)
+                       latency, paths, stand_in)
 from dsnet_jax.data import input_pipeline
 from dsnet_jax.models import available_models, get_model
 from dsnet_jax.tools import cli
@@ -49,26 +49,27 @@ flags.DEFINE_string('output', '', 'Where to write the table (default: '
 def main(argv):
   f = FLAGS
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+    raise errors.ConfigError(f'unexpected arguments {argv[1:]}')
   if bool(f.config) == bool(f.model) or (f.workdir and not f.config):
-    raise app.UsageError('give --config (with --workdir: its trained model; without: random '
+    raise errors.ConfigError('give --config (with --workdir: its trained model; without: random '
                          'weights) or --model (random weights)')
   batch = f.batch or latency.default_throughput_batch()
   try:
     sizes = sorted({int(b) for b in f.batch_sizes} | {1, batch})
   except ValueError:
-    raise app.UsageError(f'--batch_sizes must be integers, got {f.batch_sizes}') from None
+    raise errors.ConfigError(f'--batch_sizes must be integers, got {f.batch_sizes}') from None
   output = f.output or (f.workdir and os.path.join(f.workdir, latency.LATENCY_FILE))
-  if output and (os.path.isdir(output) or os.path.isfile(os.path.dirname(output) or '.')):
-    raise app.UsageError(f'--output={output} is a directory or under a file: give a file path')
+  paths.check_output(output, 'file', '--output')
   if f.model and (f.image_size < 1 or f.num_classes < 1):
-    raise app.UsageError('--image_size and --num_classes must be positive')
+    raise errors.ConfigError('--image_size and --num_classes must be positive')
   if sizes[0] < 1 or f.rounds < 1 or f.singles < 1:
-    raise app.UsageError(f'batch sizes, --rounds and --singles must be positive, got {sizes}, '
+    raise errors.ConfigError(f'batch sizes, --rounds and --singles must be positive, got {sizes}, '
                          f'{f.rounds}, {f.singles}')
+  if f.escalation_chain and not 0 <= f.escalation_share <= 1:  # NaN too.
+    raise errors.ConfigError(f'--escalation_share={f.escalation_share}: a fraction in [0, 1]')
   count = max(sizes[-1], f.singles)
   if f.model and f.model not in available_models():
-    raise app.UsageError(f'unknown model {f.model!r}; available: '
+    raise errors.ConfigError(f'unknown model {f.model!r}; available: '
                          f'{", ".join(available_models())}')
   rule = None
   if f.config:

@@ -227,3 +227,30 @@ def test_eval_refuses_an_output_dir_that_is_a_file_before_any_work(tmp_path):
   assert done.returncode == 1
   assert done.stderr.strip() == f'error: --output_dir={target} is a file: name a directory'
   assert time.perf_counter() - start < 30 and target.read_text() == 'not a directory'
+
+
+@pytest.mark.parametrize('command, message', [
+    (['eval.py', '--workdir={none}', '--output_dir={file}/sub'],
+     '--output_dir={file}/sub lies under {file}, which is a file'),
+    (['-m', 'dsnet_jax.tools.escalate', '--workdir={none}', '--chain=0,2', '--budget=0.5',
+      '--output_dir={file}'], '--output_dir={file} is a file: name a directory'),
+    (['-m', 'dsnet_jax.tools.latency', '--model=ds_mbnet', '--image_size=32',
+      '--output={file}/sub/x.json'], '--output={file}/sub/x.json lies under {file}, which is'),
+    (['-m', 'dsnet_jax.tools.latency', '--model=ds_mbnet', '--image_size=32', '--rounds=0'],
+     'batch sizes, --rounds and --singles must be positive'),
+    (['-m', 'dsnet_jax.tools.latency', '--model=ds_mbnet', '--image_size=32',
+      '--escalation_chain=0,3', '--escalation_share=nan'], '--escalation_share=nan: a fraction'),
+    (['-m', 'dsnet_jax.tools.latency', '--model=ds_mbnet', '--image_size=32',
+      '--escalation_chain=0,3', '--escalation_share=-0.1'], '--escalation_share=-0.1: a fraction'),
+])
+def test_a_bad_output_path_or_flag_is_one_error_line_before_any_work(tmp_path, command, message):
+  file = tmp_path / 'a_file'
+  file.write_text('kept')
+  fill = lambda s: s.format(file=file, none=tmp_path / 'none')
+  done = subprocess.run([sys.executable, *map(fill, command)], cwd=ROOT, capture_output=True,
+                        text=True)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1].startswith(f'error: {fill(message)}'), done.stderr
+  assert 'Traceback' not in done.stderr and 'USAGE' not in done.stderr.upper()
+  assert 'restored' not in done.stdout
+  assert file.read_text() == 'kept'
