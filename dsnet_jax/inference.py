@@ -45,7 +45,7 @@ import numpy as np
 from dsnet_jax import escalation as escalation_lib
 from dsnet_jax import routes as routes_lib
 from dsnet_jax import timing
-from dsnet_jax.errors import NotGatedError
+from dsnet_jax.errors import ConfigError, NotGatedError
 from dsnet_jax.models.gated import check_images
 
 
@@ -146,6 +146,9 @@ class RoutedPredictor:
     escalation: route by escalation (`dsnet_jax.escalation`) instead of the gate's argmax:
       every image runs the prefix and the chain's first suffix, the less confident ones the
       next suffix on the same prefix output, and so on (one host sync per level).
+    gate_trained: False for variables whose routing head no gate stage trained (as
+      `dsnet_jax.load(...).predictor()` says): routing by the gate is then refused (escalation
+      and forced routing indices still run).
     dtype: the images' dtype in the compiled programs (other inputs are cast to it on the
       way in). float32 suits a bfloat16 model too: its stem casts to bfloat16 on the device,
       where casting NumPy images on the host would cost more than the transfer it saves.
@@ -156,8 +159,10 @@ class RoutedPredictor:
   def __init__(self, model, variables, image_shape: Sequence[int], *,
                ladder: Sequence[int] | None = None, max_batch: int = 256,
                chunk_costs: Mapping[str, Mapping[int, float]] | None = None,
-               dtype: Any = jnp.float32, escalation: escalation_lib.Escalation | None = None):
+               dtype: Any = jnp.float32, escalation: escalation_lib.Escalation | None = None,
+               gate_trained: bool = True):
     self.model = model
+    self.gate_trained = gate_trained
     self.table = check_gated(model)
     self.escalation = escalation
     self.variables = variables
@@ -277,7 +282,7 @@ class RoutedPredictor:
       stop = min(start + self.max_batch, n)
       forced = None if routing_indices is None else routing_indices[start:stop]
       part = images if (start, stop) == (0, n) else images[start:stop]
-      if (self.escalation is not None if escalate is None else escalate) and forced is None:
+      if forced is None and self._escalates(escalate):
         part_logits, part_routes = self._escalate_pass(part)
       else:
         part_logits, part_routes = self._predict_pass(part, forced)
@@ -327,8 +332,23 @@ class RoutedPredictor:
       raise ValueError(f'forced routing index {routing_index} is not in '
                        f'[0, {len(self.routing_space)})')
     force = np.int32(-1 if routing_index is None else routing_index)
-    escalate = self.escalation is not None if escalate is None else escalate
+    escalate = self._escalates(escalate) if routing_index is None else bool(self.escalation)
     return self._single(escalate)(self.variables, image, force)
+
+  def _escalates(self, escalate: bool | None) -> bool:
+    """Whether a call routes by escalation (else by the gate's argmax).
+
+    Raises:
+      errors.NotGatedError: routing by a gate that was never trained; errors.ConfigError:
+        escalating without a rule.
+    """
+    escalates = self.escalation is not None if escalate is None else bool(escalate)
+    if escalates and self.escalation is None:
+      raise ConfigError('escalate=True, but this predictor has no escalation rule')
+    if not escalates and not self.gate_trained:
+      raise NotGatedError('these variables hold a gate no gate stage trained: routing by it '
+                          'would be arbitrary. Route by escalation, or force routing indices.')
+    return escalates
 
   # --- one pass of at most max_batch examples ----------------------------------------------
 

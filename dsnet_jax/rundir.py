@@ -213,12 +213,19 @@ class Loaded:
     where = self.restored.directory
     if router not in ('', 'escalation', 'gate'):
       raise errors.ConfigError(f"router {router!r}: use 'escalation', 'gate' or '' (either)")
+    if 'escalation' in kwargs or 'gate_trained' in kwargs:
+      raise errors.ConfigError("predictor(): the checkpoint's own router is used; choose it with "
+                               "router='escalation' or 'gate'")
+    if not self.restored.complete:
+      say(f'warning: {where} is unfinished (step {self.restored.step} of '
+          f'{self.restored.meta.get("total_steps")}): its router is used as it is')
     if router == 'escalation' or (not router and self.escalation is not None):
       if self.escalation is None:
         raise errors.ConfigError(f'{where} has no calibrated escalation: run '
                                  'python -m dsnet_jax.tools.escalate on it first')
       return inference.RoutedPredictor(self.model, self.variables, self.image_shape,
-                                       escalation=self.escalation, **kwargs)
+                                       escalation=self.escalation,
+                                       gate_trained=self.restored.gated, **kwargs)
     if not self.restored.gated:
       raise errors.ConfigError(
           f'{where} holds a {self.restored.meta.get("stage", "supernet")} checkpoint: its gate '

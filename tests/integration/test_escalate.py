@@ -97,6 +97,18 @@ def test_a_predictor_routes_only_by_a_trained_gate_or_a_calibrated_escalation(tr
   assert done.returncode == 0, done.stderr[-3000:]
   predictor = rundir.load(checkpoint=recalibrated).predictor(max_batch=16)
   assert predictor.escalation.chain == ('0', '2')
+  # Its untrained gate stays out of reach: asked for by name, or by escalate=False.
+  images = np.zeros((3, 16, 16, 1), np.float32)
+  with pytest.raises(errors.NotGatedError, match='a gate no gate stage trained'):
+    predictor.predict(images, escalate=False)
+  with pytest.raises(errors.NotGatedError, match='a gate no gate stage trained'):
+    predictor.predict_one(images[0], escalate=False)
+  _, forced = predictor.predict(images, routing_indices=[0, 1, 2])  # Forced: no gate.
+  assert forced.tolist() == [0, 1, 2]
+  with pytest.raises(errors.ConfigError, match="own router is used; choose it with router="):
+    gated.predictor('gate', escalation=predictor.escalation)
+  with pytest.raises(errors.ConfigError, match='has no escalation rule'):
+    gated.predictor('gate', max_batch=16).predict(images, escalate=True)
 
 
 def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tmp_path):
