@@ -24,6 +24,7 @@ import study
 
 from dsnet_jax import config_lib, escalation, eval_lib, huge_pages, routers, rundir
 from dsnet_jax.data import input_pipeline
+from dsnet_jax.models import get_model
 
 SECTION = 'routers'
 VARIANT = 'routers'
@@ -122,15 +123,17 @@ def lowest_reaching(points: dict[str, dict], target: float) -> str:
 
 
 def table(model_name: str, measured: list[dict], gates: dict[float, list[dict]],
-          budgets, targets: dict[str, float]) -> str:
+          budgets, targets: dict[str, float], space_rows: list[list[dict]]) -> str:
   """The markdown table of one model: a row per budget, then a row per target accuracy
-  ({route: accuracy}, seed 0): the lowest budget at which each router reaches it."""
+  ({route: accuracy}, seed 0): the lowest budget at which each router reaches it.
+  `space_rows`: per seed, the routing space's routes (what a router can mix)."""
   n = len(measured)
   labels = list(measured[0]['escalation'])
   lines = ['| budget | achieved MAdds (M), gate / ' + ' / '.join(labels) + ' | static curve | '
-           'best mix | learned gate | ' + ' | '.join(f'escalation, {l}' for l in labels) +
+           'best mix | best mix, routing space | learned gate | ' +
+           ' | '.join(f'escalation, {l}' for l in labels) +
            ' | escalation (2 levels) - mix | its test cost vs budget (seen / unseen calibration) |',
-           '|---|---|---|---|---|' + '---|' * len(labels) + '---|---|']
+           '|---|---|---|---|---|---|' + '---|' * len(labels) + '---|---|']
   for budget in budgets:
     key = f'{budget:g}'
     esc = {l: [m['escalation'][l]['budgets'].get(key) for m in measured] for l in labels}
@@ -142,9 +145,12 @@ def table(model_name: str, measured: list[dict], gates: dict[float, list[dict]],
     cells = [f'{budget:g}', ' / '.join(cost)]
     if all(two):
       cells += [study.percent(*study.mean_spread(p['static_accuracy'] for p in two), n),
-                study.percent(*study.mean_spread(p['best_static_mix'] for p in two), n)]
+                study.percent(*study.mean_spread(p['best_static_mix'] for p in two), n),
+                study.percent(*study.mean_spread(
+                    routers.best_static_mix_at(rows, p['madds'])
+                    for rows, p in zip(space_rows, two)), n)]
     else:
-      cells += ['-', '-']
+      cells += ['-', '-', '-']
     cells.append(study.percent(*study.mean_spread(g['accuracy'] for g in gated), len(gated)))
     cells += [study.percent(*study.mean_spread(p['accuracy'] for p in esc[l]), n)
               if all(esc[l]) else 'cannot spend it' for l in labels]
@@ -159,6 +165,7 @@ def table(model_name: str, measured: list[dict], gates: dict[float, list[dict]],
   for route, target in targets.items():
     gate_reach = [f'{b:g}' for b in budgets if gates[b][0]['gated']['accuracy'] >= target]
     reach = [f"lowest budget reaching route {route}'s {100 * target:.2f} % (seed 0)", '', '', '',
+             '',
              gate_reach[0] if gate_reach else f'none of {", ".join(f"{b:g}" for b in budgets)}',
              *(lowest_reaching(measured[0]['escalation'][l]['budgets'], target) for l in labels),
              '', '']
@@ -184,6 +191,11 @@ def study_table(model_name: str, steps: int, budgets, seeds, calibration_example
   widest = first['escalation']['2 levels']['chain'][-1]
   targets = {'largest': first['largest_accuracy'],
              widest: study.route_row(supernet, widest)['accuracy']}
+  config = study.configured(study.CONFIGS[model_name])
+  space = [r.name for r in get_model(config.model_name, **config.model).routes.routing_space]
+  space_rows = [[r for r in study._read_record(  # pylint: disable=protected-access
+      pathlib.Path(runs_dir) / f'{m["supernet_run"]}.json', {})['routes'] if r['route'] in space]
+                for m in measured]
   text = (f'## 5. Which router pays: {model_name}, {steps}-step supernet\n\n'
           f'One supernet per seed ({study.CONFIGS[model_name]}, {steps} Stage I steps: table '
           "1's recipe, trained again with its workdir kept); the gate stage at each budget "
@@ -192,12 +204,13 @@ def study_table(model_name: str, steps: int, budgets, seeds, calibration_example
           "on) to spend the budget (a fraction of 'largest''s MAdds) on average. Accuracy on "
           'the test split, mean ± half the spread over the seeds; "static": the static '
           'routes\' curve at escalation\'s cost; "mix": the best random mix of two routes at '
-          'that cost. The last column: how far the test split\'s second half lands from the '
-          'budget when the thresholds are fitted on the training images (seen) or on the test '
+          "that cost ('largest' included, which no router can run: it is wider before the gate), "
+          'and of two routes of the routing space. The last column: how far the test split\'s '
+          'second half lands from the budget when the thresholds are fitted on the training images (seen) or on the test '
           'split\'s first half (unseen). The last rows: the lowest budget (on a grid of 0.01) at '
           "which each router reaches 'largest''s accuracy and that of the routing space's widest "
           'route (the most a chain can run).\n\n' +
-          table(model_name, measured, gates, budgets, targets) +
+          table(model_name, measured, gates, budgets, targets, space_rows) +
           f"\n\n'largest': {100 * first['largest_accuracy']:.2f} % at "
           f"{first['largest_madds'] / 1e6:.3f} M. Oracle escalation (exactly the images the "
           f'cheapest route gets wrong and the last right): {oracle}. AUROC of "the cheapest '
