@@ -206,8 +206,8 @@ def study_table(model_name: str, steps: int, budgets, seeds, calibration_example
           'routes\' curve at escalation\'s cost; "mix": the best random mix of two routes at '
           "that cost ('largest' included, which no router can run: it is wider before the gate), "
           'and of two routes of the routing space. The last column: how far the test split\'s '
-          'second half lands from the budget when the thresholds are fitted on the training images (seen) or on the test '
-          'split\'s first half (unseen). The last rows: the lowest budget (on a grid of 0.01) at '
+          'second half lands from the budget when the thresholds are fitted on the training '
+          'images (seen) or on the test split\'s first half (unseen). The last rows: the lowest budget (on a grid of 0.01) at '
           "which each router reaches 'largest''s accuracy and that of the routing space's widest "
           'route (the most a chain can run).\n\n' +
           table(model_name, measured, gates, budgets, targets, space_rows) +
