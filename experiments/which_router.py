@@ -207,9 +207,9 @@ def study_table(model_name: str, steps: int, budgets, seeds, calibration_example
           "that cost ('largest' included, which no router can run: it is wider before the gate), "
           'and of two routes of the routing space. The last column: how far the test split\'s '
           'second half lands from the budget when the thresholds are fitted on the training '
-          'images (seen) or on the test split\'s first half (unseen). The last rows: the lowest budget (on a grid of 0.01) at '
-          "which each router reaches 'largest''s accuracy and that of the routing space's widest "
-          'route (the most a chain can run).\n\n' +
+          'images (seen) or on the test split\'s first half (unseen). The last rows: the lowest '
+          "budget (on a grid of 0.01) at which each router reaches 'largest''s accuracy and that "
+          "of the routing space's widest route (the most a chain can run).\n\n" +
           table(model_name, measured, gates, budgets, targets, space_rows) +
           f"\n\n'largest': {100 * first['largest_accuracy']:.2f} % at "
           f"{first['largest_madds'] / 1e6:.3f} M. Oracle escalation (exactly the images the "

@@ -114,7 +114,8 @@ def test_a_predictor_routes_only_by_a_trained_gate_or_a_calibrated_escalation(tr
 def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained.workdir, workdir)
-  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,2', '--budget=0.01')
+  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,2',
+                  '--budget=0.01')
   assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith('error: ')
   assert 'escalation 0 -> 2 spends' in done.stderr
   assert not list(workdir.glob('**/' + escalation.ESCALATION_FILE))

@@ -123,7 +123,8 @@ def test_other_families_refuse_the_authors_mask_placement():
 def test_the_config_switch_gives_the_authors_stage_two(model_and_variables):
   import dataclasses  # pylint: disable=import-outside-toplevel
   from checks import tiny_config  # pylint: disable=import-outside-toplevel
-  from dsnet_jax import config_lib, errors, optim, train_steps  # pylint: disable=import-outside-toplevel
+  from dsnet_jax import (  # pylint: disable=import-outside-toplevel
+      config_lib, errors, optim, train_steps)
   config = tiny_config(num_devices=1, **{'gate.authors_mode': True})
   config_lib.validate(config)
   recipe = config_lib.gate_recipe(config)
