@@ -5,8 +5,8 @@
 Every image runs the prefix and the chain's first route; the least confident go on to the
 next route, as many as the budget pays for on held-out images (the last
 --calibration_examples of --calibration_split, the training split by default). Writes
-`escalation.json` beside the checkpoint (eval.py, `dsnet_jax.load` and `RoutedPredictor` read it), then reports on the evaluation split
-with the budget's error there.
+`escalation.json` beside the checkpoint (eval.py, `dsnet_jax.load` and `RoutedPredictor` read
+it), then reports on the evaluation split with the budget's error there.
 """
 from absl import app, flags
 from ml_collections import config_flags

@@ -114,24 +114,24 @@ def test_a_predictor_routes_only_by_a_trained_gate_or_a_calibrated_escalation(tr
 def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained.workdir, workdir)
-  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,2',
-                  '--budget=0.01')
+  escalate_32 = lambda *flags: escalate(f'--workdir={workdir}', '--calibration_examples=32', *flags)
+  done = escalate_32('--chain=0,2', '--budget=0.01')
   assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith('error: ')
   assert 'escalation 0 -> 2 spends' in done.stderr
   assert not list(workdir.glob('**/' + escalation.ESCALATION_FILE))
-  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,3', '--budget=0.5')
+  done = escalate_32('--chain=0,3', '--budget=0.5')
   assert done.returncode == 1 and "routes ['3'] are not in the routing space" in done.stderr
-  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,7', '--budget=0.5')
+  done = escalate_32('--chain=0,7', '--budget=0.5')
   assert done.returncode == 1 and "unknown route '7'; valid routes: 0, 1, 2, 3" in done.stderr
   for chain, message in (('2,0', 'give them cheapest first'), ('0', 'two or more distinct'),
                          ('0,0', 'two or more distinct')):
-    done = escalate(f'--workdir={workdir}', '--calibration_examples=32', f'--chain={chain}', '--budget=0.5')
+    done = escalate_32(f'--chain={chain}', '--budget=0.5')
     assert done.returncode == 1 and message in done.stderr.splitlines()[-1], done.stderr
-  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,2', '--budget=65000', '--budget_unit=madds',
-                  '--calibration_examples=64')  # The whole (synthetic) training split.
+  done = escalate_32('--chain=0,2', '--budget=65000', '--budget_unit=madds',
+                     '--calibration_examples=64')  # The whole (synthetic) training split.
   assert done.returncode == 1 and 'use 1 to 63 of the 64 images of train' in done.stderr
-  done = escalate(f'--workdir={workdir}', '--calibration_examples=32', '--chain=0,2', '--budget=0.5',
-                  '--calibration_split=validation')  # The synthetic set has train and test.
+  # The synthetic set has train and test.
+  done = escalate_32('--chain=0,2', '--budget=0.5', '--calibration_split=validation')
   assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
       "error: escalation calibration split 'validation': synthetic has no split")
   assert 'restored' not in done.stdout + done.stderr  # Refused before the checkpoint is read.
