@@ -107,6 +107,35 @@ def variables_key(meta: dict[str, Any]) -> str:
   return meta.get('variables_key', 'ema' if meta.get('stage') == 'supernet' else '')
 
 
+def _numbers(value) -> bool:
+  return isinstance(value, list) and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+
+
+def check_meta(directory: str, meta: Any) -> None:
+  """Raises errors.CheckpointMismatchError naming the checkpoint when its meta is damaged: not
+  a dict, a config that is not JSON, statistics widths or routing offsets of the wrong types
+  (a NaN offset would send every image to one route, silently)."""
+  def bad(what: str):
+    return errors.CheckpointMismatchError(f'{directory}: its meta is damaged ({what}); restore '
+                                          'the checkpoint from a copy, or train it again')
+  if not isinstance(meta, dict):
+    raise bad(f'{type(meta).__name__}, not a JSON object')
+  if 'config' in meta:
+    try:
+      if not isinstance(json.loads(meta['config']) if isinstance(meta['config'], str)
+                        else meta['config'], dict):
+        raise ValueError('not an object')
+    except (TypeError, ValueError) as e:
+      raise bad(f'config is not a JSON object: {e}') from None
+  widths = meta.get('statistics_widths', {})
+  if not isinstance(widths, dict) or not all(
+      _numbers(w) and all(isinstance(x, int) for x in w) for w in widths.values()):
+    raise bad(f'statistics_widths {str(widths)[:80]} is not {{layer: [widths]}}')
+  if 'routing_offsets' in meta and not _numbers(meta['routing_offsets']):
+    raise bad(f'routing_offsets {meta["routing_offsets"]} are not finite numbers')
+
+
 def _check_statistics_widths(directory: str, saved: dict[str, list[int]],
                              model: dict[str, list[int]]) -> None:
   """A checkpoint's BatchNorm rows must be of the model's widths (the same shapes can hold
@@ -143,6 +172,7 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
   stored = {}  # The model the checkpoint was written for, when only its routing space differs.
 
   def target(meta):
+    check_meta(directory, meta)
     gated = is_gated(meta)
     if config is not None and 'config' in meta:
       check_config(meta, config, MODEL_KEYS, allow_changes, f'checkpoint {directory}',
@@ -181,7 +211,12 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
         f'{list(_routing_space(model))}; routing head re-initialised')
     stored['model'] = model
   if 'routing_offsets' in meta:
-    variables = budget_lib.with_offsets(variables, meta['routing_offsets'], mesh)
+    offsets = meta['routing_offsets']
+    if len(offsets) != len(stored['model'].routes.routing_space):
+      raise errors.CheckpointMismatchError(
+          f'{directory}: meta routing_offsets {offsets} has {len(offsets)} entries, the routing '
+          f'space {list(_routing_space(stored["model"]))} {len(_routing_space(stored["model"]))}')
+    variables = budget_lib.with_offsets(variables, offsets, mesh)
   return Restored(variables, meta, step, directory, stored['model'])
 
 
@@ -329,6 +364,7 @@ def saved_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f'no checkpoint in {directory}')
     meta = ckpt.restore_meta()
+  check_meta(os.fspath(directory), meta)
   if 'config' not in meta:
     raise errors.ConfigError(f'{directory} saved no config (an imported checkpoint?): '
                                  'give its config')

@@ -185,17 +185,25 @@ def test_an_unreadable_latest_step_falls_back_in_one_line(tmp_path):
       ckpt.restore(make_state(), fallback=True, log=lines.append)
 
 
+TINY_IMAGE = (16, 16, 1)
+
+
+def tiny_ds_mbnet(stem_widths=(4, 8)):
+  """The tiny config's DS-MBNet (tests/checks.py), with `stem_widths`."""
+  from dsnet_jax.models import get_model
+  return get_model('ds_mbnet', num_classes=4, in_channels=1, stem_widths=stem_widths,
+                   stem_stride=1,
+                   group_widths=((8, 12), (8, 12), (12, 16), (8, 12, 16, 20), (16, 20, 24, 28)),
+                   group_depths=(1, 1, 1, 2, 1), group_strides=(1, 2, 1, 2, 1),
+                   routing_space=(0, 1, 2), dtype='float32')
+
+
 def test_a_checkpoint_records_its_batchnorm_rows_and_refuses_other_widths(tmp_path):
   from flax import traverse_util
   from dsnet_jax import rundir
   from dsnet_jax.layers.norm import statistics_widths
-  from dsnet_jax.models import get_model
-  shape = (16, 16, 1)
-  fields = dict(num_classes=4, in_channels=1, stem_stride=1,
-                group_widths=((8, 12), (8, 12), (12, 16), (8, 12, 16, 20), (16, 20, 24, 28)),
-                group_depths=(1, 1, 1, 2, 1), group_strides=(1, 2, 1, 2, 1),
-                routing_space=(0, 1, 2), dtype='float32')
-  model = get_model('ds_mbnet', stem_widths=(4, 8), **fields)
+  shape = TINY_IMAGE
+  model = tiny_ds_mbnet()
   widths = statistics_widths(model, shape)
   assert widths['stem_bn'] == [4, 8]  # The config's stem widths, one row each.
   variables = rundir.abstract_variables(model, shape, None)
@@ -208,9 +216,28 @@ def test_a_checkpoint_records_its_batchnorm_rows_and_refuses_other_widths(tmp_pa
   with checkpointing.Checkpointer(str(tmp_path), keep=None) as ckpt:
     ckpt.save(0, dict(real), {'variables_key': '', 'statistics_widths': widths})
   assert rundir.restore_variables(tmp_path, model, shape).step == 0
-  other = get_model('ds_mbnet', stem_widths=(6, 8), **fields)  # Same shapes, other widths.
+  other = tiny_ds_mbnet(stem_widths=(6, 8))  # Same shapes, other widths.
   assert jax.tree.map(lambda a: a.shape, rundir.abstract_variables(other, shape, None)) == (
       jax.tree.map(lambda a: a.shape, variables))
   with pytest.raises(errors.CheckpointMismatchError,
                      match=r'statistics of other widths .*stem_bn: \[4, 8\] saved, \[6, 8\]'):
     rundir.restore_variables(tmp_path, other, shape)
+
+
+@pytest.mark.parametrize('meta, message', [
+    ({'routing_offsets': [float('nan'), 0.0, 0.0]}, 'routing_offsets .* are not finite numbers'),
+    ({'routing_offsets': [0.0, 0.0]}, 'routing_offsets .* has 2 entries, the routing space'),
+    ({'statistics_widths': 'abc'}, 'statistics_widths abc is not'),
+    ({'statistics_widths': [4, 8]}, r'statistics_widths \[4, 8\] is not'),
+    ({'statistics_widths': {'stem_bn': [4.5, 8]}}, 'is not {layer: '),
+    ({'config': '{not json'}, 'config is not a JSON object'),
+])
+def test_a_damaged_meta_is_named_not_used(tmp_path, meta, message):
+  from dsnet_jax import rundir
+  shape, model = TINY_IMAGE, tiny_ds_mbnet()
+  variables = jax.jit(model.init, static_argnames='route')(
+      jax.random.key(0), jnp.zeros((1, *shape)), route=model.routes.largest)
+  with checkpointing.Checkpointer(str(tmp_path), keep=None) as ckpt:
+    ckpt.save(0, dict(variables), {'variables_key': '', 'gated': True, **meta})
+  with pytest.raises(errors.CheckpointMismatchError, match=f'{tmp_path}.*{message}'):
+    rundir.restore_variables(tmp_path, model, shape)
