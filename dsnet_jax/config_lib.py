@@ -22,7 +22,7 @@ from ml_collections.config_dict import placeholder
 from dsnet_jax import models
 from dsnet_jax.data.input_pipeline import DataSpec, check_available, check_name, num_examples
 from dsnet_jax.errors import ConfigError
-from dsnet_jax.escalation import AUTO, CONFIDENCES
+from dsnet_jax.escalation import AUTO as AUTO_CHAIN, CONFIDENCES
 from dsnet_jax.optim import OptimizerSpec
 from dsnet_jax.routes import AUTO, RouteTable
 from dsnet_jax.train_steps import GateRecipe, SupernetRecipe
@@ -433,6 +433,9 @@ def _type_ok(value, default) -> bool:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first unknown key or unusable value, naming it."""
   _walk(config, defaults())
+  for path, value in flat_items(config.to_dict()).items():  # A NaN compares as no bound.
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f'config key {path}={value}: not a finite number')
   if config.model_name not in models.available_models():
     raise ConfigError(f'config key model_name={config.model_name!r}: unknown model; available: '
                       f'{", ".join(models.available_models())}')
@@ -538,9 +541,19 @@ def _validate_authors_mode(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_escalation(section: ml_collections.ConfigDict) -> None:
+  if section.confidence not in CONFIDENCES:
+    raise ConfigError(f'config key escalation.confidence={section.confidence!r}: use one of '
+                      f'{", ".join(CONFIDENCES)}')
+  if section.calibration_examples < 1:
+    raise ConfigError('config key escalation.calibration_examples must be >= 1, got '
+                      f'{section.calibration_examples}')
   if not section.chain:
+    if section.budget:  # Set for a router that is not asked for: say so, do not ignore it.
+      raise ConfigError(f'config key escalation.budget={section.budget} without '
+                        "escalation.chain: set the chain (e.g. (0, 6) or ('auto',)), or the "
+                        'budget to 0')
     return
-  if tuple(section.chain) != AUTO and (len(section.chain) < 2
+  if tuple(section.chain) != AUTO_CHAIN and (len(section.chain) < 2
                                        or len(set(map(str, section.chain))) != len(section.chain)):
     raise ConfigError(f'config key escalation.chain={tuple(section.chain)}: two or more '
                       "distinct routes of the routing space, cheapest first, or ('auto',)")
@@ -548,12 +561,6 @@ def _validate_escalation(section: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config keys escalation.budget={section.budget} and '
                       f"escalation.budget_unit={section.budget_unit!r}: a budget > 0 as a "
                       "fraction of 'largest''s MAdds ('largest') or in MAdds ('madds')")
-  if section.confidence not in CONFIDENCES:
-    raise ConfigError(f'config key escalation.confidence={section.confidence!r}: use one of '
-                      f'{", ".join(CONFIDENCES)}')
-  if section.calibration_examples < 1:
-    raise ConfigError('config key escalation.calibration_examples must be >= 1, got '
-                      f'{section.calibration_examples}')
 
 
 def _validate_budget(gate: ml_collections.ConfigDict) -> None:

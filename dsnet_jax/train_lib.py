@@ -19,6 +19,7 @@ import optax
 
 from dsnet_jax import bn_calibration, checkpointing, config_lib, errors, eval_lib, optim
 from dsnet_jax import budget as budget_lib
+from dsnet_jax import escalation as escalation_lib
 from dsnet_jax import routes as routes_lib
 from dsnet_jax import rundir as rundir_lib
 from dsnet_jax import sharding
@@ -131,6 +132,9 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
     e = spec.escalation
     eval_lib.escalation_candidates(spec.model, train_data.image_shape, e.chain, e.budget,
                                    e.budget_unit, e.confidence)
+  elif spec.escalation and spec.escalation.chain != escalation_lib.AUTO:
+    for route in spec.escalation.chain:  # Its names at least, before the space is chosen.
+      spec.model.routes[route]  # noqa: B018  (raises UnknownRouteError)
   if spec.escalation:
     eval_lib.check_calibration_images(spec.eval_data, spec.escalation.calibration_split,
                                       spec.escalation.calibration_examples)

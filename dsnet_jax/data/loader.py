@@ -26,6 +26,7 @@ import grain
 import jax
 import numpy as np
 
+from dsnet_jax.errors import DataError
 from dsnet_jax.data.augment import Mixing
 from dsnet_jax.data.preprocess import Preprocess
 
@@ -152,8 +153,8 @@ class TrainLoader(_HostBatches):
     if self.views < 1:
       raise ValueError(f'views must be >= 1, got {self.views}')
     if self.steps_per_epoch == 0:
-      raise ValueError(f'global batch size {self.global_batch_size} exceeds the '
-                       f'{len(self.source)} examples')
+      raise DataError(f'global batch size {self.global_batch_size} exceeds the '
+                      f'{len(self.source)} training examples: a smaller batch_size, or more data')
     super().__post_init__()
 
   @property

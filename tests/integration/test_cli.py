@@ -242,6 +242,13 @@ def test_eval_refuses_an_output_dir_that_is_a_file_before_any_work(tmp_path):
       '--escalation_chain=0,3', '--escalation_share=nan'], '--escalation_share=nan: a fraction'),
     (['-m', 'dsnet_jax.tools.latency', '--model=ds_mbnet', '--image_size=32',
       '--escalation_chain=0,3', '--escalation_share=-0.1'], '--escalation_share=-0.1: a fraction'),
+    (['train.py', '--config=configs/tiny.py', '--workdir={none}',
+      '--config.data.synthetic_num_examples=4'],
+     'global batch size 8 exceeds the 4 training examples'),
+    (['train.py', '--config=configs/tiny.py', '--workdir={none}',
+      '--config.model.routing_space=auto', '--config.gate.budget=0.5',
+      "--config.escalation.chain=('0', 'bogus')", '--config.escalation.budget=0.5'],
+     "unknown route 'bogus'"),
 ])
 def test_a_bad_output_path_or_flag_is_one_error_line_before_any_work(tmp_path, command, message):
   file = tmp_path / 'a_file'
@@ -252,5 +259,5 @@ def test_a_bad_output_path_or_flag_is_one_error_line_before_any_work(tmp_path, c
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1].startswith(f'error: {fill(message)}'), done.stderr
   assert 'Traceback' not in done.stderr and 'USAGE' not in done.stderr.upper()
-  assert 'restored' not in done.stdout
-  assert file.read_text() == 'kept'
+  assert 'restored' not in done.stdout and 'step' not in done.stdout
+  assert file.read_text() == 'kept' and not (tmp_path / 'none' / 'checkpoints').exists()

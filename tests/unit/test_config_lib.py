@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import re
 
 import pytest
 from absl import flags
@@ -170,3 +171,30 @@ def test_a_schedule_that_would_rise_is_refused_and_loaders_keep_every_thread_bus
       config = load(path, arg)
       assert config.data.prefetch >= config.data.num_threads, path.name
       config_lib.resolve_durations(config, {'supernet': 10 ** 6, 'gate': 10 ** 6})
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'supernet.optimizer.lr': float('nan')}, 'supernet.optimizer.lr=nan: not a finite number'),
+    ({'gate.label_smoothing': float('nan')}, 'gate.label_smoothing=nan: not a finite'),
+    ({'supernet.optimizer.weight_decay': float('inf')}, 'weight_decay=inf: not a finite'),
+    ({'escalation.budget': 0.5}, 'escalation.budget=0.5 without escalation.chain'),
+    ({'escalation.confidence': 'bogus'}, "escalation.confidence='bogus'"),
+    ({'escalation.calibration_examples': -3}, 'calibration_examples must be >= 1'),
+])
+def test_a_value_that_would_be_ignored_or_poison_training_is_refused(overrides, message):
+  config = load(ROOT / 'configs/tiny.py')
+  for key, value in overrides.items():
+    section, leaf = key.rsplit('.', 1)
+    target = config
+    for part in section.split('.'):
+      target = target[part]
+    target[leaf] = value
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
+    config_lib.validate(config)
+
+
+def test_an_auto_escalation_chain_is_a_valid_config():
+  config = load(ROOT / 'configs/tiny.py')
+  config.escalation.chain, config.escalation.budget = ('auto',), 0.5
+  config_lib.validate(config)
+  assert config_lib.resolve(config).escalation.chain == ('auto',)
