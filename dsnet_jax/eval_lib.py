@@ -327,7 +327,7 @@ def evaluate_workdir(config, workdir: str, checkpoint: str = '',
   return evaluate_and_report(loaded.model, loaded.variables, pipeline, mesh, output_dir,
                              gated=restored.gated, budget_meta=calibrated_budget(restored.meta),
                              latency=workdir_latency(workdir, pipeline.image_shape,
-                                                     loaded.model),
+                                                     loaded.model) if workdir else None,
                              title=report_title(loaded.model, config, restored),
                              escalation=loaded.escalation)
 

@@ -85,10 +85,11 @@ def start_distributed(flag_values) -> None:
     sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
 
 
-def start(flag_values, resolve=None) -> bool:
+def start(flag_values, resolve=None, needs=('workdir',)) -> bool:
   """What train.py and eval.py do first: library INFO logs off (see quiet_library_logs);
   with --print_config, print the config (overrides applied, then `resolve`d if given and the
-  data is there) and return False (exit); else require --workdir and return True."""
+  data is there) and return False (exit); else require one of the flags `needs` and return
+  True."""
   quiet_library_logs()
   if flag_values.print_config:
     config = flag_values.config
@@ -100,6 +101,7 @@ def start(flag_values, resolve=None) -> bool:
         print(f'# epochs not resolved into steps (needs the data): {e}', file=sys.stderr)
     print(config)
     return False
-  if not flag_values.workdir:
-    raise errors.ConfigError('--workdir is required (only --print_config goes without)')
+  if not any(flag_values[name].value for name in needs):
+    given = ' or '.join(f'--{name}' for name in needs)
+    raise errors.ConfigError(f'{given} is required (only --print_config goes without)')
   return True

@@ -48,9 +48,20 @@ def main(argv):
   if f.calibration_examples < 1:
     raise errors.ConfigError('--calibration_examples must be positive')
   paths.check_output(f.output_dir, 'dir', '--output_dir')
+  directory = f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir()
   config = f.config
   if config is None:
-    config = rundir.saved_config(f.checkpoint or rundir.RunDir(f.workdir).latest_stage_dir())
+    config = rundir.saved_config(directory)
+  else:  # The rule is read back with the checkpoint's own config: its routing space.
+    try:
+      saved = rundir.saved_config(directory).model.get('routing_space')
+    except errors.ConfigError:  # An imported checkpoint saves none: --config is its config.
+      saved = None
+    if saved is not None and tuple(map(str, saved)) != tuple(
+        map(str, config.model.get('routing_space'))):
+      raise errors.ConfigError(
+          f'--config has routing space {config.model.routing_space}; {directory} was saved with '
+          f'{saved}, with which eval.py and dsnet_jax.load read the rule: calibrate for that one')
   eval_lib.check_calibration_images(config_lib.data_spec(config.data), f.calibration_split,
                                     f.calibration_examples)
   # The rule saved for the checkpoint is not read: it is to be replaced (even a damaged one).

@@ -31,7 +31,7 @@ flags.DEFINE_bool('print_config', False, 'Print the config (after overrides) and
 
 def main(argv):
   del argv
-  if not cli.start(flags.FLAGS):
+  if not cli.start(flags.FLAGS, needs=('workdir', 'checkpoint')):
     return
   output_dir = flags.FLAGS.output_dir
   paths.check_output(output_dir, 'dir', '--output_dir')

@@ -55,8 +55,9 @@ def test_a_supernet_without_a_gate_gets_a_calibrated_escalation(trained, tmp_pat
   assert stops == result['stops']  # The predictor routes as the report counted.
 
   # Evaluated again through eval.py, the saved escalation is reported.
-  again = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}',
-                          f'--checkpoint={recalibrated}', f'--output_dir={tmp_path / "again"}'],
+  # (--checkpoint alone: any stage folder evaluates, as the README says.)
+  again = subprocess.run([sys.executable, 'eval.py', f'--checkpoint={recalibrated}',
+                          f'--output_dir={tmp_path / "again"}'],
                          cwd=ROOT, capture_output=True, text=True)
   assert again.returncode == 0, again.stderr[-3000:]
   assert json.loads((tmp_path / 'again' / 'eval.json').read_text())['routers'][
@@ -130,6 +131,11 @@ def test_a_budget_escalation_cannot_spend_is_refused_before_any_work(trained, tm
   done = escalate_32('--chain=0,2', '--budget=65000', '--budget_unit=madds',
                      '--calibration_examples=64')  # The whole (synthetic) training split.
   assert done.returncode == 1 and 'use 1 to 63 of the 64 images of train' in done.stderr
+  # A routing space the checkpoint's own config (with which the rule is read back) lacks.
+  done = escalate_32('--chain=0,3', '--budget=0.55', '--config=configs/tiny.py',
+                     '--config.model.routing_space=(0, 1, 3)')
+  assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
+      'error: --config has routing space (0, 1, 3);'), done.stderr
   # The synthetic set has train and test.
   done = escalate_32('--chain=0,2', '--budget=0.5', '--calibration_split=validation')
   assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
