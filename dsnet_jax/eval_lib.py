@@ -420,21 +420,16 @@ def calibrate_escalation(model, variables, data: input_pipeline.DataSpec, batch_
                                  examples=(-calibration_examples, None))
   signals = routers.route_signals(model, variables, pipeline, mesh or sharding.make_mesh(1))
   space = [r.name for r in model.routes.routing_space]
-  fitted = []
-  for chain, costs, madds in candidates:
-    correct, confidences = routers.levels(signals, space, chain, confidence)
-    thresholds = escalation_lib.calibrate(confidences, costs, madds, correct)
-    accuracy, cost = escalation_lib.simulate(correct, confidences, thresholds, costs)
-    fitted.append((accuracy, -len(chain), chain, thresholds, cost, madds))
-  accuracy, _, chain, thresholds, cost, madds = max(fitted, key=lambda f: f[:2])
-  rule = escalation_lib.Escalation(chain, thresholds, confidence, madds, 'madds')
-  say(f'escalation {" -> ".join(chain)}: thresholds {list(thresholds)} ({confidence}); on '
-      f'the last {calibration_examples} images of {split} {accuracy:.4f} at '
-      f'{cost / 1e6:.4g} M MAdds (budget {madds / 1e6:.4g} M)')
+  rule, fitted = routers.fit_escalation(signals, space, candidates, confidence)
+  accuracy, cost = fitted[rule.chain]
+  say(f'escalation {" -> ".join(rule.chain)}: thresholds {list(rule.thresholds)} ({confidence});'
+      f' on the last {calibration_examples} images of {split} {accuracy:.4f} at '
+      f'{cost / 1e6:.4g} M MAdds (budget {rule.budget / 1e6:.4g} M)')
   found = {'split': split, 'examples': [-calibration_examples, None],
            'images': calibration_examples, 'accuracy': accuracy, 'madds': cost}
   if len(fitted) > 1:  # 'auto': what each chain reached there.
-    found['chains'] = [{'chain': list(f[2]), 'accuracy': f[0], 'madds': f[4]} for f in fitted]
+    found['chains'] = [{'chain': list(c), 'accuracy': a, 'madds': m}
+                       for c, (a, m) in fitted.items()]
   return rule, {'calibration': found}
 
 

@@ -77,6 +77,23 @@ def levels(signals, space: Sequence[str], chain: Sequence[str], kind: str):
   return signals['correct'][:, columns], signals[kind][:, columns]
 
 
+def fit_escalation(signals, space: Sequence[str], candidates, confidence: str = 'max_softmax'
+                   ) -> tuple[escalation_lib.Escalation, dict[tuple[str, ...], tuple[float, float]]]:
+  """The most accurate of `candidates` ((chain, level costs, budget in MAdds), as
+  `eval_lib.escalation_candidates` gives them) on these images, each calibrated to its budget
+  (the fewest levels on a tie): (its rule, {chain: (accuracy, MAdds per image)} of every
+  candidate)."""
+  fitted, rules = {}, {}
+  for chain, costs, madds in candidates:
+    correct, confidences = levels(signals, space, chain, confidence)
+    thresholds = escalation_lib.calibrate(confidences, costs, madds, correct)
+    fitted[tuple(chain)] = escalation_lib.simulate(correct, confidences, thresholds, costs)
+    rules[tuple(chain)] = escalation_lib.Escalation(tuple(chain), thresholds, confidence, madds,
+                                                    'madds')
+  best = max(fitted, key=lambda c: (fitted[c][0], -len(c)))
+  return rules[best], fitted
+
+
 def escalation_result(signals, space: Sequence[str], rule: escalation_lib.Escalation,
                       costs: np.ndarray, rows) -> dict[str, Any]:
   """Escalation with `rule`'s thresholds on these images: accuracy, MAdds per image (`costs`

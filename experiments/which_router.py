@@ -1,8 +1,8 @@
 """Table 5: which router pays? On one supernet per model, at the same budgets: the static
 routes' curve, the best random mix of two routes, the learned gate (the gate stage, as table 2)
-and escalation on the cheapest route's own confidence (two and three levels, calibrated on the
-last training images), with the oracle's headroom and the lowest budget at which each router
-reaches 'largest''s accuracy.
+and escalation on the cheapest route's own confidence (two and three levels, and the chain
+'auto' picks; calibrated on the last training images), with the oracle's headroom and the
+lowest budget at which each router reaches 'largest''s accuracy.
 
     python experiments/which_router.py --model=ds_mbnet --steps=1000 \
         --budgets=0.3,0.4,0.55 --seeds=0 --workdir_root=workdir/study
@@ -22,7 +22,7 @@ import time
 import numpy as np
 import study
 
-from dsnet_jax import config_lib, escalation, eval_lib, huge_pages, routers, rundir
+from dsnet_jax import config_lib, errors, escalation, eval_lib, huge_pages, routers, rundir
 from dsnet_jax.data import input_pipeline
 from dsnet_jax.models import get_model
 
@@ -76,31 +76,37 @@ def measure(model_name: str, steps: int, seed: int, budgets, calibration_example
   first, second = ({k: v[:half] for k, v in test.items()}, {k: v[half:] for k, v in test.items()})
   largest = study.route_row(supernet, 'largest')['madds']
   results = {}
-  for label, chain in chains(space).items():
-    costs = escalation.level_costs(model, chain, pipeline.image_shape)
+  for label, chain in {**chains(space), 'auto': escalation.AUTO}.items():
     per_budget = {}
-    for budget in [*budgets, *GRID]:
+    # 'auto' tries every chain at each budget: the table's budgets only (the grid would
+    # calibrate every chain a hundred times).
+    for budget in [*budgets, *(GRID if chain != escalation.AUTO else ())]:
       key = f'{budget:g}'
-      if key in per_budget or not costs[0] <= budget * largest <= costs[-1]:
+      try:
+        candidates = eval_lib.escalation_candidates(model, pipeline.image_shape, chain,
+                                                    budget * largest, 'madds')
+      except errors.BudgetError:
         continue
-      fitted = {}
-      for where, signals in (('seen', seen), ('unseen', first)):
-        correct, confidence = routers.levels(signals, space, chain, 'max_softmax')
-        fitted[where] = escalation.Escalation(
-            chain, escalation.calibrate(confidence, costs, budget * largest, correct),
-            'max_softmax', budget * largest, 'madds')
+      if key in per_budget:
+        continue
+      fitted = {where: routers.fit_escalation(signals, space, candidates)[0]
+                for where, signals in (('seen', seen), ('unseen', first))}
+      costs = escalation.level_costs(model, fitted['seen'].chain, pipeline.image_shape)
       on_test = routers.escalation_result(test, space, fitted['seen'], costs, rows)
+      unseen_costs = escalation.level_costs(model, fitted['unseen'].chain, pipeline.image_shape)
       per_budget[key] = {
+          'chain': list(fitted['seen'].chain),
           'accuracy': on_test['accuracy'], 'madds': on_test['madds'],
           'static_accuracy': on_test['static_accuracy'],
           'best_static_mix': on_test['best_static_mix'], 'stops': on_test['stops'],
           'miss_seen_second_half': _cost(second, space, fitted['seen'], costs) / (
               budget * largest) - 1,
-          'miss_unseen_second_half': _cost(second, space, fitted['unseen'], costs) / (
+          'miss_unseen_second_half': _cost(second, space, fitted['unseen'], unseen_costs) / (
               budget * largest) - 1}
-    results[label] = {'chain': list(chain),
-                      'oracle': routers.oracle(test, space, chain, costs[[0, -1]]),
-                      'budgets': per_budget}
+    results[label] = {'chain': list(chain), 'budgets': per_budget}
+    if chain != escalation.AUTO:
+      ends = escalation.level_costs(model, chain, pipeline.image_shape)[[0, -1]]
+      results[label]['oracle'] = routers.oracle(test, space, chain, ends)
   record = {**settings, 'supernet_run': supernet['name'], 'commit': study.git_commit(),
             'wall_seconds': round(time.perf_counter() - start, 1),
             'largest_accuracy': study.route_row(supernet, 'largest')['accuracy'],
@@ -132,8 +138,9 @@ def table(model_name: str, measured: list[dict], gates: dict[float, list[dict]],
   lines = ['| budget | achieved MAdds (M), gate / ' + ' / '.join(labels) + ' | static curve | '
            'best mix | best mix, routing space | learned gate | ' +
            ' | '.join(f'escalation, {l}' for l in labels) +
-           ' | escalation (2 levels) - mix | its test cost vs budget (seen / unseen calibration) |',
-           '|---|---|---|---|---|---|' + '---|' * len(labels) + '---|---|']
+           ' | escalation (2 levels) - mix | escalation (auto) - mix | 2 levels\' test cost vs '
+           'budget (seen / unseen calibration) |',
+           '|---|---|---|---|---|---|' + '---|' * len(labels) + '---|---|---|']
   for budget in budgets:
     key = f'{budget:g}'
     esc = {l: [m['escalation'][l]['budgets'].get(key) for m in measured] for l in labels}
@@ -154,13 +161,13 @@ def table(model_name: str, measured: list[dict], gates: dict[float, list[dict]],
     cells.append(study.percent(*study.mean_spread(g['accuracy'] for g in gated), len(gated)))
     cells += [study.percent(*study.mean_spread(p['accuracy'] for p in esc[l]), n)
               if all(esc[l]) else 'cannot spend it' for l in labels]
-    if all(two):
+    for label in (labels[0], 'auto'):
       cells.append(study.signed(*study.mean_spread(p['accuracy'] - p['best_static_mix']
-                                                   for p in two), n))
-      cells.append(' / '.join(f'{100 * np.mean([p[k] for p in two]):+.1f} %' for k in
-                              ('miss_seen_second_half', 'miss_unseen_second_half')))
-    else:
-      cells += ['-', '-']
+                                                   for p in esc[label]), n)
+                   if all(esc[label]) else '-')
+    cells.append(' / '.join(f'{100 * np.mean([p[k] for p in two]):+.1f} %' for k in
+                            ('miss_seen_second_half', 'miss_unseen_second_half'))
+                 if all(two) else '-')
     lines.append('| ' + ' | '.join(cells) + ' |')
   for route, target in targets.items():
     gate_reach = [f'{b:g}' for b in budgets if gates[b][0]['gated']['accuracy'] >= target]
@@ -168,7 +175,7 @@ def table(model_name: str, measured: list[dict], gates: dict[float, list[dict]],
              '',
              gate_reach[0] if gate_reach else f'none of {", ".join(f"{b:g}" for b in budgets)}',
              *(lowest_reaching(measured[0]['escalation'][l]['budgets'], target) for l in labels),
-             '', '']
+             '', '', '']
     lines.append('| ' + ' | '.join(reach) + ' |')
   return '\n'.join(lines)
 
@@ -185,7 +192,10 @@ def study_table(model_name: str, steps: int, budgets, seeds, calibration_example
   auroc = ', '.join(f'{k} {v:.3f}' for k, v in first['auroc_cheapest_wrong'].items())
   oracle = '; '.join(
       f'{l} ({" -> ".join(e["chain"])}): {100 * e["oracle"]["accuracy"]:.2f} % at '
-      f'{e["oracle"]["madds"] / 1e6:.3f} M' for l, e in first['escalation'].items())
+      f'{e["oracle"]["madds"] / 1e6:.3f} M' for l, e in first['escalation'].items()
+      if 'oracle' in e)
+  chosen = ', '.join(f'{b}: {" -> ".join(p["chain"])}'
+                     for b, p in first['escalation']['auto']['budgets'].items())
   supernet = study._read_record(  # pylint: disable=protected-access
       pathlib.Path(runs_dir) / f'{first["supernet_run"]}.json', {})
   widest = first['escalation']['2 levels']['chain'][-1]
@@ -214,7 +224,8 @@ def study_table(model_name: str, steps: int, budgets, seeds, calibration_example
           f"\n\n'largest': {100 * first['largest_accuracy']:.2f} % at "
           f"{first['largest_madds'] / 1e6:.3f} M. Oracle escalation (exactly the images the "
           f'cheapest route gets wrong and the last right): {oracle}. AUROC of "the cheapest '
-          f'route is wrong" on the test split: {auroc}. Wall time: supernet '
+          f'route is wrong" on the test split: {auroc}. The chains \'auto\' chose on the '
+          f'held-out training images (seed 0): {chosen}. Wall time: supernet '
           f'{supernet["wall_seconds"]:.0f} s, one gate run '
           f'{gates[budgets[0]][0]["wall_seconds"]:.0f} s, escalation (every budget, both '
           f'chains) {first["wall_seconds"]:.0f} s. Supernet command (seed {seeds[0]}):\n\n```\n'

@@ -100,10 +100,13 @@ def test_the_router_table_on_the_tiny_config(tmp_path, monkeypatch):
   largest = study.route_row(supernet, 'largest')
   assert record['largest_accuracy'] == largest['accuracy']
   madds = {r['route']: r['madds'] for r in rows}
-  for label, chain in (('2 levels', ['0', '2']), ('3 levels', ['0', '1', '2'])):
+  for label, chain in (('2 levels', ['0', '2']), ('3 levels', ['0', '1', '2']),
+                       ('auto', ['auto'])):
     measured = record['escalation'][label]
     assert measured['chain'] == chain
     for budget, point in measured['budgets'].items():
+      chain = point['chain']  # The chain itself, or the one 'auto' chose at this budget.
+      assert label == 'auto' or point['chain'] == measured['chain']
       # Spent between "all stop at the first route" and "all run every suffix" (hand count:
       # each level adds its route's suffix, never less than that route alone).
       assert madds[chain[0]] - 1 <= point['madds'] <= sum(madds[r] for r in chain)
