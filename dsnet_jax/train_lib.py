@@ -11,6 +11,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Iterable
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -105,6 +106,9 @@ def make_run(config: ml_collections.ConfigDict, workdir: str,
   budget before building anything heavy."""
   spec = config_lib.resolve(config)
   config_lib.check_key_paths(spec.config, allow_config_changes, '--allow_config_change key')
+  if spec.init_checkpoint and not epath.Path(spec.init_checkpoint).is_dir():
+    raise FileNotFoundError(f'config key init_checkpoint={spec.init_checkpoint}: no such '
+                            'checkpoint directory')
   config_lib.validate_devices(spec.config, len(jax.devices()), jax.process_count())
   input_pipeline.check_available(spec.eval_data)
   mesh = sharding.make_mesh(spec.num_devices or None)

@@ -251,6 +251,9 @@ def test_eval_refuses_an_output_dir_that_is_a_file_before_any_work(tmp_path):
       '--config.model.routing_space=auto', '--config.gate.budget=0.5',
       "--config.escalation.chain=('0', 'bogus')", '--config.escalation.budget=0.5'],
      "unknown route 'bogus'"),
+    (['train.py', '--config=configs/tiny.py', '--workdir={none}',
+      '--config.init_checkpoint={none}/nothing'],
+     'config key init_checkpoint={none}/nothing: no such checkpoint directory'),
 ])
 def test_a_bad_output_path_or_flag_is_one_error_line_before_any_work(tmp_path, command, message):
   file = tmp_path / 'a_file'
@@ -262,4 +265,4 @@ def test_a_bad_output_path_or_flag_is_one_error_line_before_any_work(tmp_path, c
   assert done.stderr.strip().splitlines()[-1].startswith(f'error: {fill(message)}'), done.stderr
   assert 'Traceback' not in done.stderr and 'USAGE' not in done.stderr.upper()
   assert 'restored' not in done.stdout and 'step' not in done.stdout
-  assert file.read_text() == 'kept' and not (tmp_path / 'none' / 'checkpoints').exists()
+  assert file.read_text() == 'kept' and not (tmp_path / 'none').exists()  # Not even a lock.
