@@ -150,7 +150,7 @@ def test_an_escalation_section_that_cannot_work_is_refused(section, message):
   with pytest.raises(errors.ConfigError, match=message):
     config_lib.validate(config)
   assert config_lib.resolve(load(ROOT / 'configs/ds_mbnet_fmnist.py')).escalation == (
-      config_lib.EscalationSpec(('0', '6'), 0.4, 'largest', 'max_softmax', 5000, 'train'))
+      config_lib.EscalationSpec(('auto',), 0.4, 'largest', 'max_softmax', 5000, 'train'))
 
 
 def test_a_schedule_that_would_rise_is_refused_and_loaders_keep_every_thread_busy():
