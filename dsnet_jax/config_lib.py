@@ -433,9 +433,6 @@ def _type_ok(value, default) -> bool:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first unknown key or unusable value, naming it."""
   _walk(config, defaults())
-  for path, value in flat_items(config.to_dict()).items():  # A NaN compares as no bound.
-    if isinstance(value, float) and not math.isfinite(value):
-      raise ConfigError(f'config key {path}={value}: not a finite number')
   if config.model_name not in models.available_models():
     raise ConfigError(f'config key model_name={config.model_name!r}: unknown model; available: '
                       f'{", ".join(models.available_models())}')
@@ -525,6 +522,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= config[stage].ema_decay < 1:
       raise ConfigError(f'config key {stage}.ema_decay must be in [0, 1), got '
                         f'{config[stage].ema_decay}')
+  # Last, so that a key's own check names its range first. A NaN passes every bound.
+  for path, value in flat_items(config.to_dict()).items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f'config key {path}={value}: not a finite number')
 
 
 def _validate_authors_mode(config: ml_collections.ConfigDict) -> None:

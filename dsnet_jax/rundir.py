@@ -139,9 +139,10 @@ def check_meta(directory: str, meta: Any) -> None:
 def _check_statistics_widths(directory: str, saved: dict[str, list[int]],
                              model: dict[str, list[int]]) -> None:
   """A checkpoint's BatchNorm rows must be of the model's widths (the same shapes can hold
-  another network's: rows of other widths)."""
-  differ = [f'{k}: {saved.get(k)} saved, {model.get(k)} in the model'
-            for k in sorted(set(saved) | set(model)) if saved.get(k) != model.get(k)]
+  another network's: rows of other widths). Layers only one of them has are left to the
+  restore's array check, which names every key."""
+  differ = [f'{k}: {saved[k]} saved, {model[k]} in the model'
+            for k in sorted(set(saved) & set(model)) if saved[k] != model[k]]
   if differ:
     raise errors.CheckpointMismatchError(
         f'{directory} holds BatchNorm statistics of other widths than the model\'s (another '
