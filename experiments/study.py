@@ -71,9 +71,12 @@ def gate_run(model_name: str, steps: int, budget: float, seed: int, workdir_root
 
 
 def git_commit() -> str:
+  """HEAD's short hash, '+uncommitted' when tracked files differ from it (but for what the
+  study itself writes: RESULTS.md and its plots)."""
   done = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
                         text=True)
-  dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+  dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.',
+                          ':!experiments/RESULTS.md', ':!experiments/*.png'], cwd=ROOT,
                          capture_output=True, text=True).stdout.strip()
   return done.stdout.strip() + ('+uncommitted' if dirty else '')
 
