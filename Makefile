@@ -33,7 +33,13 @@ $(FMNIST_DIR):
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "no apt-get: put the Fashion-MNIST IDX files under $@"; fi
 
-test: $(VENV)/.installed $(FMNIST_DIR)
+# The tests' own extra: PyTorch (CPU) for the importer of the authors' checkpoints and the
+# PyTorch baseline, so that no test skips for want of it.
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/.test-installed $(FMNIST_DIR)
 	$(PY) -m pytest -q --durations=15 $(TEST_WORKERS) $(PYTEST_ARGS)
 
 clean:

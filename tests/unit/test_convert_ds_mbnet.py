@@ -3,8 +3,8 @@ import pathlib
 import argparse
 import ast
 import functools
-import importlib.util
 import math
+import sys
 
 import chex
 import jax
@@ -354,7 +354,7 @@ def test_load_torch_checkpoint_keeps_integer_dtypes_and_widens_half_floats(tmp_p
                                                      'h': np.float32}
 
 
-@pytest.mark.skipif(importlib.util.find_spec('torch') is not None, reason='torch is installed')
-def test_torch_checkpoint_without_torch_says_how_to_install(tmp_path):
+def test_torch_checkpoint_without_torch_says_how_to_install(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'torch', None)  # As where torch is not installed.
   with pytest.raises(ImportError, match='pip install'):
     ds_mbnet_torch.load_state_dict(tmp_path / 'checkpoint.pth.tar')
