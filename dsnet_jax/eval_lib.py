@@ -428,6 +428,8 @@ def calibrate_escalation(model, variables, data: input_pipeline.DataSpec, batch_
   found = {'split': split, 'examples': [-calibration_examples, None],
            'images': calibration_examples, 'accuracy': accuracy, 'madds': cost}
   if len(fitted) > 1:  # 'auto': what each chain reached there.
+    say(f"chain 'auto': {' -> '.join(rule.chain)}, the most accurate of {len(fitted)} chains "
+        f'that can spend the budget on those images (all in escalation.json)')
     found['chains'] = [{'chain': list(c), 'accuracy': a, 'madds': m}
                        for c, (a, m) in fitted.items()]
   return rule, {'calibration': found}
