@@ -44,8 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsnet_jax import escalation as escalation_lib
+from dsnet_jax import paths
 from dsnet_jax.complexity import route_complexity
-from dsnet_jax.errors import ExportDependencyError, ExportError
+from dsnet_jax.errors import ConfigError, ExportDependencyError, ExportError
 from dsnet_jax.layers.linear import depthwise_implementation
 from dsnet_jax.progress import say
 from dsnet_jax.specialize import StaticProgram, specialize
@@ -211,13 +212,10 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
   ExportError where it cannot be a directory or holds a manifest that is not an export's."""
   if not out_dir:
     raise ExportError('--out is empty: name the directory to write')
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise FileExistsError(f'--out {out_dir} is a file, not a directory')
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise ExportError(f'--out {out_dir} cannot be a directory: {parent} is a file')
+  try:
+    paths.check_output(out_dir, 'dir', '--out')
+  except ConfigError as e:
+    raise ExportError(str(e)) from None
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     if not overwrite:
       raise FileExistsError(f'--out {out_dir} is not empty; pass --overwrite to replace what it '
