@@ -12,12 +12,11 @@ is written unless every tensor is floating point and finite, and every running v
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsnet_jax import checkpointing, errors
+from dsnet_jax.convert import state_dict as state_dict_lib
+from dsnet_jax.convert.state_dict import COLLECTIONS, Source
 from dsnet_jax.layers import SlicedBatchNorm
-from dsnet_jax.layers.norm import statistics_widths
 from dsnet_jax.models import ds_mbnet
 
 # Our module path ('/'-joined) -> the authors' module name; applied in order.
@@ -43,33 +42,6 @@ _MODULE_RENAMES = (
 # Dense layers that are nn.Linear in PyTorch; the other Dense layers are 1x1 convs there.
 _TORCH_LINEARS = ('classifier',)
 CHECKPOINT_KEYS = {'ema': 'state_dict_ema', 'plain': 'state_dict'}
-# The variable collections a checkpoint holds (not e.g. BN recalibration's `bn_moments`).
-COLLECTIONS = ('params', 'batch_stats')
-
-Shape = tuple[int, ...]
-# The PyTorch tensors one of our arrays is built from ({key: shape}), and how it is built.
-Source = tuple[dict[str, Shape], Callable[[list[np.ndarray]], np.ndarray]]
-
-
-class StateDictMismatchError(errors.UserError, ValueError):
-  """Keys, shapes or values of a state dict do not fit the model; names every offending key."""
-
-  def __init__(self, missing: Mapping[str, Shape], unexpected: Sequence[str],
-               wrong_shape: Mapping[str, tuple[Shape, Shape]],
-               bad_values: Mapping[str, str] | None = None):
-    self.missing = dict(missing)
-    self.unexpected = list(unexpected)
-    self.wrong_shape = dict(wrong_shape)
-    self.bad_values = dict(bad_values or {})
-    lines = ['the state dict does not match the model:']
-    lines += [f'  missing: {k} {s}' for k, s in self.missing.items()]
-    lines += [f'  unexpected: {k}' for k in self.unexpected]
-    lines += [f'  wrong shape: {k}: expected {e}, got {g}'
-              for k, (e, g) in self.wrong_shape.items()]
-    lines += [f'  bad values: {k}: {p}' for k, p in self.bad_values.items()]
-    super().__init__('\n'.join(lines))
-
-
 def torch_module_name(path: Sequence[str]) -> str:
   """The authors' name of our module at `path`, e.g. ('groups_3_1', 'se', 'conv_reduce') ->
   'blocks.3.residual_blocks.0.gate.conv_reduce'."""
@@ -89,13 +61,8 @@ def _source(collection: str, path: tuple[str, ...], leaf: jax.ShapeDtypeStruct,
     if collection == 'batch_stats':
       stat = {'mean': 'running_mean', 'var': 'running_var'}[name]
       pad = 0.0 if name == 'mean' else 1.0
-
-      def rows(stats):
-        out = np.full(leaf.shape, pad, np.float64)
-        for i, s in enumerate(stats):
-          out[i, :len(s)] = s
-        return out
-      return {f'{prefix}.aux_bn.{i}.{stat}': (w,) for i, w in enumerate(widths)}, rows
+      return ({f'{prefix}.aux_bn.{i}.{stat}': (w,) for i, w in enumerate(widths)},
+              lambda stats: state_dict_lib.statistics_rows(stats, leaf.shape, pad))
     affine = {'scale': 'weight', 'bias': 'bias'}[name]
     return {f'{prefix}.aux_bn.{len(widths) - 1}.{affine}': leaf.shape}, lambda t: t[0]
   if collection == 'params' and name == 'bias':
@@ -108,22 +75,6 @@ def _source(collection: str, path: tuple[str, ...], leaf: jax.ShapeDtypeStruct,
     shape = (d_out, d_in) if prefix in _TORCH_LINEARS else (d_out, d_in, 1, 1)
     return {f'{prefix}.weight': shape}, lambda t: t[0].reshape(d_out, d_in).T
   raise NotImplementedError(f'no PyTorch source known for {collection}/{"/".join(path)}')
-
-
-def _value_problems(key: str, value: np.ndarray) -> str | None:
-  """What is wrong with the values of the tensor `key`, or None: not floating point (float16 and
-  bfloat16 are fine: the model's variables are float32), not finite in float32, or (a running
-  variance) not positive."""
-  if not jnp.issubdtype(value.dtype, jnp.floating):
-    return f'dtype {value.dtype}, not floating point'
-  with np.errstate(over='ignore'):
-    value = value.astype(np.float32)
-  problems = []
-  if nonfinite := np.count_nonzero(~np.isfinite(value)):
-    problems.append(f'{nonfinite} values not finite in float32')
-  if key.endswith('.running_var') and (nonpositive := np.count_nonzero(value <= 0)):
-    problems.append(f'{nonpositive} values <= 0')
-  return ', '.join(problems) or None
 
 
 def model_layout(model: ds_mbnet.DSMBNet
@@ -161,19 +112,9 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: ds_mbnet.DSMBNet | 
   abstract, norm_widths = model_layout(ds_mbnet.Model() if model is None else model)
   leaves = traverse_util.flatten_dict(abstract)
   sources = {path: _source(path[0], path[1:], leaf, norm_widths) for path, leaf in leaves.items()}
-  expected = {k: s for keys, _ in sources.values() for k, s in keys.items()}
-  dropped = {f'{torch_module_name(p)}.aux_bn.{i}.num_batches_tracked'
-             for p, widths in norm_widths.items() for i in range(len(widths))}
-  missing = {k: s for k, s in expected.items() if k not in state_dict}
-  unexpected = [k for k in state_dict if k not in expected and k not in dropped]
-  arrays = {k: np.asarray(state_dict[k]) for k in expected if k in state_dict}
-  wrong_shape = {k: (expected[k], a.shape) for k, a in arrays.items() if a.shape != expected[k]}
-  bad_values = {k: p for k, a in arrays.items() if (p := _value_problems(k, a))}
-  if missing or unexpected or wrong_shape or bad_values:
-    raise StateDictMismatchError(missing, unexpected, wrong_shape, bad_values)
-  variables = {path: np.asarray(build([arrays[k] for k in keys]), leaves[path].dtype)
-               for path, (keys, build) in sources.items()}
-  return traverse_util.unflatten_dict(variables)
+  dropped = [f'{torch_module_name(p)}.aux_bn.{i}.num_batches_tracked'
+             for p, widths in norm_widths.items() for i in range(len(widths))]
+  return state_dict_lib.assemble(state_dict, sources, leaves, dropped)
 
 
 def select_state_dict(checkpoint: Mapping[str, Any], weights: str = 'ema') -> dict[str, Any]:
@@ -196,43 +137,14 @@ def select_state_dict(checkpoint: Mapping[str, Any], weights: str = 'ema') -> di
   return {k.removeprefix('module.'): v for k, v in checkpoint.items()}
 
 
-def _numpy(value: Any) -> np.ndarray:
-  """A tensor or array as a NumPy array: floating-point tensors as float32 (NumPy has no
-  bfloat16), other dtypes as they are, so that `convert_state_dict` sees e.g. integer weights."""
-  if not hasattr(value, 'detach'):
-    return np.asarray(value)
-  value = value.detach().cpu()
-  return (value.float() if value.is_floating_point() else value).numpy()
-
-
 def load_state_dict(path: str | os.PathLike, weights: str = 'ema') -> dict[str, np.ndarray]:
   """Reads a state dict from a PyTorch checkpoint (.pth.tar, .pth; needs torch) or an .npz."""
-  if os.fspath(path).endswith('.npz'):
-    with np.load(path) as npz:
-      checkpoint = dict(npz)
-  else:
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise ImportError(f'reading {path} needs PyTorch: pip install ".[torch]" (or pass an .npz '
-                        'of the state dict)') from None
-    # Training checkpoints also pickle the run's argparse.Namespace; allow only that class.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-  return {k: _numpy(v) for k, v in select_state_dict(checkpoint, weights).items()}
+  checkpoint = state_dict_lib.read_file(path)
+  return {k: state_dict_lib.to_numpy(v) for k, v in select_state_dict(checkpoint, weights).items()}
 
 
 def save_checkpoint(variables: Mapping[str, Any], directory: str | os.PathLike) -> str:
-  """Writes `variables` as step 0 of a new or empty checkpoint directory (train.py's
-  `config.init_checkpoint` and eval.py's `--checkpoint` read it)."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not os.path.isdir(directory):
-    raise FileExistsError(f'{directory} is not a directory')
-  if os.path.isdir(directory) and os.listdir(directory):
-    raise FileExistsError(f'{directory} is not empty; refusing to overwrite it')
-  with checkpointing.Checkpointer(directory, keep=None) as ckpt:
-    ckpt.save(0, dict(variables), {
-        'source': 'dsnet_jax.convert.ds_mbnet_torch', 'model_name': 'ds_mbnet',
-        'variables_key': '', 'statistics_widths': statistics_widths(ds_mbnet.Model(),
-                                                                      (224, 224, 3))})
-  return directory
+  """Writes `variables` of `ds_mbnet.Model()` as step 0 of a new or empty checkpoint directory
+  (`state_dict.save_checkpoint`)."""
+  return state_dict_lib.save_checkpoint(variables, directory, ds_mbnet.Model(), (224, 224, 3),
+                                        'ds_mbnet', __name__)

@@ -13,6 +13,7 @@ import pytest
 
 from dsnet_jax import checkpointing
 from dsnet_jax.convert import ds_mbnet_torch
+from dsnet_jax.convert.state_dict import StateDictMismatchError
 from dsnet_jax.tools import convert_ds_mbnet
 from dsnet_jax.models import ds_mbnet
 
@@ -202,7 +203,7 @@ def test_rejects_mismatched_state_dict(state_dict, change, key):
     bad[key] = np.zeros((3, 1, 3, 3), np.float32)
   else:
     bad[key] = np.zeros((264, 263, 1, 1), np.float32)
-  with pytest.raises(ds_mbnet_torch.StateDictMismatchError) as error:
+  with pytest.raises(StateDictMismatchError) as error:
     ds_mbnet_torch.convert_state_dict(bad)
   assert isinstance(error.value, ValueError)
   assert key in str(error.value)
@@ -215,7 +216,7 @@ def test_reports_every_mismatch_at_once(state_dict):
   del bad['conv_stem.weight'], bad['classifier.bias']
   bad['classifier.weight'] = np.zeros((10, 1152), np.float32)
   bad['head.fc.weight'] = np.zeros((1,), np.float32)
-  with pytest.raises(ds_mbnet_torch.StateDictMismatchError) as error:
+  with pytest.raises(StateDictMismatchError) as error:
     ds_mbnet_torch.convert_state_dict(bad)
   assert sorted(error.value.missing) == ['classifier.bias', 'conv_stem.weight']
   assert error.value.unexpected == ['head.fc.weight']
@@ -249,7 +250,7 @@ def test_rejects_bad_values_naming_every_key(state_dict):
       bn1__aux_bn__1__bias=np.zeros(24, np.complex64),
       blocks__0__first_block__bn1__aux_bn__1__weight=np.full(24, None, object),
   )
-  with pytest.raises(ds_mbnet_torch.StateDictMismatchError) as error:
+  with pytest.raises(StateDictMismatchError) as error:
     ds_mbnet_torch.convert_state_dict(bad)
   assert error.value.bad_values == {
       'blocks.3.first_block.bn2.aux_bn.2.running_var': '4 values <= 0',
@@ -269,7 +270,7 @@ def test_rejects_bad_values_naming_every_key(state_dict):
 
 def test_rejects_a_0d_tensor_by_shape_and_dtype(state_dict):
   bad = with_values(state_dict, classifier__bias=np.array(3, np.int64))
-  with pytest.raises(ds_mbnet_torch.StateDictMismatchError) as error:
+  with pytest.raises(StateDictMismatchError) as error:
     ds_mbnet_torch.convert_state_dict(bad)
   assert error.value.wrong_shape == {'classifier.bias': ((1000,), ())}
   assert error.value.bad_values == {'classifier.bias': 'dtype int64, not floating point'}
@@ -291,7 +292,7 @@ def test_cli_writes_nothing_for_bad_values(state_dict, tmp_path):
                     conv_stem__weight=np.zeros((24, 3, 3, 3), np.int64))
   np.savez(npz, **bad)
   out = tmp_path / 'checkpoint'
-  with pytest.raises(ds_mbnet_torch.StateDictMismatchError,
+  with pytest.raises(StateDictMismatchError,
                      match=r'(?s)bn1\.aux_bn\.1\.running_mean: 1 values not finite.*'
                      r'conv_stem\.weight: dtype int64'):
     convert_ds_mbnet.main([f'--input={npz}', f'--out={out}'])
@@ -356,5 +357,8 @@ def test_load_torch_checkpoint_keeps_integer_dtypes_and_widens_half_floats(tmp_p
 
 def test_torch_checkpoint_without_torch_says_how_to_install(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)  # As where torch is not installed.
+  (tmp_path / 'checkpoint.pth.tar').write_bytes(b'')
   with pytest.raises(ImportError, match='pip install'):
     ds_mbnet_torch.load_state_dict(tmp_path / 'checkpoint.pth.tar')
+  with pytest.raises(FileNotFoundError, match='no state dict file'):
+    ds_mbnet_torch.load_state_dict(tmp_path / 'missing.pth')
