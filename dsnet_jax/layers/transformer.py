@@ -147,11 +147,13 @@ class TokenGate(nn.Module):
   groups may read any prefix of the stream). The routing head is a bias-free linear z -> R
   logits. W_red is sliced on its input; W_exp and the routing head are never sliced. The
   gate runs in float32 on the class token whatever the tokens' dtype; only the attention head's
-  output is cast to it.
+  output is cast to it. With `attention` False there is no attention head (no W_exp): the
+  tokens pass unchanged and the gate only routes.
   """
   features: int
   reduced: int
   num_routes: int
+  attention: bool = True
 
   def setup(self):
     self.norm = LayerNorm(self.features)
@@ -162,5 +164,7 @@ class TokenGate(nn.Module):
 
   def __call__(self, tokens: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
     z = nn.relu(self.reduce(self.norm(tokens[:, 0, :width].astype(jnp.float32))))
+    if not self.attention:
+      return tokens, self.routing_head(z)
     attention = nn.sigmoid(self.expand(z)).astype(tokens.dtype)
     return tokens * attention[:, None, :], self.routing_head(z)

@@ -150,6 +150,9 @@ class DSViT(GatedSupernet):
   level_fractions: tuple[float, ...] = (2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0)
   routing_space: tuple[int | str, ...] | str = (0, 3, 6, 9)
   gate_reduction: float = 0.25
+  # False: the gate only routes (no attention head rescaling the tokens), so 'largest' is the
+  # plain ViT/DeiT backbone (what an imported timm network needs to compute exactly).
+  gate_attention: bool = True
   drop_path_rate: float = 0.1  # Largest route only.
   dropout_rate: float = 0.0    # Largest route only.
   dtype: Any = None  # Compute dtype (None: the images'); see models/gated.py.
@@ -189,7 +192,7 @@ class DSViT(GatedSupernet):
                          drop_path_rate=rate, dropout_rate=self.dropout_rate, dtype=self.dtype)
                    for rate in rates]
     self.gate = TokenGate(size.width, max(1, round(self.gate_reduction * size.width)),
-                          len(self.routes.routing_space))
+                          len(self.routes.routing_space), attention=self.gate_attention)
     self.norm = LayerNorm(size.width)
     # The final LN and the head run in float32: logits are never rounded to the compute dtype.
     self.head = Dense(size.width, self.num_classes, kernel_init=trunc_normal_init,
