@@ -20,7 +20,8 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from dsnet_jax import models
-from dsnet_jax.data.input_pipeline import DataSpec, check_available, check_name, num_examples
+from dsnet_jax.data.input_pipeline import (NORMALIZATIONS, DataSpec, check_available, check_name,
+                                           num_examples)
 from dsnet_jax.errors import ConfigError
 from dsnet_jax.escalation import AUTO as AUTO_CHAIN, CONFIDENCES
 from dsnet_jax.optim import OptimizerSpec
@@ -312,6 +313,29 @@ def imagenet_recipe(config: ml_collections.ConfigDict, arg: str | None
   return config
 
 
+def finetune_recipe(config: ml_collections.ConfigDict, checkpoint: str | None, epochs: float,
+                    lr_factor: float, warmup_epochs: float) -> ml_collections.ConfigDict:
+  """An ImageNet config's Stage I shortened for a start from an imported network: `checkpoint`
+  (the config file's argument) as `init_checkpoint`, `epochs` of Stage I at `lr_factor` x its
+  peak learning rate after `warmup_epochs`, and no gate attention head (so that 'largest'
+  starts as exactly the imported network).
+
+  Raises:
+    ConfigError: no checkpoint given (training would silently start from scratch at a
+      fine-tuning learning rate).
+  """
+  if not checkpoint:
+    raise ConfigError('a fine-tuning config needs the imported checkpoint after a colon, e.g. '
+                      '--config=configs/resnet50_finetune.py:ckpt/resnet50_tv (write it with '
+                      'python -m dsnet_jax.tools.convert_pretrained)')
+  config.init_checkpoint = checkpoint
+  config.model.gate_attention = False
+  config.supernet.epochs = epochs
+  config.supernet.optimizer.lr *= lr_factor
+  config.supernet.optimizer.warmup_epochs = warmup_epochs
+  return config
+
+
 TRAINED_STAGES = ('supernet', 'gate')
 
 
@@ -470,6 +494,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config key stages={tuple(config.stages)}: use {STAGES} or an ordered '
                       'subset of them, each stage once')
   check_name(config.data.name)
+  stage_data = {f'{s}.data': config[s].get('data') for s in STAGES if s in config}
+  for path, data in {'data': config.data, **stage_data}.items():
+    if data is not None and data.get('normalization', '') not in NORMALIZATIONS:
+      raise ConfigError(f'config key {path}.normalization={data.normalization!r}: valid: '
+                        f'{", ".join(map(repr, NORMALIZATIONS))}')
   model_classes = config.model.get('num_classes')
   data_classes = config.data.get('num_classes')
   if model_classes and data_classes and model_classes != data_classes:

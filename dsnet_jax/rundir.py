@@ -60,7 +60,7 @@ RUN_NEUTRAL_KEYS = ('stages', 'num_devices', 'eval_batch_size', 'log_every_steps
 ROUTING_SPACE_KEYS = ('model.routing_space',)
 # The config keys that define the evaluated model and its evaluation data.
 MODEL_KEYS = ('model_name', 'model.', 'data.name', 'data.image_size', 'data.num_classes',
-              'data.channels', 'data.crop_pct')
+              'data.channels', 'data.crop_pct', 'data.normalization')
 # The compute dtype: the variables are float32 whichever it is, so a checkpoint restores (for
 # eval, export, a later stage, init_checkpoint) under another one. Resuming a stage still
 # compares it: it changes the numbers the run computes.

@@ -18,6 +18,8 @@ from dsnet_jax.data.preprocess import Preprocess
 from dsnet_jax.data.synthetic import SyntheticSource
 
 DATASETS = ('fashion_mnist', 'imagenet2012', 'synthetic')
+# data.normalization: '' (the data set's mean and std) or 'inception' (0.5 and 0.5).
+NORMALIZATIONS = ('', 'inception')
 # Split each data set evaluates on.
 EVAL_SPLITS = {'fashion_mnist': 'test', 'imagenet2012': 'validation', 'synthetic': 'test'}
 
@@ -69,6 +71,9 @@ class DataSpec:
   channels: int | None = None  # Synthetic data only (None: 3).
   augment: str = 'none'  # 'pad_crop_flip' | 'rrc_flip' | 'none'.
   crop_pct: float = 0.875  # Eval center crop fraction (data sets of varying image size).
+  # '': the data set's own mean and std; 'inception': mean = std = 0.5 per channel (what
+  # timm's ViT/AugReg weights expect; DeiT's expect ImageNet's, the default).
+  normalization: str = ''
   randaugment: str = ''
   random_erasing: float = 0.0
   views: int = 1
@@ -127,11 +132,16 @@ def preprocessing(spec: DataSpec) -> Preprocess:
   check_name(name)
   augment = spec.augment or 'none'
   extra = dict(randaugment=spec.randaugment or '', random_erasing=float(spec.random_erasing))
+  if spec.normalization not in NORMALIZATIONS:
+    raise ConfigError(f'config key data.normalization={spec.normalization!r}: valid: '
+                      f'{", ".join(map(repr, NORMALIZATIONS))}')
+  inception = lambda mean, std: ((0.5,) * len(mean), (0.5,) * len(std)) if (
+      spec.normalization == 'inception') else (mean, std)
   if name == 'fashion_mnist':
     _check(spec, 'image_size', 28, name)
-    return Preprocess(28, 1, fashion_mnist.MEAN, fashion_mnist.STD, augment, **extra)
+    return Preprocess(28, 1, *inception(fashion_mnist.MEAN, fashion_mnist.STD), augment, **extra)
   if name == 'imagenet2012':
-    return Preprocess(spec.image_size or 224, 3, imagenet.MEAN, imagenet.STD,
+    return Preprocess(spec.image_size or 224, 3, *inception(imagenet.MEAN, imagenet.STD),
                       augment, 'resize_crop', spec.crop_pct, **extra)
   channels = spec.channels or 3
   return Preprocess(spec.image_size, channels, (0.5,) * channels, (0.5,) * channels, augment,

@@ -586,3 +586,14 @@ def test_a_split_the_data_set_lacks_is_one_data_error():
   with pytest.raises(errors.DataError, match=r"synthetic has no split 'validation'; splits: "
                      r"\['test', 'train'\]"):
     input_pipeline.make(spec, 'validation', batch_size=4, train=False)
+
+
+def test_normalization_inception_is_timms_vit_convention():
+  spec = input_pipeline.DataSpec(name='imagenet2012')
+  assert input_pipeline.preprocessing(spec).mean == imagenet.MEAN
+  inception = input_pipeline.preprocessing(dataclasses.replace(spec, normalization='inception'))
+  assert (inception.mean, inception.std) == ((0.5,) * 3, (0.5,) * 3)
+  image = np.full((8, 8, 3), 255, np.uint8)
+  np.testing.assert_allclose(inception.normalize(image), 1.0)
+  with pytest.raises(errors.ConfigError, match="data.normalization='imagenet'"):
+    input_pipeline.preprocessing(dataclasses.replace(spec, normalization='imagenet'))
