@@ -33,7 +33,7 @@ $(FMNIST_DIR):
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "no apt-get: put the Fashion-MNIST IDX files under $@"; fi
 
-# The tests' own extra: PyTorch (CPU) for the importer of the authors' checkpoints and the
+# The tests' own extra: PyTorch, torchvision and timm for the importers' checks and the
 # PyTorch baseline, so that no test skips for want of it.
 $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt

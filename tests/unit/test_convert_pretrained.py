@@ -1,0 +1,229 @@
+"""The torchvision ResNet-50 and timm ViT/DeiT importers against the real libraries: the
+imported supernet's 'largest' computes the source network's logits (random weights, BatchNorm
+statistics made non-trivial by training-mode forwards), and bad state dicts are refused whole."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import timm
+import jax.numpy as jnp
+from safetensors.torch import save_file
+
+import dsnet_jax
+from dsnet_jax import config_lib, errors
+from dsnet_jax.convert import resnet_torchvision, vit_timm
+from dsnet_jax.convert.state_dict import StateDictMismatchError
+from dsnet_jax.tools import convert_pretrained
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TOLERANCE = 1e-5  # Relative: max |ours - theirs| / max |theirs|, float32.
+
+
+def numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
+  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def images(size: int, seed: int = 1) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=(2, 3, size, size)).astype(np.float32)
+
+
+def logits_error(ours, theirs) -> tuple[float, float]:
+  error = float(np.abs(np.asarray(ours) - theirs).max())
+  return error, error / float(np.abs(theirs).max())
+
+
+@pytest.fixture(scope='module')
+def resnet():
+  """torchvision's ResNet-50, random weights and affines, BatchNorm statistics from batches."""
+  torch.manual_seed(0)
+  net = torchvision.models.resnet50()
+  with torch.no_grad():
+    for m in net.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_(0.0, 0.1)
+    net.train()
+    for _ in range(3):
+      net(torch.randn(4, 3, 64, 64) * 1.5 + 0.2)
+  return net.eval()
+
+
+@pytest.fixture(scope='module')
+def imported_resnet(resnet):
+  model = resnet_torchvision.model_for()
+  return model, resnet_torchvision.convert_state_dict(numpy_state_dict(resnet), model)
+
+
+@pytest.mark.parametrize('size', [224, 160])
+def test_resnet50_largest_is_torchvisions(resnet, imported_resnet, size):
+  model, variables = imported_resnet
+  x = images(size)
+  with torch.no_grad():
+    theirs = resnet(torch.from_numpy(x)).numpy()
+  ours = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), route='largest')
+  error, relative = logits_error(ours, theirs)
+  print(f'torchvision resnet50 {size}px: max abs {error:.2e}, relative {relative:.2e}')
+  assert relative < TOLERANCE
+
+
+def test_resnet50_every_width_starts_from_the_full_statistics_prefix(resnet, imported_resnet):
+  model, variables = imported_resnet
+  stats = variables['batch_stats']['groups_2_0']['bn1']
+  widths = model.routes  # Rows: the distinct inner widths of group 2 over the route table.
+  inner = sorted({r.widths[3][0] for r in widths})
+  full = resnet.layer3[0].bn1
+  assert stats['mean'].shape == (len(inner), 256)
+  for row, w in enumerate(inner):
+    np.testing.assert_array_equal(stats['mean'][row, :w], full.running_mean[:w].numpy())
+    np.testing.assert_array_equal(stats['var'][row, :w], full.running_var[:w].numpy())
+    np.testing.assert_array_equal(stats['var'][row, w:], 1.0)
+
+
+VIT_NAMES = ['vit_tiny_patch16_224', 'deit_tiny_patch16_224', 'vit_small_patch16_224',
+             'deit_small_patch16_224']
+
+
+@pytest.mark.parametrize('name', VIT_NAMES)
+def test_vit_largest_is_timms(name):
+  torch.manual_seed(0)
+  net = timm.create_model(name).eval()
+  with torch.no_grad():  # Biases and LayerNorm affines off their (0, 1) init.
+    for _, p in net.named_parameters():
+      if p.ndim == 1:
+        p.add_(torch.randn_like(p) * 0.1)
+  model = vit_timm.model_for(name)
+  variables = vit_timm.convert_state_dict(numpy_state_dict(net), model)
+  x = images(224)
+  with torch.no_grad():
+    theirs = net(torch.from_numpy(x)).numpy()
+  ours = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), route='largest')
+  error, relative = logits_error(ours, theirs)
+  print(f'timm {name} 224px: max abs {error:.2e}, relative {relative:.2e}')
+  assert relative < TOLERANCE
+
+
+def test_timm_names_that_map():
+  assert vit_timm.model_for('deit_small_patch16_224').size.width == 384
+  model = vit_timm.model_for('vit_base_patch16_384.augreg_in21k_ft_in1k')
+  assert (model.variant, model.image_size, model.gate_attention) == ('B/16', 384, False)
+  for name in ('deit_small_distilled_patch16_224', 'vit_relpos_small_patch16_224', 'resnet50'):
+    with pytest.raises(errors.ConfigError, match='does not map onto DS-ViT'):
+      vit_timm.model_for(name)
+
+
+def test_a_gate_attention_head_is_refused(resnet):
+  with pytest.raises(errors.ConfigError, match='gate_attention=False'):
+    resnet_torchvision.convert_state_dict({}, resnet_torchvision.model_for().clone(
+        gate_attention=True))
+  with pytest.raises(errors.ConfigError, match='gate_attention=False'):
+    vit_timm.convert_state_dict({}, vit_timm.model_for('deit_tiny_patch16_224').clone(
+        gate_attention=True))
+
+
+def test_bad_state_dicts_are_refused_whole(resnet):
+  state_dict = numpy_state_dict(resnet)
+  state_dict['layer1.0.bn1.running_var'][3] = -1.0
+  state_dict['conv1.weight'] = state_dict['conv1.weight'][:, :2]
+  state_dict['fc.bias'] = state_dict['fc.bias'].astype(np.int64)
+  state_dict['layer4.2.conv3.weight'] = state_dict['layer4.2.conv3.weight'].copy()
+  state_dict['layer4.2.conv3.weight'][0, 0, 0, 0] = np.nan
+  del state_dict['layer2.0.downsample.1.running_mean']
+  state_dict['head.weight'] = np.zeros((3, 3), np.float32)
+  with pytest.raises(StateDictMismatchError) as raised:
+    resnet_torchvision.convert_state_dict(state_dict)
+  e = raised.value
+  assert e.missing == {'layer2.0.downsample.1.running_mean': (512,)}
+  assert e.unexpected == ['head.weight']
+  assert e.wrong_shape == {'conv1.weight': ((64, 3, 7, 7), (64, 2, 7, 7))}
+  assert e.bad_values == {'layer1.0.bn1.running_var': '1 values <= 0',
+                          'fc.bias': 'dtype int64, not floating point',
+                          'layer4.2.conv3.weight': '1 values not finite in float32'}
+
+  vit = numpy_state_dict(timm.create_model('deit_tiny_patch16_224'))
+  vit['blocks.3.attn.qkv.weight'] = vit['blocks.3.attn.qkv.weight'][:300]
+  del vit['pos_embed']
+  with pytest.raises(StateDictMismatchError) as raised:
+    vit_timm.convert_state_dict(vit, vit_timm.model_for('deit_tiny_patch16_224'))
+  assert raised.value.missing == {'pos_embed': (1, 197, 192)}
+  assert raised.value.wrong_shape == {'blocks.3.attn.qkv.weight': ((576, 192), (300, 192))}
+
+
+def vit_ti_config(checkpoint: str):
+  config = config_lib.load_config_file(f'configs/vit_s_finetune.py:{checkpoint}')
+  config.model.variant = 'Ti/16'
+  return config
+
+
+def test_cli_round_trip_through_load(tmp_path, capsys):
+  """safetensors and a nested .pth in, a checkpoint out that `dsnet_jax.load` (the restore of
+  eval, export, latency and init_checkpoint) reads with the fine-tuning config."""
+  torch.manual_seed(0)
+  net = timm.create_model('deit_tiny_patch16_224').eval()
+  save_file(net.state_dict(), tmp_path / 'model.safetensors')
+  torch.save({'model': net.state_dict(), 'epoch': 3}, tmp_path / 'nested.pth')
+  x = images(224)
+  with torch.no_grad():
+    theirs = net(torch.from_numpy(x)).numpy()
+  for source in ('model.safetensors', 'nested.pth'):
+    out = tmp_path / f'ckpt_{source}'
+    convert_pretrained.main(['--model=deit_tiny_patch16_224', f'--input={tmp_path / source}',
+                             f'--out={out}'])
+    assert "model fields {'variant': 'Ti/16', 'image_size': 224, 'num_classes': 1000, " in (
+        capsys.readouterr().out)
+    loaded = dsnet_jax.load(checkpoint=out, config=vit_ti_config(str(out)))
+    ours = loaded.model.apply(loaded.variables, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                              route='largest')
+    assert logits_error(ours, theirs)[1] < TOLERANCE
+
+  config = vit_ti_config(str(out))
+  config.model.gate_attention = True
+  with pytest.raises(errors.CheckpointMismatchError):
+    dsnet_jax.load(checkpoint=out, config=config)
+  with pytest.raises(FileExistsError, match='not empty'):
+    convert_pretrained.main(['--model=deit_tiny_patch16_224',
+                             f'--input={tmp_path / "nested.pth"}', f'--out={out}'])
+
+
+def test_cli_writes_nothing_for_a_bad_state_dict(tmp_path):
+  state_dict = timm.create_model('deit_tiny_patch16_224').state_dict()
+  state_dict['norm.weight'][0] = float('inf')
+  torch.save(state_dict, tmp_path / 'bad.pth')
+  with pytest.raises(StateDictMismatchError, match=r'norm\.weight: 1 values not finite'):
+    convert_pretrained.main(['--model=deit_tiny_patch16_224', f'--input={tmp_path / "bad.pth"}',
+                             f'--out={tmp_path / "out"}'])
+  assert not (tmp_path / 'out').exists()
+
+
+def _cli(args, env):
+  return subprocess.run([sys.executable, '-m', 'dsnet_jax.tools.convert_pretrained', *args],
+                        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_released_weights_are_read_from_the_libraries_caches(tmp_path):
+  """Without --input the tool asks torchvision / timm for the released weights; offline, from
+  their caches (where a download would put them), so the real code path runs here."""
+  torch_home = tmp_path / 'torch'
+  (torch_home / 'hub' / 'checkpoints').mkdir(parents=True)
+  torch.save(torchvision.models.resnet50().state_dict(),
+             torch_home / 'hub' / 'checkpoints' / 'resnet50-11ad3fa6.pth')  # IMAGENET1K_V2
+  done = _cli(['--model=resnet50', f'--out={tmp_path / "resnet"}'], {'TORCH_HOME': str(torch_home)})
+  assert done.returncode == 0, done.stderr
+  assert 'converted 320 tensors: 25,' in done.stdout
+
+  snapshot = (tmp_path / 'hf' / 'models--timm--deit_tiny_patch16_224.fb_in1k' / 'snapshots' /
+              'abc')
+  snapshot.mkdir(parents=True)
+  save_file(timm.create_model('deit_tiny_patch16_224').state_dict(),
+            snapshot / 'model.safetensors')
+  (snapshot.parents[1] / 'refs').mkdir()
+  (snapshot.parents[1] / 'refs' / 'main').write_text('abc')
+  done = _cli(['--model=deit_tiny_patch16_224', f'--out={tmp_path / "deit"}'],
+              {'HF_HUB_CACHE': str(tmp_path / 'hf'), 'HF_HUB_OFFLINE': '1'})
+  assert done.returncode == 0, done.stderr
+  assert 'converted 152 tensors: 5,7' in done.stdout
