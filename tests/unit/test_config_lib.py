@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import pathlib
 import re
 
 import pytest
@@ -14,6 +15,8 @@ from checks import ROOT
 from dsnet_jax import config_lib, errors, rundir
 
 CONFIGS = sorted((ROOT / 'configs').glob('*.py'))
+# The argument a config file needs (the fine-tuning configs: the imported checkpoint).
+CONFIG_ARGS = {'resnet50_finetune': 'ckpt/resnet50_tv', 'vit_s_finetune': 'ckpt/deit_s'}
 
 
 def load(path, arg=None):
@@ -25,7 +28,19 @@ def load(path, arg=None):
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
 def test_config_validates(path):
-  config_lib.validate(load(path))
+  config_lib.validate(load(path, CONFIG_ARGS.get(path.stem)))
+
+
+@pytest.mark.parametrize('name,base', [('resnet50_finetune', 'resnet50'),
+                                       ('vit_s_finetune', 'vit_s')])
+def test_finetuning_configs_shorten_stage_one_and_need_the_checkpoint(name, base):
+  tuned, scratch = load(ROOT / f'configs/{name}.py', 'ckpt/x'), load(ROOT / f'configs/{base}.py')
+  assert tuned.init_checkpoint == 'ckpt/x' and not tuned.model.gate_attention
+  assert tuned.supernet.epochs < scratch.supernet.epochs / 2
+  assert tuned.supernet.optimizer.lr == pytest.approx(0.2 * scratch.supernet.optimizer.lr)
+  assert 0 < tuned.supernet.optimizer.warmup_epochs < scratch.supernet.optimizer.warmup_epochs
+  with pytest.raises(errors.ConfigError, match='needs the imported checkpoint'):
+    load(ROOT / f'configs/{name}.py')
 
 
 def test_an_unset_compute_dtype_compares_as_float32():
@@ -42,7 +57,8 @@ def test_an_unset_compute_dtype_compares_as_float32():
 
 def parse(path, *overrides):
   """The config as train.py's --config flag makes it, overrides applied."""
-  argv = ['train.py', f'--config={path}', *overrides]
+  arg = CONFIG_ARGS.get(pathlib.Path(path).stem)
+  argv = ['train.py', f'--config={path}' + (f':{arg}' if arg else ''), *overrides]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values,
                                   lock_config=True, sys_argv=argv)
@@ -167,7 +183,7 @@ def test_a_schedule_that_would_rise_is_refused_and_loaders_keep_every_thread_bus
   # grain warns (once per reader thread) when its prefetch buffer holds fewer than its threads;
   # every shipped config, :runlocal included, resolves (its schedule never rises).
   for path in CONFIGS:
-    for arg in (None, 'runlocal'):
+    for arg in [CONFIG_ARGS[path.stem]] if path.stem in CONFIG_ARGS else (None, 'runlocal'):
       config = load(path, arg)
       assert config.data.prefetch >= config.data.num_threads, path.name
       config_lib.resolve_durations(config, {'supernet': 10 ** 6, 'gate': 10 ** 6})
