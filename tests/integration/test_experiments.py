@@ -1,4 +1,4 @@
-"""The reproduction study's four scripts on the tiny config (2 steps per run), so that they
+"""The reproduction study's scripts on the tiny config (2 steps per run), so that they
 cannot rot: each trains what its table needs, writes its section of RESULTS.md from the run
 records, and a second call trains nothing and writes the same text."""
 import json
@@ -11,6 +11,7 @@ from checks import ROOT
 
 sys.path.insert(0, str(ROOT / 'experiments'))
 
+import from_trained  # noqa: E402  pylint: disable=wrong-import-position
 import ablations  # noqa: E402  pylint: disable=wrong-import-position
 import gated_vs_static  # noqa: E402  pylint: disable=wrong-import-position
 import speed  # noqa: E402  pylint: disable=wrong-import-position
@@ -18,7 +19,7 @@ import study  # noqa: E402  pylint: disable=wrong-import-position
 import supernet_vs_independent  # noqa: E402  pylint: disable=wrong-import-position
 import which_router  # noqa: E402  pylint: disable=wrong-import-position
 
-from dsnet_jax import routers  # noqa: E402  pylint: disable=wrong-import-position
+from dsnet_jax import routers, rundir  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.mark.slow
@@ -84,6 +85,32 @@ def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
   with pytest.raises(study.StudyError, match='tiny_alone0_s2_seed0.json is not a run record'):
     tables[0]()
   assert results.read_text() == written
+
+
+@pytest.mark.slow
+def test_the_from_trained_table_on_the_tiny_config(tmp_path, monkeypatch):
+  root, runs, results = str(tmp_path / 'w'), tmp_path / 'runs', tmp_path / 'RESULTS.md'
+  configured = study.configured
+  monkeypatch.setattr(study, 'configured',
+                      lambda path, **overrides: configured(path, num_devices=1, **overrides))
+  # A route trained alone for the total steps (2 + 2), as table 1 would have recorded it.
+  runs.mkdir()
+  alone = {'name': 'tiny_alonelargest_s4_seed0', 'routes': [
+      {'route': 'largest', 'accuracy': 0.25, 'madds': 1.0}]}
+  (runs / 'tiny_alonelargest_s4_seed0.json').write_text(json.dumps(alone))
+  text = from_trained.study_table(['tiny'], 2, 2, 0.5, [2], [0], root, runs, results)
+  tuned = json.loads((runs / 'tiny_fromtrained_b2_s2_lr0.5_seed0.json').read_text())
+  base = f'{root}/tiny_base_largest_s2_seed0/checkpoints/supernet'
+  assert tuned['overrides']['init_checkpoint'] == base
+  assert tuned['overrides']['supernet.optimizer.lr'] == pytest.approx(
+      0.5 * configured('configs/tiny.py').supernet.optimizer.lr)
+  stage = rundir.RunDir(f'{root}/tiny_fromtrained_b2_s2_lr0.5_seed0').status('supernet')
+  assert stage.meta['source'] == {'init_checkpoint': base, 'step': 2}
+  largest = study.route_row(tuned, 'largest')['accuracy']
+  row = next(line for line in text.splitlines() if line.startswith('| largest |'))
+  assert row.endswith(f'| not run | not run | not run | 25.00 | {100 * (largest - 0.25):+.2f} |')
+  assert '<!-- from-trained-tiny-b2-s2 -->' in results.read_text()
+  assert from_trained.study_table(['tiny'], 2, 2, 0.5, [2], [0], root, runs, results) == text
 
 
 @pytest.mark.slow
