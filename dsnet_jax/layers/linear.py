@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import flax.linen as nn
@@ -109,12 +110,19 @@ def _depthwise_by_taps() -> bool:
   return name == 'taps' or (name == 'auto' and jax.default_backend() == 'cpu')
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def depthwise_conv_by_taps(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
   """Depthwise conv as a sum of k*k strided, shifted, per-channel-scaled copies of x.
 
   The same arithmetic as the grouped conv, but XLA:CPU runs it 4-9x faster (forward and
   backward) than its grouped `conv_general_dilated`, which dominated CPU time of DS-MBNet.
+  Its gradient is written out (`_taps_backward`): autodiff's would pad every tap's cotangent
+  to the input's size and add k*k of them; the written one reads one padded copy.
   """
+  return _taps(x, kernel, stride, pad)
+
+
+def _taps(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
   k = kernel.shape[0]
   n, h, w, c = x.shape
   x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -127,6 +135,36 @@ def depthwise_conv_by_taps(x: jax.Array, kernel: jax.Array, stride: int, pad: in
                           (1, stride, stride, 1))
       y = tap * kernel[i, j, 0] if y is None else y + tap * kernel[i, j, 0]
   return y
+
+
+def _taps_forward(x, kernel, stride, pad):
+  return _taps(x, kernel, stride, pad), (x, kernel)
+
+
+def _taps_backward(stride, pad, residuals, dy):
+  """dx: dy dilated by the stride, padded, correlated with the flipped kernel (the same taps
+  form at stride 1); dkernel[i, j]: the sum over batch and space of tap (i, j) of x times dy,
+  accumulated in float32."""
+  x, kernel = residuals
+  k = kernel.shape[0]
+  n, h, w, c = x.shape
+  h_out, w_out = dy.shape[1:3]
+  lo = k - 1 - pad
+  dilated = jax.lax.pad(dy, jnp.zeros((), dy.dtype), (
+      (0, 0, 0), (lo, h - 1 + pad - (h_out - 1) * stride, stride - 1),
+      (lo, w - 1 + pad - (w_out - 1) * stride, stride - 1), (0, 0, 0)))
+  dx = _taps(dilated, kernel[::-1, ::-1], 1, 0)
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  taps = [[jnp.sum((jax.lax.slice(padded, (0, i, j, 0),
+                                  (n, i + (h_out - 1) * stride + 1,
+                                   j + (w_out - 1) * stride + 1, c),
+                                  (1, stride, stride, 1)) * dy).astype(jnp.float32),
+                   axis=(0, 1, 2)) for j in range(k)] for i in range(k)]
+  dkernel = jnp.stack([jnp.stack(row) for row in taps])[:, :, None, :]
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+depthwise_conv_by_taps.defvjp(_taps_forward, _taps_backward)
 
 
 def _check_slice(module: nn.Module, d_in: int, in_max: int, d_out: int, out_max: int):

@@ -8,10 +8,13 @@ from dsnet_jax.layers import Conv
 from dsnet_jax.layers.linear import depthwise_implementation
 
 
+@pytest.mark.parametrize('size', [9, 8])
+@pytest.mark.parametrize('kernel', [3, 5])
 @pytest.mark.parametrize('stride', [1, 2])
-def test_depthwise_taps_equal_grouped_conv_values_and_gradients(stride):
-  conv = Conv(8, 8, 3, stride, depthwise=True)
-  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 6))
+def test_depthwise_taps_equal_grouped_conv_values_and_gradients(stride, kernel, size):
+  """The taps' written-out gradient (input and kernel) against autodiff of XLA's conv."""
+  conv = Conv(8, 8, kernel, stride, depthwise=True)
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
   params = conv.init(jax.random.key(1), x)
 
   def run(impl):
@@ -19,7 +22,8 @@ def test_depthwise_taps_equal_grouped_conv_values_and_gradients(stride):
       f = lambda p, x: (conv.apply(p, x) ** 2).sum()
       return conv.apply(params, x), jax.grad(f, argnums=(0, 1))(params, x)
   (y_conv, g_conv), (y_taps, g_taps) = run('conv'), run('taps')
-  assert y_conv.shape == (2, 5 if stride == 2 else 9, 5 if stride == 2 else 9, 6)
+  out = (size - 1) // stride + 1
+  assert y_conv.shape == (2, out, out, 6)
   np.testing.assert_allclose(y_taps, y_conv, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(g_taps), jax.tree.leaves(g_conv)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
