@@ -174,6 +174,12 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
 
   def target(meta):
     check_meta(directory, meta)
+    saved = meta.get('config')
+    saved = json.loads(saved) if isinstance(saved, str) else saved or {}
+    saved_name = meta.get('model_name') or saved.get('model_name')
+    if config is not None and saved_name and saved_name != config.model_name:
+      raise errors.CheckpointMismatchError(
+          f'{directory} holds a {saved_name} checkpoint, the config is for {config.model_name}')
     gated = is_gated(meta)
     if config is not None and 'config' in meta:
       check_config(meta, config, MODEL_KEYS, allow_changes, f'checkpoint {directory}',

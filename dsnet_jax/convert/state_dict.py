@@ -41,12 +41,27 @@ class StateDictMismatchError(errors.UserError, ValueError):
     self.wrong_shape = dict(wrong_shape)
     self.bad_values = dict(bad_values or {})
     lines = ['the state dict does not match the model:']
-    lines += [f'  missing: {k} {s}' for k, s in self.missing.items()]
-    lines += [f'  unexpected: {k}' for k in self.unexpected]
-    lines += [f'  wrong shape: {k}: expected {e}, got {g}'
-              for k, (e, g) in self.wrong_shape.items()]
-    lines += [f'  bad values: {k}: {p}' for k, p in self.bad_values.items()]
+    if len(self.missing) >= MAX_LISTED and len(self.unexpected) >= MAX_LISTED:
+      lines[0] = (f'the state dict is not one of this model: {len(self.missing)} of its keys '
+                  f'are missing and {len(self.unexpected)} unknown ones are there (another '
+                  'network?):')
+    lines += _listed('missing', [f'{k} {s}' for k, s in self.missing.items()])
+    lines += _listed('unexpected', self.unexpected)
+    lines += _listed('wrong shape', [f'{k}: expected {e}, got {g}'
+                                     for k, (e, g) in self.wrong_shape.items()])
+    lines += _listed('bad values', [f'{k}: {p}' for k, p in self.bad_values.items()])
     super().__init__('\n'.join(lines))
+
+
+# Entries of each kind a StateDictMismatchError lists before '... and N more'.
+MAX_LISTED = 20
+
+
+def _listed(kind: str, entries: list[str]) -> list[str]:
+  lines = [f'  {kind}: {e}' for e in entries[:MAX_LISTED]]
+  if len(entries) > MAX_LISTED:
+    lines.append(f'  {kind}: ... and {len(entries) - MAX_LISTED} more')
+  return lines
 
 
 def value_problems(key: str, value: np.ndarray) -> str | None:
@@ -113,35 +128,68 @@ def to_numpy(value: Any) -> np.ndarray:
   return (value.float() if value.is_floating_point() else value).numpy()
 
 
+# File name endings `read_file` reads: PyTorch's pickles, safetensors, NumPy's archives.
+TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.tar')
+SUFFIXES = (*TORCH_SUFFIXES, '.safetensors', '.npz')
+
+
+class StateDictFileError(errors.UserError, ValueError):
+  """A state dict file that cannot be read: unknown kind, damaged, or not holding a mapping."""
+
+
 def read_file(path: str | os.PathLike) -> dict[str, Any]:
   """The mapping stored in a PyTorch checkpoint (.pth, .pth.tar, .pt, .bin; needs torch), a
   .safetensors file (needs safetensors) or an .npz; tensors as they are stored (`to_numpy`
-  converts them)."""
+  converts them).
+
+  Raises:
+    FileNotFoundError: no such file.
+    StateDictFileError: another kind of file, a damaged one, or one that holds no mapping.
+    ImportError: the library that reads it is missing.
+  """
   name = os.fspath(path)
   if not os.path.isfile(name):
     raise FileNotFoundError(f'no state dict file {name}')
-  if name.endswith('.npz'):
-    with np.load(name) as npz:
-      return dict(npz)
+  if not name.endswith(SUFFIXES):
+    raise StateDictFileError(f'{name}: not a state dict file this reads (by its name: '
+                             f'{", ".join(SUFFIXES)})')
   if name.endswith('.safetensors'):
     try:
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise ImportError(f'reading {name} needs safetensors: pip install safetensors') from None
-    return load_file(name)
+  elif not name.endswith('.npz'):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ImportError(f'reading {name} needs PyTorch: pip install ".[torch]" (or pass an .npz '
+                        'of the state dict)') from None
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError(f'reading {name} needs PyTorch: pip install ".[torch]" (or pass an .npz '
-                      'of the state dict)') from None
-  # Training checkpoints also pickle the run's argparse.Namespace; allow only that class.
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    return torch.load(name, map_location='cpu', weights_only=True)
+    if name.endswith('.npz'):
+      with np.load(name) as npz:
+        stored = dict(npz)
+    elif name.endswith('.safetensors'):
+      stored = load_file(name)
+    else:
+      # Training checkpoints also pickle the run's argparse.Namespace; allow only that class.
+      with torch.serialization.safe_globals([argparse.Namespace]):
+        stored = torch.load(name, map_location='cpu', weights_only=True)
+  except Exception as e:  # Each reader fails its own way on a damaged file; one message.
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise StateDictFileError(f'{name} cannot be read as a {name.rsplit(".", 1)[-1]} state dict '
+                             f'(damaged or another kind of file): {first[:200]}') from None
+  if not isinstance(stored, Mapping):
+    raise StateDictFileError(f'{name} holds a {type(stored).__name__}, not a mapping of names to '
+                             'tensors')
+  return dict(stored)
 
 
 def check_new_directory(directory: str | os.PathLike) -> str:
   """`directory` made absolute; raises FileExistsError unless it is new or an empty folder (an
-  importer checks it before reading anything, and again when it writes)."""
+  importer checks it before reading anything, and again when it writes), ValueError when it is
+  empty (not the current folder)."""
+  if not os.fspath(directory).strip():
+    raise errors.ConfigError('the output directory is empty: name a new or empty directory')
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise FileExistsError(f'{directory} is not a directory')

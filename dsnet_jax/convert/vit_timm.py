@@ -46,9 +46,18 @@ def model_for(timm_name: str, num_classes: int = 1000, **fields) -> ds_vit.DSViT
         f'timm model {timm_name!r} does not map onto DS-ViT++; these do: '
         '{vit,deit}_{tiny,small,base}_patch<P>_<size> (class-token models, e.g. '
         'deit_small_patch16_224), not the distilled DeiTs or other ViT families')
-  family, size, patch, image_size = match.groups()
+  _, size, patch, image_size = match.groups()
+  if int(patch) < 1 or int(image_size) < 1 or int(image_size) % int(patch):
+    raise errors.ConfigError(f'timm model {timm_name!r}: image size {image_size} is not a '
+                             f'positive multiple of the patch size {patch}')
   return ds_vit.Model(variant=f'{_VARIANTS[size]}/{patch}', image_size=int(image_size),
                       num_classes=num_classes, gate_attention=False, **fields)
+
+
+def normalization(timm_name: str) -> str:
+  """The `data.normalization` the released weights of `timm_name` expect: 'inception' (mean =
+  std = 0.5) for the AugReg ViTs, '' (ImageNet's) for DeiT."""
+  return 'inception' if timm_name.startswith('vit_') else ''
 
 
 def image_shape(model: ds_vit.DSViT) -> tuple[int, int, int]:

@@ -43,8 +43,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on '
-          'flags.', file=sys.stderr)
+    # A config file's get_config raising one of our errors: ml_collections re-raises it with
+    # the traceback in the message; its last line is the message meant for the user.
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else ''
+    if 'Error whilst parsing config file' in str(e) and last.startswith('dsnet_jax.errors.'):
+      print(f'error: {last.split(": ", 1)[-1]}', file=sys.stderr)
+    else:
+      print(f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on '
+            'flags.', file=sys.stderr)
   except (AttributeError, KeyError) as e:
     key = next((a.split('=')[0] for a in argv if a.startswith('--config.')
                 and str(e).strip('"\'').split("'")[0] in a), 'a --config. override')

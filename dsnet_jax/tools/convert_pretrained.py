@@ -23,19 +23,26 @@ from dsnet_jax import errors, paths
 from dsnet_jax.convert import resnet_torchvision, state_dict as state_dict_lib, vit_timm
 from dsnet_jax.tools import cli
 
-# Where a training checkpoint keeps its state dict, in the order looked for.
-_NESTED_KEYS = ('model', 'state_dict', 'model_ema', 'state_dict_ema')
+# Where a training checkpoint keeps its state dict(s).
+NESTED_KEYS = ('model', 'state_dict', 'model_ema', 'state_dict_ema')
 
 
-def select_state_dict(stored: Mapping[str, Any]) -> dict[str, Any]:
-  """The state dict in a file's mapping: the mapping itself, or under one of _NESTED_KEYS."""
-  if all(hasattr(v, 'shape') for v in stored.values()):
-    return dict(stored)
-  for key in _NESTED_KEYS:
-    if isinstance(stored.get(key), Mapping):
-      return {k.removeprefix('module.'): v for k, v in stored[key].items()}
-  raise errors.ConfigError(f'no state dict in the file: its top-level keys are {sorted(stored)[:8]}'
-                           f', none a tensor mapping under {list(_NESTED_KEYS)}')
+def select_state_dict(stored: Mapping[str, Any], key: str = '') -> dict[str, Any]:
+  """The state dict in a file's mapping: under `key`, else under the one of NESTED_KEYS that
+  holds a mapping (refused when several do: say which with `key`), else the mapping itself;
+  DataParallel's `module.` prefix stripped."""
+  nested = [k for k in NESTED_KEYS if isinstance(stored.get(k), Mapping)]
+  if key:
+    if not isinstance(stored.get(key), Mapping):
+      raise errors.ConfigError(f'--key={key}: the file holds no mapping under {key!r}; its '
+                               f'top-level keys: {sorted(stored)[:8]}')
+    chosen = stored[key]
+  elif len(nested) > 1:
+    raise errors.ConfigError(f'the file holds several state dicts ({", ".join(nested)}): choose '
+                             'one with --key')
+  else:
+    chosen = stored[nested[0]] if nested else stored
+  return {k.removeprefix('module.'): v for k, v in chosen.items()}
 
 
 def fetch_state_dict(model: str, weights: str) -> dict[str, Any]:
@@ -44,6 +51,10 @@ def fetch_state_dict(model: str, weights: str) -> dict[str, Any]:
   try:
     if model == 'resnet50':
       import torchvision  # pylint: disable=g-import-not-at-top
+      tags = torchvision.models.ResNet50_Weights.__members__
+      if weights not in tags:
+        raise errors.ConfigError(f'--weights={weights}: torchvision\'s ResNet-50 weights are '
+                                 f'{", ".join(tags)}')
       return torchvision.models.resnet50(weights=weights).state_dict()
     import timm  # pylint: disable=g-import-not-at-top
     return timm.create_model(model, pretrained=True).state_dict()
@@ -56,6 +67,9 @@ def _num_classes(state_dict: Mapping[str, Any], key: str) -> int:
   """The classifier's outputs (1000 when it is missing or malformed: the mismatch error then
   names it with the rest)."""
   shape = np.shape(state_dict.get(key))
+  if len(shape) == 2 and shape[0] < 1:
+    raise state_dict_lib.StateDictMismatchError({}, [], {key: (('num_classes >= 1', shape[1]),
+                                                               shape)})
   return int(shape[0]) if len(shape) == 2 else 1000
 
 
@@ -77,6 +91,13 @@ def convert(model: str, state_dict: Mapping[str, Any], seed: int = 0):
            'num_classes': supernet.num_classes, 'gate_attention': False})
 
 
+def _seed(text: str) -> int:
+  seed = int(text)
+  if not 0 <= seed < 2 ** 32:
+    raise argparse.ArgumentTypeError(f'{seed} is not in 0..2**32-1')
+  return seed
+
+
 def main(argv: Sequence[str] | None = None):
   parser = argparse.ArgumentParser(prog='python -m dsnet_jax.tools.convert_pretrained',
                                    description=__doc__.splitlines()[0])
@@ -89,13 +110,16 @@ def main(argv: Sequence[str] | None = None):
                            'the released weights (needs a network)')
   parser.add_argument('--weights', default='IMAGENET1K_V2',
                       help="torchvision's weights tag when fetching resnet50")
-  parser.add_argument('--seed', type=int, default=0, help="the gate's fresh init")
+  parser.add_argument('--key', default='',
+                      help='where the state dict sits in the file (e.g. model_ema) when it holds '
+                           'several')
+  parser.add_argument('--seed', type=_seed, default=0, help="the gate's fresh init (0..2**32-1)")
   args = parser.parse_args(argv)
   if args.model != 'resnet50':
     vit_timm.model_for(args.model)  # An unknown name fails before any reading or fetching.
   paths.check_output(args.out, 'dir', '--out')
   state_dict_lib.check_new_directory(args.out)
-  stored = (select_state_dict(state_dict_lib.read_file(args.input)) if args.input
+  stored = (select_state_dict(state_dict_lib.read_file(args.input), args.key) if args.input
             else fetch_state_dict(args.model, args.weights))
   variables, supernet, image_shape, model_name, fields = convert(args.model, stored, args.seed)
   directory = state_dict_lib.save_checkpoint(
@@ -105,6 +129,9 @@ def main(argv: Sequence[str] | None = None):
   print(f'converted {len(stored)} tensors: {count(variables["params"]):,} params -> {directory}\n'
         f'train or evaluate it with model_name={model_name!r} and model fields {fields} '
         '(e.g. --config.init_checkpoint=' + directory + ')')
+  if model_name == 'ds_vit' and vit_timm.normalization(args.model):
+    print(f"{args.model}'s weights expect inputs normalised with mean = std = 0.5: add "
+          "--config.data.normalization=inception")
 
 
 if __name__ == '__main__':

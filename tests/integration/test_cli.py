@@ -254,6 +254,8 @@ def test_eval_refuses_an_output_dir_that_is_a_file_before_any_work(tmp_path):
     (['train.py', '--config=configs/tiny.py', '--workdir={none}',
       '--config.init_checkpoint={none}/nothing'],
      'config key init_checkpoint={none}/nothing: no such checkpoint directory'),
+    (['train.py', '--config=configs/vit_s_finetune.py', '--workdir={none}'],
+     'a fine-tuning config needs the imported checkpoint after a colon'),
 ])
 def test_a_bad_output_path_or_flag_is_one_error_line_before_any_work(tmp_path, command, message):
   file = tmp_path / 'a_file'

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import dsnet_jax
 from dsnet_jax import config_lib, errors
 from dsnet_jax.convert import resnet_torchvision, vit_timm
-from dsnet_jax.convert.state_dict import StateDictMismatchError
+from dsnet_jax.convert.state_dict import StateDictFileError, StateDictMismatchError
 from dsnet_jax.tools import convert_pretrained
 
 TOLERANCE = 1e-5  # Relative: max |ours - theirs| / max |theirs|, float32.
@@ -178,6 +178,9 @@ def test_cli_round_trip_through_load(tmp_path, capsys):
   config.model.gate_attention = True
   with pytest.raises(errors.CheckpointMismatchError):
     dsnet_jax.load(checkpoint=out, config=config)
+  with pytest.raises(errors.CheckpointMismatchError, match='holds a ds_vit checkpoint, the '
+                     'config is for ds_mbnet'):
+    dsnet_jax.load(checkpoint=out, config=config_lib.load_config_file('configs/tiny.py'))
   with pytest.raises(FileExistsError, match='not empty'):
     convert_pretrained.main(['--model=deit_tiny_patch16_224',
                              f'--input={tmp_path / "nested.pth"}', f'--out={out}'])
@@ -191,3 +194,79 @@ def test_cli_writes_nothing_for_a_bad_state_dict(tmp_path):
     convert_pretrained.main(['--model=deit_tiny_patch16_224', f'--input={tmp_path / "bad.pth"}',
                              f'--out={tmp_path / "out"}'])
   assert not (tmp_path / 'out').exists()
+
+
+DEIT = 'deit_tiny_patch16_224'
+
+
+def convert(tmp_path, *args):
+  convert_pretrained.main([f'--out={tmp_path / "out"}', *args])
+
+
+@pytest.mark.parametrize('name,content,message', [
+    ('empty.npz', b'', 'cannot be read as a npz state dict'),
+    ('junk.pth', b'not a pickle at all', 'cannot be read as a pth state dict'),
+    ('junk.safetensors', b'\x08\x00\x00\x00\x00\x00\x00\x00{garbage', 'cannot be read as a '
+     'safetensors'),
+    ('weights.py', b'x = 1', r'not a state dict file this reads \(by its name'),
+])
+def test_unreadable_files_are_one_error(tmp_path, name, content, message):
+  (tmp_path / name).write_bytes(content)
+  with pytest.raises(StateDictFileError, match=message):
+    convert(tmp_path, f'--model={DEIT}', f'--input={tmp_path / name}')
+  assert not (tmp_path / 'out').exists()
+
+
+def test_what_a_file_holds_is_checked(tmp_path, capsys):
+  torch.save([1, 2, 3], tmp_path / 'list.pth')
+  with pytest.raises(StateDictFileError, match='holds a list, not a mapping'):
+    convert(tmp_path, f'--model={DEIT}', f'--input={tmp_path / "list.pth"}')
+  state_dict = timm.create_model(DEIT).state_dict()
+  torch.save({'state_dict': state_dict, 'state_dict_ema': state_dict}, tmp_path / 'two.pth')
+  with pytest.raises(errors.ConfigError, match=r'several state dicts \(state_dict, '
+                     r'state_dict_ema\): choose one with --key'):
+    convert(tmp_path, f'--model={DEIT}', f'--input={tmp_path / "two.pth"}')
+  with pytest.raises(errors.ConfigError, match="--key=ema: the file holds no mapping under 'ema'"):
+    convert(tmp_path, f'--model={DEIT}', f'--input={tmp_path / "two.pth"}', '--key=ema')
+  torch.save({f'module.{k}': v for k, v in state_dict.items()} | {'epoch': torch.tensor(5.0)},
+             tmp_path / 'bare.pth')
+  with pytest.raises(StateDictMismatchError, match=r'(?s)does not match.*unexpected: epoch'):
+    convert(tmp_path, f'--model={DEIT}', f'--input={tmp_path / "bare.pth"}')
+  convert(tmp_path, f'--model={DEIT}', f'--input={tmp_path / "two.pth"}', '--key=state_dict_ema')
+  assert 'converted 152 tensors' in capsys.readouterr().out
+
+
+def test_another_networks_state_dict_is_named_so_briefly(tmp_path, resnet):
+  with pytest.raises(StateDictMismatchError) as raised:
+    vit_timm.convert_state_dict(numpy_state_dict(resnet), vit_timm.model_for(DEIT))
+  lines = str(raised.value).splitlines()
+  assert lines[0].startswith('the state dict is not one of this model: 152 of its keys are '
+                             'missing and 320 unknown ones')
+  assert '  missing: ... and 132 more' in lines and len(lines) == 43
+
+
+def test_bad_flags_are_refused_before_reading(tmp_path, monkeypatch, capsys):
+  with pytest.raises(errors.ConfigError, match='image size 224 is not a positive multiple of '
+                     'the patch size 0'):
+    convert(tmp_path, '--model=vit_tiny_patch0_224', '--input=missing.pth')
+  with pytest.raises(errors.ConfigError, match="--weights=BOGUS: torchvision's ResNet-50 "
+                     'weights are IMAGENET1K_V1, IMAGENET1K_V2'):
+    convert(tmp_path, '--model=resnet50', '--weights=BOGUS')
+  with pytest.raises(SystemExit):
+    convert(tmp_path, f'--model={DEIT}', '--seed=99999999999999999999')
+  assert 'argument --seed: 99999999999999999999 is not in 0..2**32-1' in capsys.readouterr().err
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(errors.ConfigError, match='the output directory is empty'):
+    convert_pretrained.main([f'--model={DEIT}', '--input=x.pth', '--out='])
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_a_head_of_no_classes_and_the_vit_normalization(tmp_path, capsys):
+  state_dict = timm.create_model(DEIT).state_dict()
+  save_file(state_dict | {'head.weight': torch.zeros(0, 192), 'head.bias': torch.zeros(0)},
+            tmp_path / 'none.safetensors')
+  with pytest.raises(StateDictMismatchError, match=r'head\.weight: expected \(\'num_classes >= '):
+    convert(tmp_path, f'--model={DEIT}', f'--input={tmp_path / "none.safetensors"}')
+  save_file(state_dict, tmp_path / 'vit.safetensors')
+  convert(tmp_path, '--model=vit_tiny_patch16_224', f'--input={tmp_path / "vit.safetensors"}')
+  assert 'add --config.data.normalization=inception' in capsys.readouterr().out
