@@ -20,8 +20,8 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from dsnet_jax import models
-from dsnet_jax.data.input_pipeline import (NORMALIZATIONS, DataSpec, check_available, check_name,
-                                           num_examples)
+from dsnet_jax.data.input_pipeline import (DataSpec, check_available, check_name, num_examples,
+                                           preprocessing)
 from dsnet_jax.errors import ConfigError
 from dsnet_jax.escalation import AUTO as AUTO_CHAIN, CONFIDENCES
 from dsnet_jax.optim import OptimizerSpec
@@ -494,11 +494,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config key stages={tuple(config.stages)}: use {STAGES} or an ordered '
                       'subset of them, each stage once')
   check_name(config.data.name)
-  stage_data = {f'{s}.data': config[s].get('data') for s in STAGES if s in config}
-  for path, data in {'data': config.data, **stage_data}.items():
-    if data is not None and data.get('normalization', '') not in NORMALIZATIONS:
-      raise ConfigError(f'config key {path}.normalization={data.normalization!r}: valid: '
-                        f'{", ".join(map(repr, NORMALIZATIONS))}')
+  for stage in STAGES:  # Each stage's preprocessing as its pipeline will build it.
+    try:
+      preprocessing(stage_data(config, stage))
+    except ValueError as e:  # ConfigError included.
+      where = 'config.data' + ('' if stage == 'supernet' else f' with config.{stage}.data')
+      raise ConfigError(f'{e} ({where})') from None
   model_classes = config.model.get('num_classes')
   data_classes = config.data.get('num_classes')
   if model_classes and data_classes and model_classes != data_classes:

@@ -196,6 +196,10 @@ def test_a_schedule_that_would_rise_is_refused_and_loaders_keep_every_thread_bus
     ({'escalation.budget': 0.5}, 'escalation.budget=0.5 without escalation.chain'),
     ({'escalation.confidence': 'bogus'}, "escalation.confidence='bogus'"),
     ({'escalation.calibration_examples': -3}, 'calibration_examples must be >= 1'),
+    ({'data.augment': 'bogus'}, "unknown augment 'bogus'"),
+    ({'data.normalization': 'bogus'}, "data.normalization='bogus': valid: '', 'inception' "
+     '(config.data)'),
+    ({'data.random_erasing': 2.0}, 'random_erasing 2.0 is not a probability'),
 ])
 def test_a_value_that_would_be_ignored_or_poison_training_is_refused(overrides, message):
   config = load(ROOT / 'configs/tiny.py')
