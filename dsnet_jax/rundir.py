@@ -174,9 +174,7 @@ def restore_variables(directory: str | os.PathLike, model, image_shape: Sequence
 
   def target(meta):
     check_meta(directory, meta)
-    saved = meta.get('config')
-    saved = json.loads(saved) if isinstance(saved, str) else saved or {}
-    saved_name = meta.get('model_name') or saved.get('model_name')
+    saved_name = meta.get('model_name')  # Every checkpoint's since the first importer.
     if config is not None and saved_name and saved_name != config.model_name:
       raise errors.CheckpointMismatchError(
           f'{directory} holds a {saved_name} checkpoint, the config is for {config.model_name}')
