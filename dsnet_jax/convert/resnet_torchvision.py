@@ -15,7 +15,6 @@ import re
 from typing import Any, Mapping
 
 import jax
-from flax import traverse_util
 
 from dsnet_jax import errors
 from dsnet_jax.convert import state_dict as state_dict_lib
@@ -45,10 +44,6 @@ def torch_module_name(path: str) -> str:
 def model_for(num_classes: int = 1000, **fields) -> ds_resnet.DSResNet:
   """DS-ResNet-50 without the gate's attention head: its 'largest' is torchvision's ResNet-50."""
   return ds_resnet.Model(num_classes=num_classes, gate_attention=False, **fields)
-
-
-def _is_gate(path: tuple[str, ...]) -> bool:
-  return 'gate' in path
 
 
 def _source(collection: str, path: tuple[str, ...], leaf: jax.ShapeDtypeStruct,
@@ -95,14 +90,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: ds_resnet.DSResNet 
                              'attention head (model.gate_attention=False): with it, \'largest\' '
                              'would not compute the imported network')
   fresh = model.init_variables(jax.random.key(seed), IMAGE_SHAPE)
-  leaves = traverse_util.flatten_dict(jax.eval_shape(lambda: fresh))
   norm_widths = statistics_widths(model, IMAGE_SHAPE)
-  sources = {path: _source(path[0], path[1:], leaf, norm_widths)
-             for path, leaf in leaves.items() if not _is_gate(path)}
   dropped = [f'{torch_module_name(p)}.num_batches_tracked' for p in norm_widths]
-  variables = traverse_util.flatten_dict(
-      state_dict_lib.assemble(state_dict, sources, leaves, dropped))
-  variables.update({path: jax.device_get(value)
-                    for path, value in traverse_util.flatten_dict(fresh).items()
-                    if _is_gate(path)})
-  return traverse_util.unflatten_dict(variables)
+  return state_dict_lib.assemble_over(
+      state_dict, fresh, lambda path, leaf: None if 'gate' in path else _source(
+          path[0], path[1:], leaf, norm_widths), dropped)

@@ -110,6 +110,21 @@ def assemble(state_dict: Mapping[str, Any], sources: Mapping[tuple[str, ...], So
   return traverse_util.unflatten_dict(variables)
 
 
+def assemble_over(state_dict: Mapping[str, Any], fresh: Mapping[str, Any],
+                  source_of: Callable[[tuple[str, ...], jax.ShapeDtypeStruct], Source | None],
+                  dropped: Iterable[str] = ()) -> dict[str, Any]:
+  """`fresh` (a model's initial variables) with every array that `source_of(path, leaf)` gives
+  a Source for built from `state_dict`, checked as `assemble` checks; the arrays it gives None
+  for (what the source network lacks, e.g. the gate) keep their fresh values."""
+  flat = traverse_util.flatten_dict(jax.device_get(fresh), keep_empty_nodes=True)
+  leaves = {path: jax.ShapeDtypeStruct(v.shape, v.dtype)
+            for path, v in flat.items() if hasattr(v, 'shape')}
+  sources = {path: source for path, leaf in leaves.items()
+             if (source := source_of(path, leaf)) is not None}
+  built = traverse_util.flatten_dict(assemble(state_dict, sources, leaves, dropped))
+  return traverse_util.unflatten_dict({**flat, **built})
+
+
 def statistics_rows(stats: Sequence[np.ndarray], shape: Shape, pad: float) -> np.ndarray:
   """Per-width statistics rows (our BatchNorm's `mean`/`var`): row i holds stats[i] in its first
   len(stats[i]) entries, `pad` past them."""

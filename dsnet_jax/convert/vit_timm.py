@@ -22,7 +22,6 @@ import re
 from typing import Any, Mapping
 
 import jax
-from flax import traverse_util
 
 from dsnet_jax import errors
 from dsnet_jax.convert import state_dict as state_dict_lib
@@ -112,12 +111,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: ds_vit.DSViT,
                              "head (model.gate_attention=False): with it, 'largest' would not "
                              'compute the imported network')
   fresh = model.init_variables(jax.random.key(seed), image_shape(model))
-  leaves = traverse_util.flatten_dict(jax.eval_shape(lambda: fresh['params']))
   width = model.size.width
-  sources = {path: _source(path, leaf, width) for path, leaf in leaves.items()
-             if path[0] != 'gate'}
-  params = traverse_util.flatten_dict(state_dict_lib.assemble(state_dict, sources, leaves))
-  params.update({path: jax.device_get(value)
-                 for path, value in traverse_util.flatten_dict(fresh['params']).items()
-                 if path[0] == 'gate'})
-  return {'params': traverse_util.unflatten_dict(params), 'batch_stats': {}}
+  return state_dict_lib.assemble_over(
+      state_dict, fresh, lambda path, leaf: None if path[1] == 'gate' else _source(
+          path[1:], leaf, width))

@@ -26,8 +26,15 @@ def images(size: int, seed: int = 1) -> np.ndarray:
   return np.random.default_rng(seed).normal(size=(2, 3, size, size)).astype(np.float32)
 
 
-def logits_error(ours, theirs) -> tuple[float, float]:
-  error = float(np.abs(np.asarray(ours) - theirs).max())
+def logits_error(net: torch.nn.Module, model, variables, size: int) -> tuple[float, float]:
+  """Max |ours - theirs| of 'largest''s and the torch network's logits on the same two images,
+  absolute and relative to max |theirs|."""
+  x = images(size)
+  with torch.no_grad():
+    theirs = net(torch.from_numpy(x)).numpy()
+  ours = np.asarray(model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                                route='largest'))
+  error = float(np.abs(ours - theirs).max())
   return error, error / float(np.abs(theirs).max())
 
 
@@ -55,12 +62,7 @@ def imported_resnet(resnet):
 
 @pytest.mark.parametrize('size', [224, 160])
 def test_resnet50_largest_is_torchvisions(resnet, imported_resnet, size):
-  model, variables = imported_resnet
-  x = images(size)
-  with torch.no_grad():
-    theirs = resnet(torch.from_numpy(x)).numpy()
-  ours = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), route='largest')
-  error, relative = logits_error(ours, theirs)
+  error, relative = logits_error(resnet, *imported_resnet, size)
   print(f'torchvision resnet50 {size}px: max abs {error:.2e}, relative {relative:.2e}')
   assert relative < TOLERANCE
 
@@ -68,8 +70,8 @@ def test_resnet50_largest_is_torchvisions(resnet, imported_resnet, size):
 def test_resnet50_every_width_starts_from_the_full_statistics_prefix(resnet, imported_resnet):
   model, variables = imported_resnet
   stats = variables['batch_stats']['groups_2_0']['bn1']
-  widths = model.routes  # Rows: the distinct inner widths of group 2 over the route table.
-  inner = sorted({r.widths[3][0] for r in widths})
+  # Rows: the distinct inner widths of group 2 over the route table.
+  inner = sorted({r.widths[3][0] for r in model.routes})
   full = resnet.layer3[0].bn1
   assert stats['mean'].shape == (len(inner), 256)
   for row, w in enumerate(inner):
@@ -92,11 +94,7 @@ def test_vit_largest_is_timms(name):
         p.add_(torch.randn_like(p) * 0.1)
   model = vit_timm.model_for(name)
   variables = vit_timm.convert_state_dict(numpy_state_dict(net), model)
-  x = images(224)
-  with torch.no_grad():
-    theirs = net(torch.from_numpy(x)).numpy()
-  ours = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), route='largest')
-  error, relative = logits_error(ours, theirs)
+  error, relative = logits_error(net, model, variables, 224)
   print(f'timm {name} 224px: max abs {error:.2e}, relative {relative:.2e}')
   assert relative < TOLERANCE
 
@@ -160,9 +158,6 @@ def test_cli_round_trip_through_load(tmp_path, capsys):
   net = timm.create_model('deit_tiny_patch16_224').eval()
   save_file(net.state_dict(), tmp_path / 'model.safetensors')
   torch.save({'model': net.state_dict(), 'epoch': 3}, tmp_path / 'nested.pth')
-  x = images(224)
-  with torch.no_grad():
-    theirs = net(torch.from_numpy(x)).numpy()
   for source in ('model.safetensors', 'nested.pth'):
     out = tmp_path / f'ckpt_{source}'
     convert_pretrained.main(['--model=deit_tiny_patch16_224', f'--input={tmp_path / source}',
@@ -170,9 +165,7 @@ def test_cli_round_trip_through_load(tmp_path, capsys):
     assert "model fields {'variant': 'Ti/16', 'image_size': 224, 'num_classes': 1000, " in (
         capsys.readouterr().out)
     loaded = dsnet_jax.load(checkpoint=out, config=vit_ti_config(str(out)))
-    ours = loaded.model.apply(loaded.variables, jnp.asarray(x.transpose(0, 2, 3, 1)),
-                              route='largest')
-    assert logits_error(ours, theirs)[1] < TOLERANCE
+    assert logits_error(net, loaded.model, loaded.variables, 224)[1] < TOLERANCE
 
   config = vit_ti_config(str(out))
   config.model.gate_attention = True
