@@ -22,12 +22,17 @@ import which_router  # noqa: E402  pylint: disable=wrong-import-position
 from dsnet_jax import routers, rundir  # noqa: E402  pylint: disable=wrong-import-position
 
 
-@pytest.mark.slow
-def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
-  root, runs, results = str(tmp_path / 'w'), tmp_path / 'runs', tmp_path / 'RESULTS.md'
-  configured = study.configured  # One device (the suite has 8 fake ones): quicker compiles.
+@pytest.fixture
+def one_device(monkeypatch):
+  """The study's runs on one device (the suite has 8 fake ones): quicker compiles."""
+  configured = study.configured
   monkeypatch.setattr(study, 'configured',
                       lambda path, **overrides: configured(path, num_devices=1, **overrides))
+
+
+@pytest.mark.slow
+def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch, one_device):
+  root, runs, results = str(tmp_path / 'w'), tmp_path / 'runs', tmp_path / 'RESULTS.md'
   # Three of the four Stage I variants (MvCo has its own test in test_train.py), and the long
   # run as long as the others (the same record): fewer runs, the same code.
   monkeypatch.setattr(ablations, 'VARIANTS',
@@ -88,11 +93,8 @@ def test_the_study_scripts_on_the_tiny_config(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_from_trained_table_on_the_tiny_config(tmp_path, monkeypatch):
+def test_the_from_trained_table_on_the_tiny_config(tmp_path, one_device):
   root, runs, results = str(tmp_path / 'w'), tmp_path / 'runs', tmp_path / 'RESULTS.md'
-  configured = study.configured
-  monkeypatch.setattr(study, 'configured',
-                      lambda path, **overrides: configured(path, num_devices=1, **overrides))
   # A route trained alone for the total steps (2 + 2), as table 1 would have recorded it.
   runs.mkdir()
   alone = {'name': 'tiny_alonelargest_s4_seed0', 'routes': [
@@ -103,7 +105,7 @@ def test_the_from_trained_table_on_the_tiny_config(tmp_path, monkeypatch):
   base = f'{root}/tiny_base_largest_s2_seed0/checkpoints/supernet'
   assert tuned['overrides']['init_checkpoint'] == base
   assert tuned['overrides']['supernet.optimizer.lr'] == pytest.approx(
-      0.5 * configured('configs/tiny.py').supernet.optimizer.lr)
+      0.5 * study.configured('configs/tiny.py').supernet.optimizer.lr)
   stage = rundir.RunDir(f'{root}/tiny_fromtrained_b2_s2_lr0.5_seed0').status('supernet')
   assert stage.meta['source'] == {'init_checkpoint': base, 'step': 2}
   largest = study.route_row(tuned, 'largest')['accuracy']
@@ -114,11 +116,8 @@ def test_the_from_trained_table_on_the_tiny_config(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_router_table_on_the_tiny_config(tmp_path, monkeypatch):
+def test_the_router_table_on_the_tiny_config(tmp_path, monkeypatch, one_device):
   root, runs, results = str(tmp_path / 'w'), tmp_path / 'runs', tmp_path / 'RESULTS.md'
-  configured = study.configured
-  monkeypatch.setattr(study, 'configured',
-                      lambda path, **overrides: configured(path, num_devices=1, **overrides))
   text = which_router.study_table('tiny', 2, [0.5], [0], 16, root, runs, results)
   record = json.loads((runs / 'tiny_routers_s2_seed0.json').read_text())
   supernet = json.loads((runs / 'tiny_supernet_routers_s2_seed0.json').read_text())
