@@ -21,6 +21,16 @@ batches: one call per round. Configurations (route x batch) are timed round-robi
 each in turn, after warm-up calls, so slow phases of a shared machine hit every row alike; each
 figure is the median and the 90th percentile over `--rounds` rounds.
 
+`--train` times Stage I instead, on a spec written with `route_layers.py --sandwich_draws=N`:
+a sandwich step as `dsnet_jax.train_steps` does it (the EMA teacher's softmax on 'largest' in
+eval mode; 'largest' on the labels with label smoothing 0.1, the other routes of the draw on the
+teacher's probabilities; the gradients summed, one SGD step (Nesterov momentum 0.9, weight
+decay 1e-4), the teacher's EMA update), cycling over the spec's draws as `benchmarks/
+train_step.py --draws=N` does, and a plain step ('largest' alone on the labels). Each route is
+its own network here (the supernet's shared weights sliced would do the same arithmetic; the
+optimizer steps each drawn network's parameters). `--profile` prints torch.profiler's top ops of
+one sandwich step.
+
 On a machine shared with other jobs, OpenMP's default of spinning threads that wait for one
 another makes more than one torch thread very slow whenever a core is taken away (10x was seen
 on a busy 2-core VM); `OMP_WAIT_POLICY=PASSIVE` in the environment (read when torch loads) or
@@ -144,6 +154,10 @@ def parse_args(argv=None):
   p.add_argument('--singles', type=int, default=8, help='images per batch-1 round')
   p.add_argument('--channels_last', action='store_true', help='NHWC memory format')
   p.add_argument('--json', default='', help='write the numbers here')
+  p.add_argument('--train', action='store_true',
+                 help="time Stage I's sandwich step (needs the spec's sandwich draws)")
+  p.add_argument('--train_batch', type=int, default=32, help='batch of --train')
+  p.add_argument('--profile', action='store_true', help='with --train: top ops of one step')
   return p.parse_args(argv)
 
 
@@ -165,6 +179,11 @@ def main(argv=None) -> dict[str, Any]:
   images = torch.randn(max(batches + [args.singles]), channels, size, size, generator=gen)
   images = images.contiguous(memory_format=memory_format)
 
+  if args.train:
+    if not spec.get('sandwich'):
+      raise SystemExit(f'{args.spec} has no sandwich draws: write it with route_layers.py '
+                       '--sandwich_draws=N')
+    names = list(by_name)
   models, madds = {}, {}
   for name in names:
     route = by_name[name]
@@ -180,6 +199,8 @@ def main(argv=None) -> dict[str, Any]:
                        f"model's route reads {route['params']}: not the same architecture")
     models[name] = model
     madds[name] = dict(counted, ours=route['madds'], params=params)
+  if args.train:
+    return train_main(args, spec, models, madds, threads, memory_format)
 
   def call(model, x):
     return lambda: model(x)
@@ -221,6 +242,90 @@ def main(argv=None) -> dict[str, Any]:
           sys.argv[1:] if argv is None else argv),
       madds=madds, rows=rows)
   print(format_table(result))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+def sandwich_step(models: dict[str, nn.Module], teacher: nn.Module, optimizer, images, labels,
+                  draw: list[str], ema_decay: float = 0.997):
+  """One Stage I step of the routes `draw` ('largest' first, as drawn)."""
+  with torch.no_grad():
+    targets = torch.softmax(teacher(images), -1)
+  optimizer.zero_grad(set_to_none=True)
+  for name in draw:
+    logits = models[name](images)
+    if name == 'largest':
+      loss = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    else:
+      loss = -(targets * torch.log_softmax(logits, -1)).sum(-1).mean()
+    loss.backward()
+  optimizer.step()
+  with torch.no_grad():
+    torch._foreach_lerp_(list(teacher.parameters()), list(models['largest'].parameters()),
+                         1.0 - ema_decay)
+
+
+def train_main(args, spec, models, madds, threads, memory_format) -> dict[str, Any]:
+  """Times the sandwich step over the spec's draws and the plain step, round-robin."""
+  import copy  # pylint: disable=import-outside-toplevel
+  b, size = args.train_batch, spec['image_size']
+  gen = torch.Generator().manual_seed(1)
+  images = torch.randn(b, spec['in_channels'], size, size, generator=gen).contiguous(
+      memory_format=memory_format)
+  labels = torch.randint(0, spec['num_classes'], (b,), generator=gen)
+  teacher = copy.deepcopy(models['largest']).eval()
+  for model in models.values():
+    model.train()
+  params = [p for m in models.values() for p in m.parameters()]
+  optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+  draws = spec['sandwich']
+  step_no = [0]
+
+  def sandwich():
+    sandwich_step(models, teacher, optimizer, images, labels, draws[step_no[0] % len(draws)])
+    step_no[0] += 1
+
+  def plain():
+    optimizer.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(models['largest'](images), labels).backward()
+    optimizer.step()
+
+  start = time.perf_counter()
+  times = timed_round_robin({'sandwich step': sandwich, 'plain step (largest)': plain},
+                            args.rounds, max(args.warmup, len(draws)))
+  run_s = time.perf_counter() - start
+  # Model FLOPs as train_step.py counts them: forward 2 MAdds per image, forward + backward 3x.
+  draw_flops = [2.0 * b * (madds['largest']['total'] + 3 * sum(madds[n]['total'] for n in d))
+                for d in draws]
+  flops = {'sandwich step': float(np.mean(draw_flops)),
+           'plain step (largest)': 6.0 * b * madds['largest']['total']}
+  rows = []
+  for name, t in times.items():
+    ms = np.asarray(t) * 1e3
+    rows.append(dict(what=name, ms_median=float(np.median(ms)),
+                     ms_p90=float(np.percentile(ms, 90)), img_per_s=1e3 * b / float(np.median(ms)),
+                     gflop=flops[name] / 1e9, gflop_per_s=flops[name] / float(np.median(ms)) / 1e6,
+                     rounds_ms=ms.tolist()))
+  result = dict(date=str(datetime.date.today()), torch=torch.__version__, threads=threads,
+                cpu_count=os.cpu_count(), machine=platform.machine(),
+                omp_wait_policy=os.environ.get('OMP_WAIT_POLICY', 'unset'), image_size=size,
+                batch=b, draws=draws, rounds=args.rounds, run_s=run_s, rows=rows,
+                memory_format=str(memory_format).split('.')[-1])
+  lines = [f"# PyTorch {result['torch']} Stage I step, {result['date']}, {threads} threads, "
+           f"float32, {result['memory_format']}, batch {b} at {size}x{size}, draws {draws}, "
+           f"{args.rounds} rounds round-robin, OMP_WAIT_POLICY {result['omp_wait_policy']}", '',
+           '| what | median ms | p90 ms | img/s | GFLOP | GFLOP/s |', '|---|---|---|---|---|---|']
+  lines += [f"| {r['what']} | {r['ms_median']:.1f} | {r['ms_p90']:.1f} | {r['img_per_s']:.1f} | "
+            f"{r['gflop']:.0f} | {r['gflop_per_s']:.1f} |" for r in rows]
+  if args.profile:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+      sandwich()
+    table = prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15)
+    result['profile'] = table
+    lines += ['', 'Top ops of one sandwich step (torch.profiler, by self CPU time):', '', table]
+  print('\n'.join(lines))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(result, f, indent=1)

@@ -13,6 +13,11 @@ Layer kinds (each a dict with 'kind'):
   bn      channels (eval-mode BatchNorm)
   silu
   se      channels, reduced: x * sigmoid(expand(relu(reduce(avgpool(x))))), both 1x1 with bias
+
+With `--sandwich_draws=N` the spec also lists Stage I's sandwich draws of steps 0..N-1 (seed
+`--seed`, `num_random_routes` 2: 'largest', two random routes, the smallest), the routes a
+`benchmarks/train_step.py --draws=N` step trains, and holds every route they name, so that
+`pytorch_baseline.py --train` times a training step of the same routes.
   pool    global average pool to (batch, channels)
   linear  in, out (with bias)
 The static route has no routing head: its logits are dead code in `model.apply(route=r)`, which
@@ -29,7 +34,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsnet_jax import complexity  # noqa: E402
+from dsnet_jax import complexity, config_lib  # noqa: E402
+from dsnet_jax.data import input_pipeline  # noqa: E402
+from dsnet_jax import routes as routes_lib  # noqa: E402
 from dsnet_jax.models import ds_mbnet, get_model  # noqa: E402
 
 Layer = dict[str, Any]
@@ -85,11 +92,19 @@ def layers_madds(layers: list[Layer], image_size: int) -> int:
   return total
 
 
-def spec(model, routes, image_size: int) -> dict[str, Any]:
-  """The JSON `pytorch_baseline.py --spec` reads."""
+def sandwich_draws(model, seed: int, draws: int) -> list[list[str]]:
+  """The route names of Stage I's sandwich at steps 0..draws-1 (two random routes)."""
+  return [[r.name for r in routes_lib.sandwich_routes(model.routes, seed, step, 2)]
+          for step in range(draws)]
+
+
+def spec(model, routes, image_size: int, sandwich: list[list[str]] = ()) -> dict[str, Any]:
+  """The JSON `pytorch_baseline.py --spec` reads; with `sandwich` draws, every route they name
+  is listed too."""
   image_shape = (image_size, image_size, model.in_channels)
   out = dict(model=type(model).__name__, image_size=image_size, in_channels=model.in_channels,
-             num_classes=model.num_classes, routes=[])
+             num_classes=model.num_classes, routes=[], sandwich=[list(d) for d in sandwich])
+  routes = list(dict.fromkeys([*routes, *(name for draw in sandwich for name in draw)]))
   for name in routes:
     route = model.routes[name]
     c = complexity.route_complexity(model, route, image_shape)
@@ -101,9 +116,15 @@ def spec(model, routes, image_size: int) -> dict[str, Any]:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--model', default='ds_mbnet')
+  p.add_argument('--config', default='',
+                 help="a config file whose model (and image size) to use instead of --model's "
+                      'defaults, e.g. configs/ds_mbnet_fmnist.py')
   p.add_argument('--routes', default='0,3,largest', help="comma-separated names, or 'all'")
   p.add_argument('--image_size', type=int, default=224)
   p.add_argument('--num_classes', type=int, default=0)
+  p.add_argument('--sandwich_draws', type=int, default=0,
+                  help="Stage I's sandwich draws of steps 0..N-1 (for pytorch_baseline --train)")
+  p.add_argument('--seed', type=int, default=0, help='the seed of the sandwich draws')
   p.add_argument('--out', required=True, help='JSON file to write')
   return p.parse_args(argv)
 
@@ -111,9 +132,15 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   kwargs = {'num_classes': args.num_classes} if args.num_classes else {}
-  model = get_model(args.model, **kwargs)
+  if args.config:
+    config = config_lib.load_config_file(args.config)
+    model = get_model(config.model_name, **{**config.model, **kwargs})
+    args.image_size = input_pipeline.preprocessing(config_lib.data_spec(config.data)).image_size
+  else:
+    model = get_model(args.model, **kwargs)
   names = model.routes.names if args.routes == 'all' else args.routes.split(',')
-  result = spec(model, names, args.image_size)
+  result = spec(model, names, args.image_size,
+                sandwich_draws(model, args.seed, args.sandwich_draws))
   for route in result['routes']:  # The layer list must describe the program that runs.
     listed = layers_madds(route['layers'], args.image_size)
     if listed != route['madds']:

@@ -38,12 +38,17 @@ optax, orbax and chex cannot run this without installing them.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
 import functools
+import glob
+import gzip
+import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -80,6 +85,8 @@ def parse_args(argv=None):
   p.add_argument('--rounds', type=int, default=10, help='timed rounds (median, p90)')
   p.add_argument('--draws', type=int, default=2,
                  help='sandwich draws (step indices 0..draws-1) cycled over the rounds')
+  p.add_argument('--profile', action='store_true',
+                 help="top XLA ops of one sandwich step (jax.profiler), by fusion kind")
   p.add_argument('--peak_tflops', type=float, default=0.0,
                  help='peak TFLOP/s for MFU (0: by device kind where known, else n/a)')
   args = p.parse_args(argv)
@@ -185,6 +192,26 @@ def peak_tflops(args, device, dtype: str) -> float | None:
     if name in kind:
       return bf16 if 'bfloat16' in dtype else tf32
   return None
+
+
+def top_ops(fn: Callable[[], Any], count: int = 12) -> list[tuple[str, float, int]]:
+  """(op kind, ms, calls) of the XLA ops one call of `fn` runs, most time first: the compiled
+  programs' thunks as jax.profiler traces them (perfetto trace), grouped by kind (a fusion's
+  name without its '.N' suffix, e.g. 'multiply_add_fusion'); Python, dispatch and the
+  executor's own spans left out."""
+  with tempfile.TemporaryDirectory() as out:
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+      jax.block_until_ready(fn())
+    with gzip.open(glob.glob(f'{out}/**/*.trace.json.gz', recursive=True)[0]) as f:
+      events = json.load(f)['traceEvents']
+  skip = ('$', 'Pjit', 'ThunkExecutor', 'end: ', 'Slinky', 'CommonPjRt', 'ParseArguments')
+  total, calls = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and not e['name'].startswith(skip):
+      kind = re.sub(r'\.\d+$', '', e['name'])
+      total[kind] += e['dur'] / 1e3
+      calls[kind] += 1
+  return [(kind, ms, calls[kind]) for kind, ms in total.most_common(count)]
 
 
 def percentile(values, q: float) -> float:
@@ -321,7 +348,7 @@ def main(argv=None) -> dict[str, Any]:
   overhead = float(np.median(overheads))
   command = ' '.join(sys.argv[1:] if argv is None else argv)
 
-  print(f'# Stage I step: sandwich vs its parts vs a plain step\n')
+  print('# Stage I step: sandwich vs its parts vs a plain step\n')
   print('| | |\n|---|---|')
   for key, value in (
       ('command', f'`python benchmarks/train_step.py {command}`'.replace('|', '\\|')),
@@ -363,7 +390,16 @@ def main(argv=None) -> dict[str, Any]:
         ('' if cached is None else '; compiled per piece after the run: ' +
          ', '.join(f'{p} {n}' for p, n in cached.items()) +
          f' (route_grad: one per route seen, at most {len(table)})'))
+  ops = []
+  if args.profile:
+    ops = top_ops(lambda: sandwich(steps[0]))
+    op_time = sum(ms for _, ms, _ in ops)
+    print(f'\ntop XLA ops of one sandwich step (jax.profiler; {op_time:.0f} ms in these):\n')
+    print('| op kind | ms | % of these | calls |\n|---|---|---|---|')
+    for kind, ms, n in ops:
+      print(f'| {kind} | {ms:.1f} | {100 * ms / op_time:.1f} | {n} |')
   return {'step_times': step_times, 'part_sums': part_sums, 'plain_times': plain_times,
+          'top_ops': ops,
           'part_times': part_times, 'num_parts': num_parts, 'overhead': overhead,
           'draws': draws, 'step_flops': step_flops, 'plain_flops': plain_flops,
           'programs_per_step': len(per_step), 'first_step_lowerings': first_step_lowerings[0],

@@ -16,7 +16,7 @@ def load_benchmark(name: str):
 def test_train_step_benchmark_on_the_tiny_config(capsys):
   train_step = load_benchmark('train_step')
   result = train_step.main(['--config=configs/tiny.py', '--num_devices=1', '--rounds=2',
-                            '--draws=1'])
+                            '--draws=1', '--profile'])
   printed = capsys.readouterr().out
 
   # The tiny config's sandwich: largest, 2 random routes, smallest; + teacher, zeros, update.
@@ -40,6 +40,13 @@ def test_train_step_benchmark_on_the_tiny_config(capsys):
   assert '| sandwich step | 1 |' in printed and '| sum of parts | 7 |' in printed
   assert '| jax |' in printed and '| backend | cpu' in printed
   assert 'overhead (sandwich step - sum of parts' in printed
+  # --profile: the XLA ops of one step by kind, most time first, from the profiler's trace.
+  kinds = [kind for kind, _, _ in result['top_ops']]
+  assert kinds and all(ms > 0 and n > 0 for _, ms, n in result['top_ops'])
+  assert [ms for _, ms, _ in result['top_ops']] == sorted(
+      (ms for _, ms, _ in result['top_ops']), reverse=True)
+  assert not any(k.startswith(('$', 'Pjit')) or k[-1].isdigit() for k in kinds)
+  assert '| op kind | ms | % of these | calls |' in printed
 
 
 def test_export_table_on_the_tiny_config(capsys):
