@@ -143,25 +143,48 @@ def _taps_forward(x, kernel, stride, pad):
 
 def _taps_backward(stride, pad, residuals, dy):
   """dx: dy dilated by the stride, padded, correlated with the flipped kernel (the same taps
-  form at stride 1); dkernel[i, j]: the sum over batch and space of tap (i, j) of x times dy,
-  accumulated in float32."""
+  form at stride 1); dkernel: `_kernel_gradient`."""
   x, kernel = residuals
   k = kernel.shape[0]
-  n, h, w, c = x.shape
+  h, w = x.shape[1:3]
   h_out, w_out = dy.shape[1:3]
   lo = k - 1 - pad
   dilated = jax.lax.pad(dy, jnp.zeros((), dy.dtype), (
       (0, 0, 0), (lo, h - 1 + pad - (h_out - 1) * stride, stride - 1),
       (lo, w - 1 + pad - (w_out - 1) * stride, stride - 1), (0, 0, 0)))
   dx = _taps(dilated, kernel[::-1, ::-1], 1, 0)
+  return dx.astype(x.dtype), _kernel_gradient(x, dy, k, stride, pad).astype(kernel.dtype)
+
+
+# Bytes of padded input per chunk of images in `_kernel_gradient` (about a core's L2 cache).
+_KERNEL_GRADIENT_CHUNK_BYTES = 1 << 20
+
+
+def _kernel_gradient(x, dy, k: int, stride: int, pad: int) -> jax.Array:
+  """dkernel[i, j, 0, c]: the sum over batch and space of tap (i, j) of x times dy, in float32.
+
+  The batch is cut into chunks of images that fit a cache (`_KERNEL_GRADIENT_CHUNK_BYTES`), and
+  a loop over them computes all k*k taps' sums of one chunk before the next: XLA:CPU runs each
+  tap's sum as its own pass over memory, so over the whole batch the k*k passes read x and dy
+  k*k times from DRAM (2x slower at 224 px, batch 32)."""
+  n, h, w, c = x.shape
+  h_out, w_out = dy.shape[1:3]
   padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  taps = [[jnp.sum((jax.lax.slice(padded, (0, i, j, 0),
-                                  (n, i + (h_out - 1) * stride + 1,
-                                   j + (w_out - 1) * stride + 1, c),
-                                  (1, stride, stride, 1)) * dy).astype(jnp.float32),
-                   axis=(0, 1, 2)) for j in range(k)] for i in range(k)]
-  dkernel = jnp.stack([jnp.stack(row) for row in taps])[:, :, None, :]
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+  per_image = padded[0].size * padded.dtype.itemsize
+  size = max([b for b in range(1, n + 1)
+              if n % b == 0 and b * per_image <= _KERNEL_GRADIENT_CHUNK_BYTES] or [1])
+
+  def chunk_sums(index, total):
+    xs = jax.lax.dynamic_slice_in_dim(padded, index * size, size)
+    dys = jax.lax.dynamic_slice_in_dim(dy, index * size, size)
+    return total + jnp.stack([
+        jnp.sum((jax.lax.slice(xs, (0, i, j, 0), (size, i + (h_out - 1) * stride + 1,
+                                                  j + (w_out - 1) * stride + 1, c),
+                               (1, stride, stride, 1)) * dys).astype(jnp.float32),
+                axis=(0, 1, 2)) for i in range(k) for j in range(k)])
+
+  sums = jax.lax.fori_loop(0, n // size, chunk_sums, jnp.zeros((k * k, c), jnp.float32))
+  return sums.reshape(k, k, 1, c)
 
 
 depthwise_conv_by_taps.defvjp(_taps_forward, _taps_backward)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dsnet_jax.layers import Conv
+from dsnet_jax.layers import linear
 from dsnet_jax.layers.linear import depthwise_implementation
 
 
@@ -27,6 +28,23 @@ def test_depthwise_taps_equal_grouped_conv_values_and_gradients(stride, kernel, 
   np.testing.assert_allclose(y_taps, y_conv, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(g_taps), jax.tree.leaves(g_conv)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_depthwise_kernel_gradient_over_chunks_of_images(stride, monkeypatch):
+  """The kernel's gradient summed chunk by chunk (a loop over 3 chunks of 2 images) against
+  autodiff of XLA's conv."""
+  conv = Conv(8, 8, 3, stride, depthwise=True)
+  x = jax.random.normal(jax.random.key(0), (6, 9, 9, 6))
+  params = conv.init(jax.random.key(1), x)
+  monkeypatch.setattr(linear, '_KERNEL_GRADIENT_CHUNK_BYTES', 2 * 11 * 11 * 6 * 4)
+  loss = lambda p: (conv.apply(p, x) ** 2).sum()
+  grads = {}
+  for impl in ('conv', 'taps'):
+    with depthwise_implementation(impl):
+      grads[impl] = jax.jit(jax.grad(loss))(params)['params']['kernel']
+  np.testing.assert_allclose(grads['taps'], grads['conv'], rtol=1e-4, atol=1e-4)
+  assert 'while' in jax.jit(jax.grad(loss)).lower(params).as_text()
 
 
 @pytest.mark.parametrize('stride', [1, 2])
