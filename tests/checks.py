@@ -134,11 +134,13 @@ def tiny_config(**overrides):
 
 
 def assert_close(actual, expected):
-  """Within 1e-5 of the logits' scale: the routed and the reference programs differ in batch
-  size and fusion, so float32 rounding differs."""
+  """Within 3e-5 of the logits' scale: the routed and the reference programs differ in batch
+  size and fusion, so float32 rounding differs (by up to 1.6e-5 of the scale on an AVX-512
+  EPYC, where XLA:CPU picks other kernels than on AVX2 machines; a wrong route or order is
+  off by the logits' own size)."""
   expected = np.asarray(expected)
   scale = max(1.0, float(np.abs(expected).max()))
-  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=3e-5 * scale)
 
 
 # Fashion-MNIST IDX files made up for tests.
