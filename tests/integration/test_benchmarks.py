@@ -1,5 +1,8 @@
 """The benchmark scripts run on the tiny config (so they cannot rot unnoticed)."""
 import importlib.util
+import os
+import re
+import subprocess
 import sys
 
 from checks import ROOT
@@ -84,3 +87,25 @@ def test_huge_pages_benchmark_on_the_tiny_config(capsys):
   for label, (row,) in results.items():
     assert f'| {label} | {row["tunables"]} |' in printed
   assert 'huge pages vs 4 KiB pages (means over children): sandwich step' in printed
+
+
+def test_gpu_tables_script_on_a_tiny_size(tmp_path):
+  """benchmarks/gpu_tables.sh, the GPU machine's one prepared run, on the CPU at 32 px: the
+  speed table (DS-MBNet, batch 1 and 4) in both dtypes and DS-ViT-S's Stage I step (batch 16),
+  appended to $RESULTS under a heading naming the device and the commit."""
+  results = tmp_path / 'RESULTS.md'
+  results.write_text('# before\n')
+  env = {**os.environ, 'PYTHON': sys.executable, 'IMAGE_SIZE': '32', 'BATCH': '4',
+         'STEP_BATCH': '16', 'ROUNDS': '1', 'MODELS': 'ds_mbnet', 'RESULTS': str(results)}
+  run = subprocess.run(['bash', str(ROOT / 'benchmarks' / 'gpu_tables.sh')], env=env,
+                       capture_output=True, text=True, timeout=900, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  text = results.read_text()
+  assert re.match(r'# before\n\n## cpu, cpu, \d{4}-\d\d-\d\d \(benchmarks/gpu_tables.sh at \w+\)',
+                  text)
+  assert text.count('## ds_mbnet: image (32, 32, 3), float32') == 1
+  assert text.count('## ds_mbnet: image (32, 32, 3), bfloat16') == 1
+  assert '## ds_vit: image' not in text  # MODELS chose the families.
+  assert '# Stage I step: sandwich vs its parts vs a plain step' in text
+  assert 'configs/vit_s.py: ds_vit, batch 16 x 2 view(s) of (32, 32, 3), dtype bfloat16' in text
+  assert f'appended to {results}' in run.stdout
