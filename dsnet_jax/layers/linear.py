@@ -163,10 +163,8 @@ _KERNEL_GRADIENT_CHUNK_BYTES = 1 << 20
 def _kernel_gradient(x, dy, k: int, stride: int, pad: int) -> jax.Array:
   """dkernel[i, j, 0, c]: the sum over batch and space of tap (i, j) of x times dy, in float32.
 
-  The batch is cut into chunks of images that fit a cache (`_KERNEL_GRADIENT_CHUNK_BYTES`), and
-  a loop over them computes all k*k taps' sums of one chunk before the next: XLA:CPU runs each
-  tap's sum as its own pass over memory, so over the whole batch the k*k passes read x and dy
-  k*k times from DRAM (2x slower at 224 px, batch 32)."""
+  A loop over chunks of images of about `_KERNEL_GRADIENT_CHUNK_BYTES` of padded input each
+  sums all k*k taps of a chunk before the next (docs/design.md, "Depthwise convs on the CPU")."""
   n, c = x.shape[0], x.shape[3]
   h_out, w_out = dy.shape[1:3]
   padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
