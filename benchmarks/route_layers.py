@@ -13,16 +13,16 @@ Layer kinds (each a dict with 'kind'):
   bn      channels (eval-mode BatchNorm)
   silu
   se      channels, reduced: x * sigmoid(expand(relu(reduce(avgpool(x))))), both 1x1 with bias
-
-With `--sandwich_draws=N` the spec also lists Stage I's sandwich draws of steps 0..N-1 (seed
-`--seed`, `num_random_routes` 2: 'largest', two random routes, the smallest), the routes a
-`benchmarks/train_step.py --draws=N` step trains, and holds every route they name, so that
-`pytorch_baseline.py --train` times a training step of the same routes.
   pool    global average pool to (batch, channels)
   linear  in, out (with bias)
 The static route has no routing head: its logits are dead code in `model.apply(route=r)`, which
 is what the route's MAdds count (`with_gate=False`). In the gate block the gate's attention head
 is an ordinary SE, so that block is listed as one.
+
+With `--sandwich_draws=N` the spec also lists Stage I's sandwich draws of steps 0..N-1 (seed
+`--seed`, `num_random_routes` 2: 'largest', two random routes, the smallest), the routes a
+`benchmarks/train_step.py --draws=N` step trains, and holds every route they name, so that
+`pytorch_baseline.py --train` times a training step of the same routes.
 """
 from __future__ import annotations
 
