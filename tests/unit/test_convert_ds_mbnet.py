@@ -336,7 +336,7 @@ def test_npz_and_cli_round_trip(state_dict, variables, tmp_path, capsys):
 
 
 def test_load_torch_checkpoint(tmp_path):
-  torch = pytest.importorskip('torch')
+  import torch  # make test installs it (requirements-test.txt)
   path = tmp_path / 'checkpoint.pth.tar'
   torch.save({'epoch': 3, 'args': argparse.Namespace(lr=0.08),
               'state_dict': {'module.w': torch.zeros(2)},
@@ -346,7 +346,7 @@ def test_load_torch_checkpoint(tmp_path):
 
 
 def test_load_torch_checkpoint_keeps_integer_dtypes_and_widens_half_floats(tmp_path):
-  torch = pytest.importorskip('torch')
+  import torch  # make test installs it (requirements-test.txt)
   path = tmp_path / 'checkpoint.pth.tar'
   torch.save({'w': torch.ones(2, dtype=torch.int32), 'b': torch.ones(2, dtype=torch.bfloat16),
               'h': torch.ones(2, dtype=torch.float16)}, path)

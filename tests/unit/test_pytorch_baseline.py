@@ -36,7 +36,6 @@ def test_layer_list_has_no_routing_head():
 
 
 def test_pytorch_baseline_tiny(tmp_path):
-  pytest.importorskip('torch')
   import pytorch_baseline
   spec = tmp_path / 'routes.json'
   route_layers.main([f'--out={spec}', '--routes=0,largest', '--image_size=32'])
@@ -62,7 +61,6 @@ def test_pytorch_baseline_tiny(tmp_path):
 def test_pytorch_training_step_trains_the_draws_the_jax_step_trains(tmp_path):
   """`--train`: the spec carries Stage I's sandwich draws (those of train_step.py's steps, from
   (seed, step)); the torch step trains exactly those routes and counts their FLOPs."""
-  pytest.importorskip('torch')
   import pytorch_baseline
   import torch
   from dsnet_jax import routes as routes_lib
